@@ -1,0 +1,140 @@
+"""Turning what a user hands us (a Dataset, a DataLoader or a collated batch) into ordered batches.
+
+A sample's id is its position in the data, so every path here iterates in order and refuses
+loaders that shuffle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+__all__ = ["batch_size_of", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
+
+
+def tensor_leaves(batch: Any) -> list[Tensor]:
+    """All tensors inside a (nested) tuple/list/dict batch, in order."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in tensor_leaves(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in tensor_leaves(v)]
+    return []
+
+
+def is_collated_batch(data: Any) -> bool:
+    """True for a tensor, or a tuple/list/dict whose leaves are tensors sharing a leading dimension."""
+    if isinstance(data, Tensor):
+        return data.dim() >= 1
+    if isinstance(data, (Dataset, DataLoader)):
+        return False
+    if isinstance(data, (tuple, list, Mapping)):
+        leaves = tensor_leaves(data)
+        if not leaves or any(t.dim() == 0 for t in leaves):
+            return False
+        n = leaves[0].shape[0]
+        return all(t.shape[0] == n for t in leaves) and _only_tensors(data)
+    return False
+
+
+def _only_tensors(batch: Any) -> bool:
+    if isinstance(batch, Tensor):
+        return True
+    if isinstance(batch, Mapping):
+        return all(_only_tensors(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return all(_only_tensors(v) for v in batch)
+    return False
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor in ``batch``."""
+    leaves = tensor_leaves(batch)
+    if not leaves:
+        raise ValueError(f"Expected a batch containing tensors, got {type(batch).__name__}.")
+    return int(leaves[0].shape[0])
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in a collated batch, keeping its structure."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(slice_batch(v, start, stop) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, start, stop) for v in batch)
+    return batch
+
+
+def num_samples(data: Any, name: str = "data") -> int:
+    """Number of samples in a Dataset, DataLoader or collated batch."""
+    if isinstance(data, DataLoader):
+        return num_samples(data.dataset, name)
+    if is_collated_batch(data):
+        return batch_size_of(data)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return len(data)
+    raise TypeError(
+        f"`{name}` must be a torch Dataset (with __len__), a DataLoader or a collated batch of tensors;"
+        f" got {type(data).__name__}."
+    )
+
+
+def iterate_batches(
+    data: Any,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    name: str = "data",
+) -> Iterator[tuple[Tensor, Any]]:
+    """Yield ``(ids, batch)`` in dataset order.
+
+    Args:
+        data: a Dataset, a non-shuffling DataLoader, or a collated batch.
+        batch_size: rows per yielded batch (ignored for a DataLoader, which keeps its own).
+        collate_fn: collate function for a Dataset (default: torch's ``default_collate``).
+        name: the argument's name, for error messages.
+
+    Yields:
+        ``ids`` (``int64`` positions, shape ``[B]``) and the batch.
+
+    Raises:
+        ValueError: if ``data`` is empty or a DataLoader that shuffles.
+    """
+    n = num_samples(data, name)
+    if n == 0:
+        raise ValueError(f"`{name}` is empty: influence needs at least one sample.")
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError(
+                f"`{name}` is a DataLoader that shuffles; sample ids are positions, so pass the Dataset or a"
+                " DataLoader with shuffle=False."
+            )
+        start = 0
+        for batch in data:
+            b = batch_size_of(batch)
+            yield torch.arange(start, start + b), batch
+            start += b
+        return
+    if is_collated_batch(data):
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield torch.arange(start, stop), slice_batch(data, start, stop)
+        return
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    start = 0
+    for batch in loader:
+        b = batch_size_of(batch)
+        yield torch.arange(start, start + b), batch
+        start += b
+
+
+def stack_samples(samples: Sequence[Any]) -> Any:
+    """Collate a list of samples with torch's default collate."""
+    return torch.utils.data.default_collate(list(samples))
