@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["batch_size_of", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
+__all__ = ["batch_size_of", "gather_samples", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -135,6 +135,24 @@ def iterate_batches(
         start += b
 
 
-def stack_samples(samples: Sequence[Any]) -> Any:
-    """Collate a list of samples with torch's default collate."""
-    return torch.utils.data.default_collate(list(samples))
+def gather_samples(data: Any, indices: Sequence[int], collate_fn: Callable[[list[Any]], Any] | None = None) -> Any:
+    """The samples at ``indices`` of a Dataset, DataLoader or collated batch, as one collated batch."""
+    idx = [int(i) for i in indices]
+    if isinstance(data, DataLoader):
+        collate_fn = collate_fn or data.collate_fn
+        data = data.dataset
+    if is_collated_batch(data):
+        index = torch.tensor(idx, dtype=torch.long)
+        return _index_batch(data, index)
+    collate = collate_fn or torch.utils.data.default_collate
+    return collate([data[i] for i in idx])
+
+
+def _index_batch(batch: Any, index: Tensor) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[index]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _index_batch(v, index) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_index_batch(v, index) for v in batch)
+    return batch

@@ -25,6 +25,7 @@ class VAEModule(pl.LightningModule):
     Args:
         beta: KL weight of the beta-ELBO.
         likelihood: ``"bernoulli"`` (inputs in [0, 1], decoder logits) or ``"gaussian"``.
+        sigma: observation noise of the Gaussian likelihood.
         lr: learning rate.
         optimizer: ``"sgd"`` (the setting TracIn's theory assumes) or ``"adam"``.
         momentum: SGD momentum.
@@ -36,6 +37,7 @@ class VAEModule(pl.LightningModule):
         self,
         beta: float = 1.0,
         likelihood: Likelihood = "bernoulli",
+        sigma: float = 1.0,
         lr: float = 1e-3,
         optimizer: Literal["sgd", "adam"] = "adam",
         momentum: float = 0.0,
@@ -48,7 +50,12 @@ class VAEModule(pl.LightningModule):
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}.")
         self.beta = beta
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"`likelihood` must be 'bernoulli' or 'gaussian', got {likelihood!r}.")
+        if sigma <= 0:
+            raise ValueError(f"`sigma` must be > 0, got {sigma}.")
         self.likelihood: Likelihood = likelihood
+        self.sigma = sigma
         self.lr = lr
         self.optimizer_name = optimizer
         self.momentum = momentum
@@ -64,7 +71,9 @@ class VAEModule(pl.LightningModule):
     def per_sample_loss(self, batch: Any, n_draws: int | None = None) -> Tensor:
         """Negative beta-ELBO of each sample, ``Tensor[B]``."""
         draws = self.influence_draws if n_draws is None else n_draws
-        return negative_elbo(self, batch_inputs(batch), beta=self.beta, likelihood=self.likelihood, n_draws=draws)
+        return negative_elbo(
+            self, batch_inputs(batch), beta=self.beta, likelihood=self.likelihood, n_draws=draws, sigma=self.sigma
+        )
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

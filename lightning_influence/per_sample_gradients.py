@@ -18,6 +18,7 @@ from lightning_influence.noise import NoiseStream, fixed_noise
 
 __all__ = [
     "LossFn",
+    "call_per_sample_loss",
     "flatten_gradients",
     "module_state",
     "per_sample_gradients",
@@ -78,6 +79,11 @@ def module_state(module: nn.Module, upcast: bool = True) -> dict[str, Tensor]:
             t = t.float()
         state[name] = t
     return state
+
+
+def call_per_sample_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The default ``loss_fn``: ``module.per_sample_loss(batch)``."""
+    return module.per_sample_loss(batch)  # type: ignore[operator]
 
 
 class _LossModule(nn.Module):

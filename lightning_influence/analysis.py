@@ -1,0 +1,336 @@
+"""Post-fit analysis of a recorded trajectory: a facade over the pure functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_influence.batches import iterate_batches, num_samples
+from lightning_influence.gradient_features import GradientFeaturizer, cast_state
+from lightning_influence.isolation import isolated
+from lightning_influence.noise import NoiseStream
+from lightning_influence.per_sample_gradients import LossFn, call_per_sample_loss
+from lightning_influence.store import GradientStore, StoredCheckpoint
+from lightning_influence.tracin import iter_row_blocks, merge_top_k
+
+__all__ = ["InfluenceAnalysis"]
+
+
+class InfluenceAnalysis:
+    """TracIn / VAE-TracIn scores, self-influence and proponents from a recorded store.
+
+    Test gradients are computed at every stored checkpoint's weights, with the same numerics,
+    projection and per-parameter scales as the recorded training gradients, and with
+    reparameterisation noise from an independent stream keyed by the test sample's position.
+
+    Sign convention: a positive score means the training sample is a proponent of the test
+    sample (training on it lowered the test loss; removing it is predicted to raise it).
+
+    Args:
+        store: a :class:`~lightning_influence.GradientStore` or its path.
+        model: a module with the recorded architecture (its weights are not used or changed;
+            each checkpoint's weights come from the store).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` for test gradients (default:
+            ``model.per_sample_loss``). Use the training loss for matched TracIn.
+        train_data: the recorded dataset (needed only for images in TensorBoard and for the
+            unbiased self-influence).
+        device: where to compute (default: the model's device).
+        batch_size: test samples per gradient batch.
+        train_block: training rows read from the store at once (bounds memory).
+        chunk_size: samples per ``vmap`` chunk.
+        progress: show progress bars over checkpoints.
+
+    Raises:
+        ValueError: if ``model``'s parameters do not match the store's.
+
+    Example::
+
+        analysis = InfluenceAnalysis(recorder.store_path, vae)
+        scores = analysis.tracin(test_set)            # Tensor[n_test, n_train]
+        idx, val = analysis.top_k(test_set, k=10)     # strongest proponents per test sample
+    """
+
+    def __init__(
+        self,
+        store: GradientStore | str | os.PathLike,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        *,
+        train_data: Any = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 256,
+        train_block: int = 4096,
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.store = store if isinstance(store, GradientStore) else GradientStore(store)
+        if not self.store.checkpoints:
+            raise ValueError(f"The store at {str(self.store.path)!r} has no checkpoints yet.")
+        self._check_model(model)
+        if loss_fn is None:
+            if not callable(getattr(model, "per_sample_loss", None)):
+                raise ValueError(
+                    f"`loss_fn` was not given and {type(model).__name__} has no `per_sample_loss(batch)`;"
+                    " pass loss_fn(module, batch) -> Tensor[B]."
+                )
+            loss_fn = call_per_sample_loss
+        for name, value in (("batch_size", batch_size), ("train_block", train_block)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if train_data is not None and num_samples(train_data, "train_data") != self.store.n_samples:
+            raise ValueError(
+                f"`train_data` has {num_samples(train_data, 'train_data')} samples but the store recorded"
+                f" {self.store.n_samples}; pass the dataset the recorder iterated."
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_data = train_data
+        self.device = torch.device(device) if device is not None else _module_device(model)
+        self.batch_size = batch_size
+        self.train_block = train_block
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.projection = self.store.projector()
+        _warn_nonfinite(self.store)
+
+    def _check_model(self, model: nn.Module) -> None:
+        named = dict(model.named_parameters())
+        missing = [n for n in self.store.param_names if n not in named]
+        wrong = [
+            f"{n}: model {tuple(named[n].shape)} vs store {self.store.param_shapes[n]}"
+            for n in self.store.param_names
+            if n in named and tuple(named[n].shape) != tuple(self.store.param_shapes[n])
+        ]
+        if missing or wrong:
+            parts = []
+            if missing:
+                parts.append(f"parameters missing from the model: {missing[:6]}")
+            if wrong:
+                parts.append(f"shape mismatches: {wrong[:6]}")
+            raise ValueError(
+                f"`model` ({type(model).__name__}) does not match the store at {str(self.store.path)!r}: "
+                + "; ".join(parts)
+            )
+
+    @property
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        return self.store.checkpoints
+
+    def _featurizer(self, fn: LossFn, argname: str) -> GradientFeaturizer:
+        return GradientFeaturizer(
+            self.model,
+            fn,
+            self.store.param_names,
+            projection=self.projection,
+            precision=self.store.precision,
+            noise_seed=self.store.noise_seed,
+            chunk_size=self.chunk_size,
+            argname=argname,
+        )
+
+    def gradients(
+        self,
+        data: Any,
+        checkpoint: StoredCheckpoint | int,
+        loss_fn: LossFn | None = None,
+        *,
+        stream: int = NoiseStream.TEST,
+        argname: str = "loss_fn",
+        name: str = "test_data",
+    ) -> Tensor:
+        """Gradient rows ``[n, dim]`` (fp32, on ``device``) of ``data`` at one checkpoint's weights.
+
+        Rows are laid out like the stored training rows (same projection and scales), so
+        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta``.
+
+        Raises:
+            FloatingPointError: if a row is non-finite.
+        """
+        ckpt = self.store.checkpoints[checkpoint] if isinstance(checkpoint, int) else checkpoint
+        featurizer = self._featurizer(loss_fn or self.loss_fn, argname)
+        out = []
+        with isolated(self.model):
+            state = cast_state(ckpt.state(), self.store.precision, self.device)
+            for ids, batch in iterate_batches(data, self.batch_size, name=name):
+                batch = move_data_to_device(batch, self.device)
+                rows, bad = featurizer.rows(batch, ids, state, stream=stream, param_scales=ckpt.param_scales)
+                if bad.any():
+                    raise FloatingPointError(
+                        f"Non-finite gradients for {int(bad.sum())} sample(s) of `{name}` at checkpoint {ckpt.index}"
+                        f" (ids {ids[bad.cpu()][:10].tolist()})."
+                    )
+                out.append(rows)
+        return torch.cat(out)
+
+    def _test_side(self, test_data: Any, measurement: LossFn | None) -> list[Tensor]:
+        fn = measurement if measurement is not None else self.loss_fn
+        argname = "measurement" if measurement is not None else "loss_fn"
+        ckpts = self._iter(self.store.checkpoints, "test gradients")
+        return [self.gradients(test_data, c, fn, argname=argname) for c in ckpts]
+
+    def _iter(self, items: Sequence[Any], desc: str) -> Any:
+        return tqdm(items, desc=desc, leave=False) if self.progress else items
+
+    def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor:
+        return ckpt.gradients()[start:stop].to(self.device).float()
+
+    def tracin(self, test_data: Any, measurement: LossFn | None = None) -> Tensor:
+        """TracIn scores of every (test, training) pair.
+
+        .. math:: S_{jz} = \\sum_c \\eta_c \\langle \\nabla f(\\theta_c, z'_j), \\nabla \\ell(\\theta_c, z) \\rangle
+
+        With ``measurement`` (``f(module, batch) -> Tensor[B]``) this is cross-loss TracIn: the
+        test side differentiates the measurement instead of the training loss, at each
+        checkpoint, with the same projection as the stored training gradients.
+
+        Args:
+            test_data: a Dataset, DataLoader or collated batch.
+            measurement: optional per-test-sample objective; default: ``loss_fn``.
+
+        Returns:
+            ``Tensor[n_test, n_train]`` (fp32, CPU). Training samples whose gradient was non-finite
+            (``nonfinite="skip"``) score NaN.
+        """
+        tests = self._test_side(test_data, measurement)
+        n = self.store.n_samples
+        out = torch.zeros(tests[0].shape[0], n, device=self.device)
+        for ckpt, t in zip(self.store.checkpoints, tests):
+            for start, stop in iter_row_blocks(n, self.train_block):
+                out[:, start:stop].addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+        return out.cpu()
+
+    def self_influence(self, unbiased: bool = False, train_data: Any = None) -> Tensor:
+        """Self-influence of every training sample: ``sum_c eta_c <g_c(z), g_c(z)>``.
+
+        High self-influence marks samples the model finds surprising: outliers, hard or
+        mislabelled data. With a Monte-Carlo loss the squared norm is biased upward by the
+        variance of the gradient estimate (see
+        :func:`~lightning_influence.tracin.self_influence_scores`); ``unbiased=True`` pairs the
+        stored gradient with one from an independent draw set, recomputed at each checkpoint.
+
+        Args:
+            unbiased: use ``sum_c eta_c <g1_c, g2_c>`` with independent noise.
+            train_data: the recorded dataset (needed for ``unbiased``; default: the one given
+                at construction).
+
+        Returns:
+            ``Tensor[n_train]`` (fp32, CPU).
+        """
+        n = self.store.n_samples
+        out = torch.zeros(n, device=self.device)
+        if unbiased:
+            data = train_data if train_data is not None else self.train_data
+            if data is None:
+                raise ValueError("`train_data` is needed for unbiased self-influence (to draw a second gradient).")
+            if num_samples(data, "train_data") != n:
+                raise ValueError(f"`train_data` has {num_samples(data, 'train_data')} samples; the store has {n}.")
+        for ckpt in self._iter(self.store.checkpoints, "self-influence"):
+            second = (
+                self.gradients(data, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data") if unbiased else None
+            )
+            for start, stop in iter_row_blocks(n, self.train_block):
+                g = self._train_rows(ckpt, start, stop)
+                other = g if second is None else second[start:stop]
+                out[start:stop] += ckpt.lr * (g * other).sum(dim=1)
+        return out.cpu()
+
+    def top_k(
+        self, test_data: Any, k: int = 10, proponents: bool = True, measurement: LossFn | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` strongest proponents (or opponents) of each test sample.
+
+        Scores are computed block by block over the training rows and merged, so memory grows
+        with ``n_test x (k + train_block)``, not with ``n_test x n_train``.
+
+        Args:
+            test_data: a Dataset, DataLoader or collated batch.
+            k: how many training samples per test sample.
+            proponents: largest scores (proponents) or smallest (opponents).
+            measurement: optional per-test-sample objective (cross-loss).
+
+        Returns:
+            ``(indices, scores)``, each ``[n_test, k]``, strongest first.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        n = self.store.n_samples
+        if k > n:
+            raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
+        tests = self._test_side(test_data, measurement)
+        best_v: Tensor | None = None
+        best_i: Tensor | None = None
+        for start, stop in iter_row_blocks(n, self.train_block):
+            block = torch.zeros(tests[0].shape[0], stop - start, device=self.device)
+            for ckpt, t in zip(self.store.checkpoints, tests):
+                block.addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+            idx = torch.arange(start, stop, device=self.device)
+            best_v, best_i = merge_top_k(best_v, best_i, block, idx, k, largest=proponents)
+        assert best_v is not None and best_i is not None
+        return best_i.cpu(), best_v.cpu()
+
+    def log_to_tensorboard(
+        self,
+        trainer_or_logger: Any,
+        test_data: Any,
+        *,
+        train_data: Any = None,
+        k: int = 8,
+        n_queries: int = 4,
+        n_self: int = 16,
+        image_fn: Callable[[Any], Tensor] | None = None,
+        tag: str = "influence",
+        unbiased: bool = False,
+    ) -> dict[str, Tensor]:
+        """Log self-influence, proponents and opponents to TensorBoard.
+
+        Writes under ``tag``: a self-influence histogram, the highest self-influence training
+        images, for the first ``n_queries`` test samples an image row ``[query | proponents]``
+        and ``[query | opponents]``, and a markdown summary.
+
+        Args:
+            trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
+            test_data: the queries.
+            train_data: the recorded dataset, for images (default: the one given at construction).
+            k: proponents/opponents shown per query.
+            n_queries: how many test samples get image rows.
+            n_self: how many highest self-influence images.
+            image_fn: maps a collated batch to images ``[N, C, H, W]`` or flat square inputs
+                (default: the batch's input tensor).
+            tag: tag prefix.
+            unbiased: use the unbiased self-influence.
+
+        Returns:
+            The tensors that were logged (``self_influence``, ``proponents``, ``opponents`` and
+            their scores).
+        """
+        from lightning_influence.influence_logging import log_influence
+
+        return log_influence(
+            self,
+            trainer_or_logger,
+            test_data,
+            train_data=train_data if train_data is not None else self.train_data,
+            k=k,
+            n_queries=n_queries,
+            n_self=n_self,
+            image_fn=image_fn,
+            tag=tag,
+            unbiased=unbiased,
+        )
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _warn_nonfinite(store: GradientStore) -> None:
+    bad = sorted({i for c in store.checkpoints for i in c.nonfinite})
+    if bad:
+        rank_zero_warn(f"{len(bad)} training sample(s) have non-finite recorded gradients; their scores are NaN.")

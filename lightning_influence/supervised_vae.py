@@ -1,0 +1,623 @@
+"""A supervised VAE whose latent space splits into a class part and a nuisance part, and its invariances.
+
+Nguyen & Rodríguez Martínez, "Learning invariances for interpretability using supervised VAE",
+arXiv 2007.07591. The latent ``z = [z_s, z_n]``: the decoder reads all of ``z``, a classifier
+reads only ``z_s``. Sampling ``z_n`` from the prior with ``z_s`` held at the encoder mean
+generates images the model considers the same class (its invariances); resampling ``z_s``
+instead changes the class (its variations).
+
+The paper publishes no code; β, λ, the latent sizes and the architecture here are a reasonable
+reading, not the paper's settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_influence.models import VAEModule
+from lightning_influence.noise import standard_normal
+from lightning_influence.objectives import batch_inputs, negative_elbo
+from lightning_influence.tensorboard import get_summary_writer, writer_step
+
+__all__ = [
+    "IndependentClassifier",
+    "PlainClassifier",
+    "SupervisedVAE",
+    "batch_labels",
+    "classifier_saliency",
+    "invariance_attributions",
+    "invariance_metrics",
+    "label_preservation",
+]
+
+#: ``judge(images [N, ...]) -> labels [N]``.
+Judge = Callable[[Tensor], Tensor]
+
+_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def batch_labels(batch: Any) -> Tensor:
+    """The label tensor of a batch: the second element of ``(x, y, ...)`` or a dict's ``"y"``/``"label"``/``"target"``.
+
+    Raises:
+        ValueError: for a batch without labels (a bare tensor), naming what is expected.
+    """
+    if isinstance(batch, Mapping):
+        for key in _LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"Cannot find labels in a dict batch with keys {sorted(batch)}; use key 'y'.")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    raise ValueError(
+        "SupervisedVAE needs labelled batches (x, y) or {'x': ..., 'y': ...}; give unlabelled samples the label -1."
+        f" Got {type(batch).__name__}."
+    )
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _classifier_head(supervised_dim: int, classifier_hidden: int, num_classes: int) -> nn.Sequential:
+    if classifier_hidden > 0:
+        return _mlp([supervised_dim, classifier_hidden, num_classes])
+    return nn.Sequential(nn.Linear(supervised_dim, num_classes))
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def _square_shape(input_dim: int) -> tuple[int, ...]:
+    side = math.isqrt(input_dim)
+    return (1, side, side) if side * side == input_dim else (input_dim,)
+
+
+class SupervisedVAE(VAEModule):
+    """A VAE with latent ``z = [z_s, z_n]``; a classifier on ``z_s`` only; trained on ELBO + λ·CE.
+
+    .. math::
+        \\ell(x, y) = \\underbrace{\\mathbb E_q[-\\log p(x\\mid z)] + \\beta\\,\\mathrm{KL}(q(z\\mid x)\\,\\|\\,\\mathcal N(0, I))}_{\\text{negative ELBO}}
+            + \\lambda\\,\\mathrm{CE}\\big(g_\\psi(\\mu_s(x)),\\, y\\big)
+
+    :meth:`per_sample_loss` returns ``Tensor[B]`` and draws its noise through
+    :func:`~lightning_influence.noise.standard_normal`, so the trajectory recorder and TracIn use
+    this model unchanged. Samples with label ``-1`` contribute only their ELBO (semi-supervised).
+
+    Args:
+        input_dim: flattened input size (64 for the 8x8 digits). Inputs may be flat or images.
+        hidden_dim: width of the two hidden layers of the encoder and of the decoder.
+        supervised_dim: size ``k`` of ``z_s``, the part the classifier reads.
+        nuisance_dim: size of ``z_n``, the part it does not.
+        num_classes: number of classes.
+        classifier_hidden: hidden width of the classifier on ``z_s`` (0: linear).
+        classification_weight: λ, the weight of the cross-entropy.
+        image_shape: shape of one input as an image, for sample grids and attributions
+            (default: ``(1, s, s)`` when ``input_dim = s^2``).
+        **kwargs: :class:`~lightning_influence.models.VAEModule` options (``beta``, ``likelihood``,
+            ``lr``, ``optimizer``, ``train_draws``, ``influence_draws``...).
+
+    Example:
+        >>> model = SupervisedVAE(input_dim=64, hidden_dim=32, supervised_dim=3, nuisance_dim=2)
+        >>> x, y = torch.rand(4, 64), torch.tensor([0, 1, 2, -1])
+        >>> model.per_sample_loss((x, y)).shape
+        torch.Size([4])
+        >>> model.sample_invariances(x, 5).shape
+        torch.Size([4, 5, 64])
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 64,
+        hidden_dim: int = 128,
+        supervised_dim: int = 4,
+        nuisance_dim: int = 4,
+        num_classes: int = 10,
+        classifier_hidden: int = 32,
+        classification_weight: float = 10.0,
+        image_shape: tuple[int, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value, low in (
+            ("input_dim", input_dim, 1),
+            ("hidden_dim", hidden_dim, 1),
+            ("supervised_dim", supervised_dim, 1),
+            ("nuisance_dim", nuisance_dim, 1),
+            ("num_classes", num_classes, 2),
+            ("classifier_hidden", classifier_hidden, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        if not classification_weight >= 0:
+            raise ValueError(f"`classification_weight` must be >= 0, got {classification_weight!r}.")
+        shape = tuple(image_shape) if image_shape is not None else _square_shape(input_dim)
+        if math.prod(shape) != input_dim:
+            raise ValueError(f"`image_shape` {shape} does not hold `input_dim`={input_dim} values.")
+        self.save_hyperparameters()
+        self.input_dim, self.image_shape = input_dim, shape
+        self.supervised_dim, self.nuisance_dim = supervised_dim, nuisance_dim
+        self.latent_dim = supervised_dim + nuisance_dim
+        self.num_classes = num_classes
+        self.classification_weight = float(classification_weight)
+        self.encoder = _mlp([input_dim, hidden_dim, hidden_dim, 2 * self.latent_dim])
+        self.decoder = _mlp([self.latent_dim, hidden_dim, hidden_dim, input_dim])
+        self.classifier = _classifier_head(supervised_dim, classifier_hidden, num_classes)
+
+    # --- model -------------------------------------------------------------------------------
+
+    @override
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, logvar)``, each ``[B, k + m]`` with ``z_s`` first."""
+        if x.dim() < 2 or x[0].numel() != self.input_dim:
+            raise ValueError(
+                f"`x` must be a batch of inputs with {self.input_dim} values each ([B, {self.input_dim}] or"
+                f" [B, *{self.image_shape}]), got shape {tuple(x.shape)}."
+            )
+        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+    @override
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder output ``[B, input_dim]`` (logits for the Bernoulli likelihood) from the full ``z``."""
+        return self.decoder(z)
+
+    def split(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_s, z_n)`` of a latent ``[B, k + m]``."""
+        return z[:, : self.supervised_dim], z[:, self.supervised_dim :]
+
+    def classify_latent(self, z: Tensor) -> Tensor:
+        """Class logits ``[B, C]`` from a full latent ``[B, k + m]``; only ``z_s`` is read."""
+        return self.classifier(z[:, : self.supervised_dim])
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Class logits ``[B, C]`` of inputs, from the encoder mean ``mu_s``."""
+        return self.classify_latent(self.encode(x)[0])
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Predicted labels ``[B]`` (eval mode, no grad)."""
+        with _eval(self):
+            return self.classify(x).argmax(dim=1)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        """The mean image of ``p(x | z)``: ``sigmoid(logits)`` (Bernoulli) or the decoder output (Gaussian)."""
+        out = self.decode(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    # --- objective ---------------------------------------------------------------------------
+
+    def loss_terms(self, batch: Any, n_draws: int | None = None) -> dict[str, Tensor]:
+        """Per-sample ``elbo`` (negative ELBO), ``ce`` (0 for label -1), ``loss``, and the ``logits``."""
+        x, y = batch_inputs(batch), batch_labels(batch)
+        draws = self.influence_draws if n_draws is None else n_draws
+        nelbo = negative_elbo(self, x, beta=self.beta, likelihood=self.likelihood, n_draws=draws)
+        logits = self.classify(x)
+        y = y.to(device=logits.device, dtype=torch.long).reshape(-1)
+        labelled = y >= 0
+        # No data-dependent branching: this runs under torch.func.vmap for per-sample gradients.
+        ce = F.cross_entropy(logits, y.clamp_min(0), reduction="none") * labelled.to(logits.dtype)
+        return {"elbo": nelbo, "ce": ce, "loss": nelbo + self.classification_weight * ce, "logits": logits, "y": y}
+
+    @override
+    def per_sample_loss(self, batch: Any, n_draws: int | None = None) -> Tensor:
+        """Negative ELBO + λ·cross-entropy of each sample, ``Tensor[B]``."""
+        return self.loss_terms(batch, n_draws)["loss"]
+
+    def _log_terms(self, stage: str, terms: dict[str, Tensor]) -> Tensor:
+        loss = terms["loss"].mean()
+        labelled = terms["y"] >= 0
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}_elbo", terms["elbo"].mean(), on_step=False, on_epoch=True)
+        self.log(f"{stage}_ce", terms["ce"].mean(), on_step=False, on_epoch=True)
+        if bool(labelled.any()):
+            acc = (terms["logits"].argmax(1) == terms["y"])[labelled].float().mean()
+            self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._log_terms("train", self.loss_terms(batch, n_draws=self.train_draws))
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._log_terms("val", self.loss_terms(batch, n_draws=self.train_draws))
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    def _noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+        if generator is None:
+            return standard_normal(shape, like=like)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+    def _resample(self, x: Tensor, n: int, part: Literal["s", "n"], generator: torch.Generator | None) -> Tensor:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`n` must be an integer >= 1, got {n!r}.")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`x` must be a Tensor batch of inputs, got {type(x).__name__}.")
+        with _eval(self), torch.no_grad():
+            mu, _ = self.encode(x)
+            b, k = mu.shape[0], self.supervised_dim
+            z = mu.unsqueeze(1).repeat(1, n, 1)  # [B, n, k + m]
+            if part == "n":
+                z[:, :, k:] = self._noise((b, n, self.nuisance_dim), mu, generator)
+            else:
+                z[:, :, :k] = self._noise((b, n, k), mu, generator)
+            out = self.decode_mean(z.reshape(b * n, -1))
+        return out.reshape(b, n, *x.shape[1:])
+
+    def sample_invariances(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Images the model considers the same class: ``z_s = mu_s(x)`` fixed, ``z_n ~ N(0, I)``, decoded.
+
+        Args:
+            x: inputs ``[B, ...]`` (flat or images).
+            n: samples per input.
+            generator: optional ``torch.Generator`` for reproducible draws (default:
+                :func:`~lightning_influence.noise.standard_normal`, i.e. the global RNG or keyed noise).
+
+        Returns:
+            ``[B, n, ...]`` decoded means, shaped like ``x``'s samples.
+        """
+        return self._resample(x, n, "n", generator)
+
+    def sample_variations(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """The contrast: ``z_n = mu_n(x)`` fixed, ``z_s ~ N(0, I)`` resampled, decoded; ``[B, n, ...]``."""
+        return self._resample(x, n, "s", generator)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def as_images(self, x: Tensor) -> Tensor:
+        """Inputs or samples ``[..., input_dim]`` as images ``[N, *image_shape]``."""
+        return x.reshape(-1, *self.image_shape)
+
+    def log_to_tensorboard(
+        self,
+        trainer_or_logger: Any,
+        x: Tensor,
+        *,
+        n: int = 8,
+        y: Tensor | None = None,
+        metrics: Mapping[str, float] | None = None,
+        attribution: Literal["saliency", "relax"] | None = "saliency",
+        step: int | None = None,
+        tag: str = "supervised_vae",
+        seed: int = 0,
+    ) -> None:
+        """Log invariance and variation grids, metrics (scalars and a text summary) and attributions.
+
+        Grids ``{tag}/invariances`` and ``{tag}/variations`` have one row per input: the input, its
+        reconstruction from the mean, then ``n`` samples. ``{tag}/attributions`` overlays the
+        classifier's attribution maps on the first input and its invariance samples.
+
+        Args:
+            trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
+            x: a few inputs ``[B, ...]`` (8 or so).
+            n: samples per input.
+            y: optional labels, shown in the text summary's per-row table.
+            metrics: e.g. from :func:`invariance_metrics`; logged as ``{tag}/{name}`` scalars and a table.
+            attribution: ``"saliency"``, ``"relax"`` or ``None`` to skip.
+            step: global step (default: the trainer's, else 0).
+            tag: tag prefix.
+            seed: seed of the samples.
+        """
+        from torchvision.utils import make_grid
+
+        from lightning_influence.relax.visualize import overlay_figure
+
+        writer = get_summary_writer(trainer_or_logger)
+        step = writer_step(trainer_or_logger) if step is None else step
+        gen = torch.Generator().manual_seed(seed)
+        with _eval(self), torch.no_grad():
+            recon = self.decode_mean(self.encode(x)[0])
+        for name, samples in (
+            ("invariances", self.sample_invariances(x, n, generator=gen)),
+            ("variations", self.sample_variations(x, n, generator=gen)),
+        ):
+            rows = torch.cat([self.as_images(x).unsqueeze(1), self.as_images(recon).unsqueeze(1),
+                              samples.reshape(x.shape[0], n, *self.image_shape)], dim=1)
+            grid = make_grid(rows.reshape(-1, *self.image_shape).float().cpu().clamp(0, 1), nrow=n + 2, pad_value=1.0)
+            writer.add_image(f"{tag}/{name}", grid, global_step=step)
+        if metrics:
+            for key, value in metrics.items():
+                writer.add_scalar(f"{tag}/{key}", float(value), global_step=step)
+            table = "\n".join(f"| {k} | {float(v):.4f} |" for k, v in metrics.items())
+            writer.add_text(f"{tag}/summary", "| metric | value |\n|---|---|\n" + table, global_step=step)
+        if attribution is not None:
+            images, maps = invariance_attributions(self, x[:1], n=min(n, 7), method=attribution, seed=seed)
+            pred = self.predict(images.reshape(images.shape[0], -1)).tolist()
+            titles = ["input" + (f" (y={int(y[0])})" if y is not None else "")] + [f"z_n sample {i + 1}" for i in range(len(pred) - 1)]
+            titles = [f"{t}: pred {p}" for t, p in zip(titles, pred)]
+            fig = overlay_figure(images, {attribution: maps}, max_images=images.shape[0], row_titles=titles)
+            writer.add_figure(f"{tag}/attributions", fig, global_step=step, close=True)
+        writer.flush()
+
+
+class PlainClassifier(pl.LightningModule):
+    """The baseline: a classifier of the same size as a :class:`SupervisedVAE`'s path ``x -> mu_s -> logits``.
+
+    Same encoder trunk (two hidden layers) ending in ``supervised_dim`` units, then the same head;
+    trained on cross-entropy alone.
+
+    Args:
+        input_dim: flattened input size.
+        hidden_dim: encoder width.
+        supervised_dim: bottleneck size (``k``).
+        num_classes: classes.
+        classifier_hidden: head hidden width (0: linear).
+        lr: Adam learning rate.
+
+    Example:
+        >>> PlainClassifier(64, 32, 3, 10, 16)(torch.rand(2, 64)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 64,
+        hidden_dim: int = 128,
+        supervised_dim: int = 4,
+        num_classes: int = 10,
+        classifier_hidden: int = 32,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        self.save_hyperparameters()
+        self.input_dim = input_dim
+        self.lr = lr
+        self.net = nn.Sequential(
+            _mlp([input_dim, hidden_dim, hidden_dim, supervised_dim]),
+            _classifier_head(supervised_dim, classifier_hidden, num_classes),
+        )
+
+    @classmethod
+    def like(cls, model: SupervisedVAE, lr: float | None = None) -> PlainClassifier:
+        """A plain classifier with ``model``'s sizes (and learning rate unless ``lr`` is given)."""
+        hp = model.hparams
+        return cls(
+            input_dim=model.input_dim,
+            hidden_dim=int(hp["hidden_dim"]),
+            supervised_dim=model.supervised_dim,
+            num_classes=model.num_classes,
+            classifier_hidden=int(hp["classifier_hidden"]),
+            lr=model.lr if lr is None else lr,
+        )
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Predicted labels ``[B]``."""
+        with _eval(self):
+            return self(x).argmax(dim=1)
+
+    def _step(self, stage: str, batch: Any) -> Tensor:
+        x, y = batch_inputs(batch), batch_labels(batch)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step("train", batch)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step("val", batch)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class IndependentClassifier:
+    """A judge trained apart from the model: scikit-learn logistic regression on flattened inputs.
+
+    Decoded samples are judged by a classifier that never saw the VAE, so label preservation does
+    not reward the model for agreeing with itself.
+
+    Args:
+        C: inverse regularisation strength.
+        max_iter: solver iterations.
+
+    Example:
+        >>> from lightning_influence.data import load_digits_tensors
+        >>> x, y = load_digits_tensors()
+        >>> judge = IndependentClassifier().fit(x[:1000], y[:1000])
+        >>> judge.accuracy(x[1000:], y[1000:]) > 0.9
+        True
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 2000) -> None:
+        if C <= 0:
+            raise ValueError(f"`C` must be > 0, got {C}.")
+        self.C, self.max_iter = C, max_iter
+        self._model: Any = None
+
+    def fit(self, x: Tensor, y: Tensor) -> IndependentClassifier:
+        """Fit on inputs ``[N, ...]`` and labels ``[N]``; returns self."""
+        from sklearn.linear_model import LogisticRegression
+
+        self._model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        self._model.fit(x.detach().reshape(len(x), -1).cpu().double().numpy(), y.detach().cpu().numpy())
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Predicted labels ``[N]`` (on ``x``'s device)."""
+        if self._model is None:
+            raise RuntimeError("IndependentClassifier is not fitted; call `fit(x, y)` first.")
+        pred = self._model.predict(x.detach().reshape(len(x), -1).cpu().double().numpy())
+        return torch.as_tensor(pred, dtype=torch.long, device=x.device)
+
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        """Accuracy on ``(x, y)``."""
+        return float((self(x) == y.to(x.device)).float().mean())
+
+
+def label_preservation(samples: Tensor, reference: Tensor, judge: Judge) -> float:
+    """Share of samples whose judged label equals their source's reference label.
+
+    .. math:: \\frac{1}{Bn} \\sum_{b, i} \\mathbb 1[\\mathrm{judge}(\\tilde x_{b,i}) = y_b]
+
+    Args:
+        samples: ``[B, n, ...]`` (e.g. from :meth:`SupervisedVAE.sample_invariances`).
+        reference: labels ``[B]``.
+        judge: ``judge(inputs [N, ...]) -> labels [N]``.
+
+    Example:
+        >>> judge = lambda x: (x.flatten(1).mean(1) > 0.5).long()
+        >>> label_preservation(torch.tensor([[[0.9], [0.2]], [[0.1], [0.3]]]), torch.tensor([1, 0]), judge)
+        0.75
+    """
+    if samples.dim() < 3 or samples.shape[0] != reference.shape[0]:
+        raise ValueError(
+            f"`samples` must be [B, n, ...] with B = len(reference) = {reference.shape[0]}, got {tuple(samples.shape)}."
+        )
+    b, n = samples.shape[:2]
+    judged = judge(samples.reshape(b * n, *samples.shape[2:])).reshape(b, n)
+    return float((judged == reference.to(judged.device).reshape(b, 1)).float().mean())
+
+
+@torch.no_grad()
+def invariance_metrics(
+    model: SupervisedVAE,
+    x: Tensor,
+    y: Tensor,
+    judge: Judge | None = None,
+    *,
+    n_samples: int = 10,
+    plain_classifier: PlainClassifier | None = None,
+    reference: Literal["label", "prediction"] = "label",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy and label preservation of a :class:`SupervisedVAE` on held-out ``(x, y)``.
+
+    Returns:
+        ``accuracy`` (classifier on ``mu_s``), ``invariance_preservation`` and
+        ``variation_preservation`` judged by the model itself (samples re-encoded and classified);
+        with a ``judge``: ``judge_accuracy`` on ``x`` and ``invariance_preservation_independent``,
+        ``variation_preservation_independent``; with a ``plain_classifier``: ``plain_accuracy``.
+
+    Args:
+        model: the trained model.
+        x: inputs ``[B, ...]``.
+        y: labels ``[B]``.
+        judge: an independently trained classifier (e.g. :class:`IndependentClassifier`).
+        n_samples: samples per input.
+        plain_classifier: a baseline of the same size (:class:`PlainClassifier`).
+        reference: compare samples with the true label (``"label"``) or with each judge's own
+            prediction on the source input (``"prediction"``: pure consistency).
+        seed: seed of the samples.
+    """
+    if reference not in ("label", "prediction"):
+        raise ValueError(f"`reference` must be 'label' or 'prediction', got {reference!r}.")
+    y = y.to(x.device)
+    gen = torch.Generator().manual_seed(seed)
+    inv = model.sample_invariances(x, n_samples, generator=gen)
+    var = model.sample_variations(x, n_samples, generator=gen)
+    own_pred = model.predict(x)
+    out = {"accuracy": float((own_pred == y).float().mean())}
+    ref = y if reference == "label" else own_pred
+    out["invariance_preservation"] = label_preservation(inv, ref, model.predict)
+    out["variation_preservation"] = label_preservation(var, ref, model.predict)
+    if judge is not None:
+        judged = judge(x)
+        out["judge_accuracy"] = float((judged == y).float().mean())
+        ref = y if reference == "label" else judged
+        out["invariance_preservation_independent"] = label_preservation(inv, ref, judge)
+        out["variation_preservation_independent"] = label_preservation(var, ref, judge)
+    if plain_classifier is not None:
+        out["plain_accuracy"] = float((plain_classifier.predict(x) == y).float().mean())
+    return out
+
+
+def classifier_saliency(model: SupervisedVAE, x: Tensor, target: Tensor | None = None) -> Tensor:
+    """Gradient saliency ``|d logit_target / d x|`` of the classifier on ``z_s``, per input, ``[B, ...]``.
+
+    Args:
+        model: the model.
+        x: inputs ``[B, ...]``.
+        target: class per input (default: the predicted class).
+    """
+    with _eval(model), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model.classify(xg)
+        target = logits.argmax(1) if target is None else target.to(logits.device).reshape(-1)
+        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), xg)
+    return grad.abs()
+
+
+def invariance_attributions(
+    model: SupervisedVAE,
+    x: Tensor,
+    n: int = 4,
+    *,
+    method: Literal["saliency", "relax"] = "saliency",
+    seed: int = 0,
+    relax_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attribution maps of the classifier for one input and ``n`` of its invariance samples.
+
+    The paper's last experiment: if the invariances are real, the maps of the samples highlight
+    the same class-relevant strokes as the input's. Saliency uses the input's predicted class for
+    every image; RELAX explains the classifier's logits as the representation.
+
+    Args:
+        model: the model.
+        x: one input (``[1, ...]`` or unbatched).
+        n: invariance samples.
+        method: ``"saliency"`` or ``"relax"``.
+        seed: seed of the samples (and of RELAX's masks).
+        relax_kwargs: options for :class:`~lightning_influence.relax.RELAX` (defaults: 1,000 masks,
+            a grid of ``max(2, side // 2)`` cells).
+
+    Returns:
+        ``(images [1 + n, *image_shape], maps [1 + n, H, W])``, the input first.
+    """
+    if method not in ("saliency", "relax"):
+        raise ValueError(f"`method` must be 'saliency' or 'relax', got {method!r}.")
+    if x.numel() != model.input_dim:
+        raise ValueError(f"`x` must be one input of {model.input_dim} values, got shape {tuple(x.shape)}.")
+    x = x.reshape(1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    samples = model.sample_invariances(x, n, generator=gen).reshape(n, -1)
+    flat = torch.cat([x.reshape(1, -1).to(samples.dtype), samples], dim=0)
+    images = model.as_images(flat)
+    if len(model.image_shape) != 3:
+        raise ValueError(f"Attribution maps need image inputs; `image_shape` is {model.image_shape}.")
+    if method == "saliency":
+        target = model.predict(flat[:1]).expand(flat.shape[0])
+        maps = model.as_images(classifier_saliency(model, flat, target)).amax(dim=1)
+    else:
+        from lightning_influence.relax import RELAX
+
+        opts = {"n_masks": 1000, "num_cells": max(2, model.image_shape[-1] // 2), "seed": seed, **(relax_kwargs or {})}
+        maps = RELAX(lambda imgs: model.classify(imgs.flatten(1)), **opts).explain(images).importance
+    return images, maps
