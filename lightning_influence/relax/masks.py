@@ -34,7 +34,8 @@ class MaskParameters(NamedTuple):
     grids: Tensor
     shifts: Tensor
 
-    def __len__(self) -> int:
+    @property
+    def n_masks(self) -> int:
         return int(self.grids.shape[0])
 
     def slice(self, start: int, stop: int) -> MaskParameters:
