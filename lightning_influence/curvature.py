@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from lightning_influence.batches import iterate_batches, num_samples
 from lightning_influence.noise import NoiseStream, fixed_noise
@@ -189,6 +190,10 @@ class _Batch:
     size: int
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
+
+
 class MeanLoss:
     """``theta -> (1/n) sum_i loss_fn(module, z_i)`` over a data set, evaluated with ``functional_call``.
 
@@ -241,9 +246,12 @@ class MeanLoss:
         self.n = num_samples(data, data_argname)
         if self.n == 0:
             raise ValueError(f"`{data_argname}` is empty: the mean loss needs at least one sample.")
-        # Materialise the batches once: every HVP is a full pass over the data.
+        # Materialise the batches once (on the parameters' device): every HVP is a full pass over the data.
+        ref = next(iter(state.values()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
         self._batches = [
-            _Batch(ids, batch, int(ids.shape[0])) for ids, batch in iterate_batches(data, batch_size, name=data_argname)
+            _Batch(ids.to(device), _to_device(batch, device), int(ids.shape[0]))
+            for ids, batch in iterate_batches(data, batch_size, name=data_argname)
         ]
         self._call_loss = _LossCall(module, self._checked_loss)
         self._call_outputs = _LossCall(module, outputs_fn) if outputs_fn is not None else None

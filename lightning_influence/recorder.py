@@ -278,8 +278,8 @@ class TrajectoryRecorder(pl.Callback):
     def _probe(self, pl_module: pl.LightningModule) -> None:
         """Fail before training, not after the first epoch, if the loss is unusable."""
         assert self._featurizer is not None
-        ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
         with isolated(pl_module):
+            ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
             state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
             batch = move_data_to_device(batch, pl_module.device)
             try:
