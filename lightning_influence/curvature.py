@@ -29,6 +29,7 @@ from lightning_influence.noise import NoiseStream, fixed_noise
 
 __all__ = [
     "EigenEstimate",
+    "HVPMode",
     "FlatOperator",
     "MeanLoss",
     "exact_hessian",
@@ -475,7 +476,7 @@ def flat_hvp(
     return FlatOperator(single, dim, first.dtype, first.device)
 
 
-def exact_hessian(loss: FunctionalLoss, params: Mapping[str, Tensor]) -> Tensor:
+def exact_hessian(loss: FunctionalLoss, params: Mapping[str, Tensor], mode: HVPMode = "forward-over-reverse") -> Tensor:
     """The explicit, symmetrised Hessian ``[D, D]`` of ``loss`` at ``params`` (flat layout in ``params`` order).
 
     Cost: ``D`` Hessian-vector products (batched with ``vmap``); meant for blocks of up to a few
@@ -490,7 +491,7 @@ def exact_hessian(loss: FunctionalLoss, params: Mapping[str, Tensor]) -> Tensor:
     params = {k: v.detach() for k, v in params.items()}
     dim = _num_params(params)
     first = next(iter(params.values()))
-    op = flat_hvp(loss, params)
+    op = flat_hvp(loss, params, mode=mode)
     eye = torch.eye(dim, dtype=first.dtype, device=first.device)
     chunk = max(1, min(dim, 256))
     cols = torch.cat([op(eye[i : i + chunk]) for i in range(0, dim, chunk)])

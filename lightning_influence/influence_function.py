@@ -36,6 +36,7 @@ from lightning_influence.batches import iterate_batches, num_samples
 from lightning_influence.curvature import (
     EigenEstimate,
     FlatOperator,
+    HVPMode,
     MeanLoss,
     exact_hessian,
     flat_hvp,
@@ -193,6 +194,11 @@ class InfluenceFunction:
         chunk_size: ``vmap`` chunk for per-sample gradients.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` for a solver that does not converge.
         hessian_data: data for the Hessian if not ``train_data`` (e.g. a subsample); default ``train_data``.
+        hessian_batch_size: samples per Hessian-vector-product batch (default ``max(batch_size, 512)``:
+            each batch costs a fixed ``torch.func`` overhead, so larger is faster until memory runs out).
+        hvp_mode: ``"reverse-over-reverse"`` (double backward; measured 1.4-2.7x faster on CPU for the
+            models tested) or ``"forward-over-reverse"``; see
+            :func:`~lightning_influence.curvature.hessian_vector_product`.
 
     Example:
         >>> import torch
@@ -226,6 +232,8 @@ class InfluenceFunction:
         chunk_size: int | None = None,
         on_failure: Literal["warn", "raise", "ignore"] = "warn",
         hessian_data: Any = None,
+        hessian_batch_size: int | None = None,
+        hvp_mode: HVPMode = "reverse-over-reverse",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MisconfigurationException(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -271,6 +279,14 @@ class InfluenceFunction:
         self.n_train = num_samples(train_data, "train_data")
         if self.n_train == 0:
             raise ValueError("`train_data` is empty: influence needs at least one training sample.")
+        if hvp_mode not in ("reverse-over-reverse", "forward-over-reverse"):
+            raise MisconfigurationException(
+                f"`hvp_mode` must be 'reverse-over-reverse' or 'forward-over-reverse', got {hvp_mode!r}."
+            )
+        if hessian_batch_size is not None and hessian_batch_size < 1:
+            raise MisconfigurationException(f"`hessian_batch_size` must be >= 1, got {hessian_batch_size}.")
+        self.hvp_mode = hvp_mode
+        self.hessian_batch_size = hessian_batch_size or max(batch_size, 512)
         self.hessian_data = train_data if hessian_data is None else hessian_data
         if num_samples(self.hessian_data, "hessian_data") == 0:
             raise ValueError("`hessian_data` is empty.")
@@ -367,7 +383,7 @@ class InfluenceFunction:
                 self._device_data(self.hessian_data),
                 self.param_names,
                 state=self.state,
-                batch_size=max(self.batch_size, 256),
+                batch_size=self.hessian_batch_size,
                 noise_seed=self.noise_seed,
                 noise_stream=NoiseStream.TRAIN,
                 outputs_fn=self.train_outputs if self.gauss_newton else None,
@@ -386,7 +402,7 @@ class InfluenceFunction:
     def operator(self) -> FlatOperator:
         """``v [D] or [k, D] -> (H or G) v`` at the captured weights."""
         if self._operator is None:
-            self._operator = flat_hvp(self.mean_loss, self.params, gauss_newton=self.gauss_newton)
+            self._operator = flat_hvp(self.mean_loss, self.params, gauss_newton=self.gauss_newton, mode=self.hvp_mode)
         return self._operator
 
     def _explicit_eigh(self) -> SymmetricEigh:
@@ -397,7 +413,7 @@ class InfluenceFunction:
                     cols = torch.cat([self.operator(eye[i : i + 256]) for i in range(0, self.n_params, 256)])
                     H = 0.5 * (cols + cols.T)
                 else:
-                    H = exact_hessian(self.mean_loss, self.params)
+                    H = exact_hessian(self.mean_loss, self.params, mode=self.hvp_mode)
             self._hessian = H.to(torch.float64)
             self._eigh = symmetric_eigh(self._hessian)
         return self._eigh
