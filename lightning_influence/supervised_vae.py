@@ -101,7 +101,8 @@ class SupervisedVAE(VAEModule):
     """A VAE with latent ``z = [z_s, z_n]``; a classifier on ``z_s`` only; trained on ELBO + λ·CE.
 
     .. math::
-        \\ell(x, y) = \\underbrace{\\mathbb E_q[-\\log p(x\\mid z)] + \\beta\\,\\mathrm{KL}(q(z\\mid x)\\,\\|\\,\\mathcal N(0, I))}_{\\text{negative ELBO}}
+        \\ell(x, y) = \\underbrace{\\mathbb E_q[-\\log p(x\\mid z)]
+            + \\beta\\,\\mathrm{KL}(q(z\\mid x)\\,\\|\\,\\mathcal N(0, I))}_{\\text{negative ELBO}}
             + \\lambda\\,\\mathrm{CE}\\big(g_\\psi(\\mu_s(x)),\\, y\\big)
 
     :meth:`per_sample_loss` returns ``Tensor[B]`` and draws its noise through
@@ -222,7 +223,7 @@ class SupervisedVAE(VAEModule):
         """Per-sample ``elbo`` (negative ELBO), ``ce`` (0 for label -1), ``loss``, and the ``logits``."""
         x, y = batch_inputs(batch), batch_labels(batch)
         draws = self.influence_draws if n_draws is None else n_draws
-        nelbo = negative_elbo(self, x, beta=self.beta, likelihood=self.likelihood, n_draws=draws)
+        nelbo = negative_elbo(self, x, beta=self.beta, likelihood=self.likelihood, n_draws=draws, sigma=self.sigma)
         logits = self.classify(x)
         y = y.to(device=logits.device, dtype=torch.long).reshape(-1)
         labelled = y >= 0
@@ -344,9 +345,19 @@ class SupervisedVAE(VAEModule):
             ("invariances", self.sample_invariances(x, n, generator=gen)),
             ("variations", self.sample_variations(x, n, generator=gen)),
         ):
-            rows = torch.cat([self.as_images(x).unsqueeze(1), self.as_images(recon).unsqueeze(1),
-                              samples.reshape(x.shape[0], n, *self.image_shape)], dim=1)
-            grid = make_grid(rows.reshape(-1, *self.image_shape).float().cpu().clamp(0, 1), nrow=n + 2, pad_value=1.0)
+            rows = torch.cat(
+                [
+                    self.as_images(x).unsqueeze(1),
+                    self.as_images(recon).unsqueeze(1),
+                    samples.reshape(x.shape[0], n, *self.image_shape),
+                ],
+                dim=1,
+            )
+            tiles = rows.reshape(-1, *self.image_shape).float().cpu().clamp(0, 1)
+            if len(self.image_shape) == 3 and self.image_shape[-1] < 32:
+                # Small images (8x8 digits) are unreadable at TensorBoard's native size.
+                tiles = F.interpolate(tiles, scale_factor=32 // self.image_shape[-1], mode="nearest")
+            grid = make_grid(tiles, nrow=n + 2, pad_value=1.0)
             writer.add_image(f"{tag}/{name}", grid, global_step=step)
         if metrics:
             for key, value in metrics.items():
@@ -356,9 +367,12 @@ class SupervisedVAE(VAEModule):
         if attribution is not None:
             images, maps = invariance_attributions(self, x[:1], n=min(n, 7), method=attribution, seed=seed)
             pred = self.predict(images.reshape(images.shape[0], -1)).tolist()
-            titles = ["input" + (f" (y={int(y[0])})" if y is not None else "")] + [f"z_n sample {i + 1}" for i in range(len(pred) - 1)]
+            titles = ["input" + (f" (y={int(y[0])})" if y is not None else "")]
+            titles += [f"z_n sample {i + 1}" for i in range(len(pred) - 1)]
             titles = [f"{t}: pred {p}" for t, p in zip(titles, pred)]
-            fig = overlay_figure(images, {attribution: maps}, max_images=images.shape[0], row_titles=titles)
+            fig = overlay_figure(
+                images, {attribution: maps}, max_images=images.shape[0], row_titles=titles, transpose=True
+            )
             writer.add_figure(f"{tag}/attributions", fig, global_step=step, close=True)
         writer.flush()
 
@@ -585,7 +599,10 @@ def invariance_metrics(
 
 
 def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z_j | x) || N(0, 1)) per latent dimension, ``[B, d]`` (the summands of :func:`~lightning_influence.objectives.gaussian_kl`)."""
+    """KL(q(z_j | x) || N(0, 1)) per latent dimension, ``[B, d]``.
+
+    The summands of :func:`~lightning_influence.objectives.gaussian_kl`.
+    """
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 

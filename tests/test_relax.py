@@ -145,7 +145,9 @@ def test_estimator_variance_shrinks_as_one_over_n() -> None:
     ns = [32, 128, 512]
     variances = []
     for n in ns:
-        est = torch.stack([RELAX(encoder, n_masks=n, num_cells=4, seed=s, batch_size=512).explain(x).importance for s in range(30)])
+        est = torch.stack(
+            [RELAX(encoder, n_masks=n, num_cells=4, seed=s, batch_size=512).explain(x).importance for s in range(30)]
+        )
         variances.append(float(est.var(dim=0).mean()))
     slope = np.polyfit(np.log(ns), np.log(variances), 1)[0]
     assert -1.25 <= slope <= -0.75, (slope, variances)

@@ -141,7 +141,7 @@ def test_per_sample_loss_is_elbo_plus_weighted_cross_entropy() -> None:
     with fixed_noise(ids, seed=7):
         loss = model.per_sample_loss((x, y), n_draws=2)
     with fixed_noise(ids, seed=7):
-        elbo = negative_elbo(model, x, beta=model.beta, likelihood="bernoulli", n_draws=2)
+        elbo = negative_elbo(model, x, beta=model.beta, likelihood="bernoulli", n_draws=2, sigma=model.sigma)
     ce = F.cross_entropy(model.classify(x)[:3], y[:3], reduction="none")
     assert loss.shape == (4,)
     assert torch.allclose(loss[:3], elbo[:3] + 3.0 * ce, atol=1e-5)
@@ -164,6 +164,42 @@ def test_per_sample_gradients_work_unchanged() -> None:
         model.per_sample_loss((x[1:2], y[1:2]), n_draws=2).sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(grads[name][1], p.grad, atol=1e-5), name
+
+
+def test_recorder_and_tracin_use_it_unchanged(tmp_path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence.analysis import InfluenceAnalysis
+    from lightning_influence.data import load_digits_tensors
+    from lightning_influence.recorder import TrajectoryRecorder
+
+    x, y = load_digits_tensors()
+    train = TensorDataset(x[:200], y[:200])
+    test = (x[1000:1010], y[1000:1010])
+    with _single_thread():
+        pl.seed_everything(0, verbose=False)
+        model = SupervisedVAE(hidden_dim=32, influence_draws=4)
+        recorder = TrajectoryRecorder(tmp_path / "store", dataset=train)
+        trainer = pl.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[recorder],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True))
+        analysis = InfluenceAnalysis(recorder.store_path, model)
+        scores = analysis.tracin(test)
+        # Cross-loss TracIn on the classification term alone: same-class training digits are proponents.
+        ce = analysis.tracin(test, measurement=lambda m, b: m.loss_terms(b, n_draws=1)["ce"])
+    assert scores.shape == (10, 200) and bool(torch.isfinite(scores).all())
+    same = y[1000:1010, None] == y[None, :200]
+    assert float(ce[same].mean()) > 0 > float(ce[~same].mean())
+    assert float(scores[same].mean()) > float(scores[~same].mean())
 
 
 def test_sampling_shapes_determinism_and_modes(trained: dict) -> None:
@@ -240,6 +276,6 @@ def test_log_to_tensorboard(trained: dict, tmp_path) -> None:
     images = set(acc.Tags()["images"])
     assert {"supervised_vae/invariances", "supervised_vae/variations", "supervised_vae/attributions"} <= images
     grid = acc.Images("supervised_vae/invariances")[0]
-    assert grid.step == 2 and grid.height > 6 * 8  # six rows of 8x8 images plus padding
+    assert grid.step == 2 and grid.height >= 6 * 32  # six rows of 8x8 digits, upscaled to 32 px
     assert "supervised_vae/invariance_preservation_independent" in acc.Tags()["scalars"]
     assert "supervised_vae/summary/text_summary" in acc.Tags()["tensors"]

@@ -228,7 +228,10 @@ class RELAX:
             )
 
     def gradient_baseline(self, x: Tensor) -> Tensor:
-        """The paper's gradient baseline for the same encoder, see :func:`~lightning_influence.relax.representation_saliency`."""
+        """The paper's gradient baseline for the same encoder.
+
+        See :func:`~lightning_influence.relax.representation_saliency`.
+        """
         from lightning_influence.relax.saliency import representation_saliency
 
         return representation_saliency(self.encoder, x, autocast=self.autocast)

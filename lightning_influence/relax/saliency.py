@@ -54,7 +54,9 @@ def representation_saliency(
     with eval_mode(encoder), torch.enable_grad():
         rep = encode(encoder, xb, autocast=autocast)
         if not rep.requires_grad:
-            raise ValueError("`encoder`'s output does not depend differentiably on its input; no gradient baseline exists.")
+            raise ValueError(
+                "`encoder`'s output does not depend differentiably on its input; no gradient baseline exists."
+            )
         # Samples are independent (eval mode), so one backward of the summed target gives every image's gradient.
         target = (rep.detach() * rep).sum()
         (grad,) = torch.autograd.grad(target, xb)

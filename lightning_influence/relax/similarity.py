@@ -32,7 +32,10 @@ _BUILTIN: dict[str, SimilarityFn] = {"cosine": _cosine, "dot": _dot, "euclidean"
 
 
 def resolve_similarity(similarity: Union[Similarity, SimilarityFn], argname: str = "similarity") -> SimilarityFn:
-    """The similarity function for a name (``"cosine"``, ``"dot"``, ``"euclidean"`` = negative distance) or a callable."""
+    """The similarity function for a name or a callable.
+
+    Names: ``"cosine"``, ``"dot"``, ``"euclidean"`` (the negative distance).
+    """
     if isinstance(similarity, str):
         if similarity not in _BUILTIN:
             raise ValueError(f"`{argname}` must be one of {sorted(_BUILTIN)} or a callable, got {similarity!r}.")

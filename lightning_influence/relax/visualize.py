@@ -31,6 +31,7 @@ def overlay_figure(
     cmap: str = "jet",
     alpha: float = 0.5,
     row_titles: Sequence[str] | None = None,
+    transpose: bool = False,
 ) -> Any:
     """A matplotlib figure: one row per image, the image then each map overlaid on it.
 
@@ -40,7 +41,8 @@ def overlay_figure(
         max_images: rows at most.
         cmap: matplotlib colormap of the heatmaps.
         alpha: opacity of the heatmaps.
-        row_titles: optional label per row.
+        row_titles: optional label per image.
+        transpose: one column per image instead (images side by side).
 
     Returns:
         ``matplotlib.figure.Figure`` (backend-independent; no pyplot state).
@@ -53,20 +55,26 @@ def overlay_figure(
     for k, v in cols.items():
         if v.shape[0] < shown.shape[0] or v.shape[-2:] != shown.shape[-2:]:
             raise ValueError(f"map {k!r} has shape {tuple(v.shape)}, which does not match images {tuple(xb.shape)}.")
-    n_rows, n_cols = shown.shape[0], 1 + len(cols)
+    n_images, n_panels = shown.shape[0], 1 + len(cols)
+    n_rows, n_cols = (n_panels, n_images) if transpose else (n_images, n_panels)
     fig = Figure(figsize=(2.2 * n_cols, 2.2 * n_rows), dpi=80)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
+
+    def ax_at(image: int, panel: int) -> Any:
+        return axes[panel][image] if transpose else axes[image][panel]
+
     gray = "gray" if shown.shape[1] == 1 else None
-    for r in range(n_rows):
+    for r in range(n_images):
         img = _to_numpy_image(shown[r])
-        axes[r][0].imshow(img, cmap=gray)
-        axes[r][0].set_title("image" if row_titles is None else row_titles[r], fontsize=8)
+        ax_at(r, 0).imshow(img, cmap=gray)
+        ax_at(r, 0).set_title("image" if row_titles is None else row_titles[r], fontsize=8)
         for c, (name, m) in enumerate(cols.items(), start=1):
-            axes[r][c].imshow(img, cmap=gray)
-            im = axes[r][c].imshow(m[r].numpy(), cmap=cmap, alpha=alpha)
-            fig.colorbar(im, ax=axes[r][c], fraction=0.046, pad=0.04)
-            if r == 0:
-                axes[r][c].set_title(name, fontsize=8)
+            ax = ax_at(r, c)
+            ax.imshow(img, cmap=gray)
+            im = ax.imshow(m[r].numpy(), cmap=cmap, alpha=alpha)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            if r == 0 or transpose:
+                ax.set_title(name, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
@@ -97,8 +105,8 @@ def log_to_tensorboard(
 ) -> None:
     """Log RELAX overlays (importance, uncertainty, U-RELAX) for a batch of images to TensorBoard.
 
-    Writes a figure ``{tag}/overlay`` (one row per image) and the raw maps as grey images
-    ``{tag}/{importance,uncertainty,u_relax}``.
+    Writes a figure ``{tag}/overlay`` (one row per image; U-RELAX's dropped pixels transparent)
+    and the raw maps as grey images ``{tag}/{importance,uncertainty,u_relax}``.
 
     Args:
         trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
@@ -115,6 +123,10 @@ def log_to_tensorboard(
     if not isinstance(explanation, Explanation):
         raise TypeError(f"`explanation` must be an Explanation (from RELAX.explain), got {type(explanation).__name__}.")
     maps = {_TITLES[k]: getattr(explanation, k) for k in _MAPS}
+    # Show U-RELAX's dropped (uncertain) pixels as transparent rather than as importance 0.
+    imp, unc = explanation.importance, explanation.uncertainty
+    median = unc.flatten(-2).nanmedian(dim=-1).values[..., None, None]
+    maps[_TITLES["u_relax"]] = torch.where(unc <= median, imp, torch.full_like(imp, float("nan")))
     fig = overlay_figure(images, maps, max_images=max_images, cmap=cmap, alpha=alpha)
     writer.add_figure(f"{tag}/overlay", fig, global_step=step, close=True)
     for k in _MAPS:
