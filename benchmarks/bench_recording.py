@@ -1,0 +1,110 @@
+"""Cost of recording and of scoring on the digits VAE, measured side by side in one run.
+
+Prints, for MLPVAE on scikit-learn's digits (1,259 training samples):
+- one recording sweep (per-sample gradients of every training sample, 16 ELBO draws) relative to
+  one plain training epoch, for exact and projected gradients;
+- exact vs projected TracIn for a batch of test queries over all checkpoints.
+
+    python benchmarks/bench_recording.py [--repeats 3] [--device cpu|cuda]
+
+Ratios are the figures to quote: the machine is shared and absolute times are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Subset
+
+from lightning_influence import DigitsDataModule, InfluenceAnalysis, MLPVAE, TrajectoryRecorder
+
+
+def _trainer(device: str, max_epochs: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+
+
+class _EpochTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--queries", type=int, default=64)
+    args = p.parse_args()
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    root = Path(tempfile.mkdtemp(prefix="li_bench_"))
+
+    # Plain epochs, then the same training with recorders; the recorders' own timings give the
+    # sweep cost. Timer callbacks come last so the sweep (at epoch end) is inside the epoch time.
+    plain_timer = _EpochTimer()
+    _trainer(args.device, args.epochs, [plain_timer]).fit(MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3), dm)
+    plain_epoch = statistics.median(plain_timer.times[1:])
+
+    exact = TrajectoryRecorder(root / "exact", every_n_epochs=1, batch_size=256)
+    proj = TrajectoryRecorder(root / "proj", every_n_epochs=1, batch_size=256, projection_dim=1024)
+    vae = MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3)
+    _trainer(args.device, args.epochs, [exact, proj]).fit(vae, dm)
+    sweeps = {}
+    for name, rec in (("exact", exact), ("projected k=1024", proj)):
+        analysis = InfluenceAnalysis(rec.store_path, vae)
+        sweeps[name] = statistics.median(c.entry["seconds"] for c in analysis.store.checkpoints[1:])
+
+    queries = Subset(dm.test_set, range(args.queries))
+    scoring = {}
+    for name, rec in (("exact", exact), ("projected k=1024", proj)):
+        analysis = InfluenceAnalysis(rec.store_path, vae)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            analysis.tracin(queries)
+            times.append(time.perf_counter() - t)
+        scoring[name] = statistics.median(times)
+
+    n_params = sum(p.numel() for p in vae.parameters())
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    print(f"model: MLPVAE 64-128-8, {n_params} parameters; {len(dm.train_set)} training samples, 16 ELBO draws per gradient")
+    print(f"plain training epoch (median):             {plain_epoch * 1000:8.1f} ms")
+    for name, s in sweeps.items():
+        print(f"recording sweep, {name:<17}          {s * 1000:8.1f} ms  = {s / plain_epoch:5.2f} x a training epoch")
+    for name, s in scoring.items():
+        print(f"TracIn {args.queries} queries x {args.epochs} ckpts, {name:<17} {s * 1000:8.1f} ms")
+    print(f"exact / projected scoring time:            {scoring['exact'] / scoring['projected k=1024']:5.2f}")
+    print(f"store size: exact {sum(f.stat().st_size for f in (root / 'exact').rglob('*')) / 1e6:.1f} MB, "
+          f"projected {sum(f.stat().st_size for f in (root / 'proj').rglob('*')) / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
