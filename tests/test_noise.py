@@ -132,3 +132,13 @@ def test_mismatched_batch_size_raises():
     with fixed_noise(torch.arange(3), seed=0):
         with pytest.raises(ValueError, match="3 sample ids.*batch size 5"):
             standard_normal((5, 2), like=torch.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_noise_on_cuda_as_on_cpu():
+    ids = torch.tensor([0, 5, 123456, 2**40 + 3])
+    cpu = keyed_standard_normal(ids, (7, 3), seed=9, stream=1)
+    cuda = keyed_standard_normal(ids.cuda(), (7, 3), seed=9, stream=1)
+    assert cuda.device.type == "cuda"
+    assert torch.allclose(cuda.cpu(), cpu, rtol=1e-6, atol=1e-6)

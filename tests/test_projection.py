@@ -178,3 +178,13 @@ def test_spec_round_trip_and_properties():
     assert ProjectionSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     p = RandomProjection(spec, NAMES, NUMELS)
     assert p.dim == 100 and p.input_dim == sum(NUMELS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_projection_on_cuda_as_on_cpu(kind):
+    torch.manual_seed(9)
+    x = torch.randn(3, sum(NUMELS))
+    p = _proj(kind, dim=64, seed=2)
+    assert torch.allclose(p.project_flat(x.cuda()).cpu(), p.project_flat(x), rtol=1e-4, atol=1e-4)
