@@ -98,6 +98,15 @@ def kde_log_density(queries: Tensor, train: Tensor, bandwidth: float) -> Tensor:
     return torch.logsumexp(_log_gaussian_kernel(z, x, h), dim=1) - math.log(x.shape[0])
 
 
+def _log_sum_except_each(log_terms: Tensor) -> Tensor:
+    """``log sum_{j != i} exp(a_j)`` for every ``i`` along the last dimension, without subtraction."""
+    m = log_terms.shape[0]
+    pad = torch.full((m, 1), -math.inf, dtype=log_terms.dtype, device=log_terms.device)
+    prefix = torch.cat([pad, torch.logcumsumexp(log_terms, dim=1)[:, :-1]], dim=1)  # sum_{j < i}
+    suffix = torch.cat([torch.logcumsumexp(log_terms.flip(1), dim=1).flip(1)[:, 1:], pad], dim=1)  # sum_{j > i}
+    return torch.logaddexp(prefix, suffix)
+
+
 def kde_loo_influence(queries: Tensor, train: Tensor, bandwidth: float) -> Tensor:
     """Closed-form leave-one-out influence of every training point on every query for a Gaussian KDE.
 
@@ -108,10 +117,10 @@ def kde_loo_influence(queries: Tensor, train: Tensor, bandwidth: float) -> Tenso
 
         \\mathrm{IF}(x_i, z) = \\log \\frac{(N - 1)\\, p(z)}{N p(z) - K_h(z - x_i)}.
 
-    The difference ``N p(z) - K_i`` is evaluated in the log domain as
-    ``log S + log(-expm1(log K_i - log S))`` with ``S = sum_j K_j``, which is accurate unless
-    ``x_i`` carries essentially all of the kernel mass at ``z`` (then the refit density is
-    below float64 resolution relative to ``p(z)`` and the result may be ``inf``).
+    The difference ``N p(z) - K_i = sum_{j != i} K_j`` is never formed by subtraction, which
+    cancels catastrophically when ``x_i`` carries almost all of the kernel mass at ``z`` (the
+    self-influence of an isolated point): it is the log-sum-exp of the kernels before ``i`` and
+    after ``i``, from prefix and suffix ``logcumsumexp`` -- ``O(M N)``, accurate to rounding.
 
     Args:
         queries: points ``z``, shape ``[M, D]``.
@@ -135,7 +144,7 @@ def kde_loo_influence(queries: Tensor, train: Tensor, bandwidth: float) -> Tenso
         raise ValueError(f"`train` needs at least 2 points for leave-one-out, got {n}.")
     log_k = _log_gaussian_kernel(z, x, h)  # [M, N]
     log_s = torch.logsumexp(log_k, dim=1, keepdim=True)  # log(N p(z))
-    log_rest = log_s + torch.log(-torch.expm1(log_k - log_s))  # log(N p(z) - K_i)
+    log_rest = _log_sum_except_each(log_k)  # log(N p(z) - K_i)
     return math.log((n - 1) / n) + log_s - log_rest
 
 
