@@ -130,6 +130,21 @@ def test_loader_with_drop_last_does_not_silently_lose_samples():
         assert torch.equal(ids, torch.arange(N))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a DataLoader with batch_size=None yields unbatched samples; iterate_batches takes the first"
+    " tensor's leading (feature) dimension as the batch size and hands out 3 ids per sample",
+)
+def test_loader_without_automatic_batching_is_refused_or_numbered_per_sample():
+    loader = DataLoader(TensorDataset(X, Y), batch_size=None)
+    try:
+        ids = torch.cat([i for i, _ in iterate_batches(loader, 4)])
+    except ValueError as err:
+        assert "batch_size" in str(err)
+    else:
+        assert torch.equal(ids, torch.arange(N))
+
+
 def test_explicit_sequential_sampler_is_accepted():
     ds = TensorDataset(X, Y)
     loader = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 4, drop_last=False))

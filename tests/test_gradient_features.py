@@ -121,6 +121,19 @@ def test_mixed_bf16_rows_are_close_to_fp32_rows():
     assert float(rel.max()) > 0  # it really ran under autocast
 
 
+def test_true_bf16_rows_are_close_to_fp32_rows_without_loss_scaling():
+    vae, names, x, ids, state = _setup()
+    p = GradientPrecision("true", "bfloat16")
+    st = cast_state(state, p, CPU)
+    assert st[names[0]].dtype == torch.bfloat16
+    rows, bad = GradientFeaturizer(vae, _loss, names, precision=p).rows(x, ids, st)
+    # reference at the same (bf16-rounded) weights in fp32
+    exact, _ = GradientFeaturizer(vae, _loss, names).rows(x, ids, cast_state(st, GradientPrecision(), CPU))
+    assert rows.dtype == torch.float32 and not bad.any()
+    rel = (rows - exact).norm(dim=1) / exact.norm(dim=1)
+    assert 0 < float(rel.max()) < 0.1
+
+
 def _overflow_problem():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -137,3 +137,14 @@ def test_argument_validation(kwargs, match):
 def test_convvae_rejects_image_size_not_divisible_by_4():
     with pytest.raises(ValueError, match="`image_size` must be divisible by 4, got 10"):
         ConvVAE(image_size=10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="VAEModule does not validate `train_draws`/`influence_draws` eagerly; 0 fails later inside"
+    " negative_elbo with an error naming `n_draws`",
+)
+@pytest.mark.parametrize("name", ["train_draws", "influence_draws"])
+def test_draw_counts_validated_eagerly(name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        MLPVAE(input_dim=4, hidden_dim=4, latent_dim=2, **{name: 0})
