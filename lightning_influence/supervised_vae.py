@@ -325,7 +325,7 @@ class SupervisedVAE(VAEModule):
             trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
             x: a few inputs ``[B, ...]`` (8 or so).
             n: samples per input.
-            y: optional labels, shown in the text summary's per-row table.
+            y: optional labels; the first input's is shown in the attribution figure.
             metrics: e.g. from :func:`invariance_metrics`; logged as ``{tag}/{name}`` scalars and a table.
             attribution: ``"saliency"``, ``"relax"`` or ``None`` to skip.
             step: global step (default: the trainer's, else 0).
