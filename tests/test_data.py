@@ -60,7 +60,7 @@ def test_digits_loaders():
     assert isinstance(train.sampler, RandomSampler) and train.batch_size == 50
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         assert isinstance(loader.sampler, SequentialSampler)
-    x, y = next(iter(dm.test_dataloader()))
+    x, _ = next(iter(dm.test_dataloader()))
     assert x.shape == (50, 64) and torch.equal(x, dm.test_set.tensors[0][:50])
 
 
@@ -82,7 +82,9 @@ def _write_idx(root, prefix: str, images: np.ndarray, labels: np.ndarray) -> Non
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     n, h, w = images.shape
-    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, h, w) + images.astype(np.uint8).tobytes())
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x0803, n, h, w) + images.astype(np.uint8).tobytes()
+    )
     (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.astype(np.uint8).tobytes())
 
 
@@ -99,7 +101,7 @@ def tiny_mnist(tmp_path):
 
 
 def test_mnist_reads_local_idx_files(tiny_mnist):
-    root, train_x, train_y, test_x, test_y = tiny_mnist
+    root, train_x, train_y, test_x, _ = tiny_mnist
     dm = MNISTDataModule(root, batch_size=4, val_fraction=0.25)
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (15, 5, 6)
@@ -134,7 +136,9 @@ def test_mnist_missing_files_never_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads") as err:
         dm.setup()
     assert str(tmp_path / "empty" / "MNIST" / "raw") in str(err.value)
-    assert not (tmp_path / "empty" / "MNIST" / "raw").exists() or not any((tmp_path / "empty" / "MNIST" / "raw").iterdir())
+    assert not (tmp_path / "empty" / "MNIST" / "raw").exists() or not any(
+        (tmp_path / "empty" / "MNIST" / "raw").iterdir()
+    )
 
 
 @pytest.mark.xfail(

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence.models import ConvVAE, MLPVAE
+from lightning_influence.models import MLPVAE, ConvVAE
 from lightning_influence.noise import fixed_noise
 
 
@@ -65,9 +65,14 @@ def test_gaussian_likelihood_and_beta_are_used():
     assert torch.all(vals[1] > vals[0])  # beta > 1 adds a non-negative KL
 
 
-@pytest.mark.parametrize("make", [lambda **kw: MLPVAE(input_dim=16, hidden_dim=16, latent_dim=3, **kw),
-                                  lambda **kw: ConvVAE(image_size=4, channels=1, width=4, latent_dim=3, **kw)],
-                         ids=["mlp", "conv"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: MLPVAE(input_dim=16, hidden_dim=16, latent_dim=3, **kw),
+        lambda **kw: ConvVAE(image_size=4, channels=1, width=4, latent_dim=3, **kw),
+    ],
+    ids=["mlp", "conv"],
+)
 @pytest.mark.parametrize("optimizer, lr, momentum", [("adam", 1e-2, 0.0), ("sgd", 5e-2, 0.9)])
 def test_training_steps_reduce_loss_on_a_fixed_batch(make, optimizer, lr, momentum):
     torch.manual_seed(0)
@@ -103,8 +108,12 @@ def test_fit_with_trainer_logs_train_and_val_loss():
     loader = DataLoader(TensorDataset(x), batch_size=16)
     vae = MLPVAE(input_dim=8, hidden_dim=8, latent_dim=2, lr=1e-2)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(vae, loader, loader)
     m = trainer.callback_metrics
@@ -115,7 +124,13 @@ def test_fit_with_trainer_logs_train_and_val_loss():
 def test_hparams_rebuild_the_same_model():
     vae = MLPVAE(input_dim=10, hidden_dim=6, latent_dim=2, beta=2.0, lr=0.05, optimizer="sgd", likelihood="gaussian")
     clone = MLPVAE(**vae.hparams)
-    assert (clone.beta, clone.lr, clone.optimizer_name, clone.likelihood, clone.input_dim) == (2.0, 0.05, "sgd", "gaussian", 10)
+    assert (clone.beta, clone.lr, clone.optimizer_name, clone.likelihood, clone.input_dim) == (
+        2.0,
+        0.05,
+        "sgd",
+        "gaussian",
+        10,
+    )
     conv = ConvVAE(image_size=8, width=2, latent_dim=3, sigma=0.3, likelihood="gaussian")
     assert ConvVAE(**conv.hparams).sigma == 0.3
 

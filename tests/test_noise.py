@@ -108,9 +108,8 @@ def test_standard_normal_falls_back_to_randn_outside_context():
     torch.manual_seed(0)
     assert torch.equal(a, torch.randn(4, 3))
     # The context is restored on exit, even after an exception.
-    with pytest.raises(RuntimeError):
-        with fixed_noise(torch.arange(4), seed=0):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), fixed_noise(torch.arange(4), seed=0):
+        raise RuntimeError("boom")
     torch.manual_seed(1)
     b = standard_normal((4, 3), like=like)
     torch.manual_seed(1)
@@ -129,9 +128,8 @@ def test_nested_fixed_noise_restores_outer_key():
 
 
 def test_mismatched_batch_size_raises():
-    with fixed_noise(torch.arange(3), seed=0):
-        with pytest.raises(ValueError, match="3 sample ids.*batch size 5"):
-            standard_normal((5, 2), like=torch.zeros(1))
+    with fixed_noise(torch.arange(3), seed=0), pytest.raises(ValueError, match="3 sample ids.*batch size 5"):
+        standard_normal((5, 2), like=torch.zeros(1))
 
 
 @pytest.mark.gpu

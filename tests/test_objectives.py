@@ -35,7 +35,9 @@ def _manual(vae, x, eps, beta, likelihood, sigma=1.0):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("likelihood, beta, sigma", [("bernoulli", 1.0, 1.0), ("bernoulli", 4.0, 1.0), ("gaussian", 0.5, 0.3)])
+@pytest.mark.parametrize(
+    "likelihood, beta, sigma", [("bernoulli", 1.0, 1.0), ("bernoulli", 4.0, 1.0), ("gaussian", 0.5, 0.3)]
+)
 @pytest.mark.parametrize("n_draws", [1, 5])
 def test_negative_elbo_equals_manual_formula(likelihood, beta, sigma, n_draws):
     vae = _vae()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_influence.models import ConvVAE, MLPVAE
+from lightning_influence.models import MLPVAE, ConvVAE
 from lightning_influence.noise import NoiseStream, fixed_noise
 from lightning_influence.per_sample_gradients import (
     call_per_sample_loss,
@@ -90,11 +90,15 @@ def test_vae_with_keyed_noise_matches_brute_force(kind):
     if kind == "conv":
         assert "decoder.1.weight" in g and isinstance(vae.decoder[1], nn.ConvTranspose2d)
     # The noise matters: another stream or seed gives other gradients.
-    other = per_sample_gradients(vae, _vae_loss, x, _params(vae), sample_ids=ids, noise_seed=seed + 1, noise_stream=stream)
+    other = per_sample_gradients(
+        vae, _vae_loss, x, _params(vae), sample_ids=ids, noise_seed=seed + 1, noise_stream=stream
+    )
     assert _max_rel_err(other, ref) > 1e-3
     # A sample's gradient depends on its id, not its position in the batch.
     perm = torch.tensor([3, 0, 4, 1, 2])
-    g_perm = per_sample_gradients(vae, _vae_loss, x[perm], _params(vae), sample_ids=ids[perm], noise_seed=seed, noise_stream=stream)
+    g_perm = per_sample_gradients(
+        vae, _vae_loss, x[perm], _params(vae), sample_ids=ids[perm], noise_seed=seed, noise_stream=stream
+    )
     assert all(torch.allclose(g_perm[n], g[n][perm], rtol=1e-5, atol=1e-6) for n in g)
 
 
@@ -213,7 +217,15 @@ def test_flatten_gradients_order_and_scales():
 def test_module_state_detaches_and_upcasts():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).half()
     st = module_state(net)
-    assert set(st) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert set(st) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
     assert st["0.weight"].dtype == torch.float32 and not st["0.weight"].requires_grad
     assert st["1.num_batches_tracked"].dtype == torch.int64
     assert module_state(net, upcast=False)["0.weight"].dtype == torch.float16
@@ -230,7 +242,15 @@ class _Tiny(nn.Module):
 
 def test_resolve_parameter_names():
     m = _Tiny()
-    all_trainable = ["encoder.0.weight", "encoder.0.bias", "encoder.1.weight", "encoder.1.bias", "enc.weight", "enc.bias", "head.weight"]
+    all_trainable = [
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "encoder.1.weight",
+        "encoder.1.bias",
+        "enc.weight",
+        "enc.bias",
+        "head.weight",
+    ]
     assert resolve_parameter_names(m, None) == all_trainable
     # prefixes match whole module names only ("enc" does not select "encoder.*")
     assert resolve_parameter_names(m, ["enc"]) == ["enc.weight", "enc.bias"]
@@ -245,7 +265,9 @@ def test_resolve_parameter_names():
 
 def test_resolve_parameter_names_errors():
     m = _Tiny()
-    with pytest.raises(ValueError, match=r"`params` entry 'decoder' matches no trainable parameter.*encoder\.0\.weight"):
+    with pytest.raises(
+        ValueError, match=r"`params` entry 'decoder' matches no trainable parameter.*encoder\.0\.weight"
+    ):
         resolve_parameter_names(m, ["decoder"])
     # a frozen parameter is not selectable
     with pytest.raises(ValueError, match="`track` entry 'head.bias'"):

@@ -129,7 +129,9 @@ def test_per_parameter_scales():
     p = _proj("sjlt", dim=64, seed=1)
     scales = {"enc.weight": 2.0, "enc.bias": 0.0}  # dec.weight defaults to 1
     scaled = p.project(g, scales)
-    manual = p.project({"enc.weight": 2.0 * g["enc.weight"], "enc.bias": 0.0 * g["enc.bias"], "dec.weight": g["dec.weight"]})
+    manual = p.project(
+        {"enc.weight": 2.0 * g["enc.weight"], "enc.bias": 0.0 * g["enc.bias"], "dec.weight": g["dec.weight"]}
+    )
     assert torch.allclose(scaled, manual, atol=1e-5)
     assert not torch.allclose(scaled, p.project(g), atol=1e-3)
 

@@ -148,7 +148,9 @@ def test_merge_top_k_never_selects_nan(largest):
         vals, idx = merge_top_k(vals, idx, scores[:, a:b], torch.arange(a, b), 5, largest=largest)
     assert not torch.isin(idx, nan_cols).any()
     assert torch.isfinite(vals).all()
-    clean = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf") if largest else float("inf")), scores)
+    clean = torch.where(
+        torch.isnan(scores), torch.full_like(scores, float("-inf") if largest else float("inf")), scores
+    )
     ref_vals, ref_idx = torch.topk(clean, 5, dim=1, largest=largest)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
 
