@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_influence.precision import GradientPrecision
-from lightning_influence.projection import ProjectionSpec
+from lightning_influence.projection import ProjectionSpec, RandomProjection
 from lightning_influence.store import (
     MANIFEST,
     GradientStore,
@@ -131,6 +131,10 @@ def test_projection_spec_is_recorded(tmp_path):
     assert store.projection_spec == spec and store.dim == 6
     proj = store.projector()
     assert proj.dim == 6 and proj.input_dim == 15 and proj.param_names == list(SHAPES)
+    # It is the same projection as the one built at recording time.
+    x = torch.randn(3, 15, generator=torch.Generator().manual_seed(0))
+    same = RandomProjection(spec, list(SHAPES), [12, 3])
+    assert torch.equal(proj.project_flat(x), same.project_flat(x))
     assert store.precision == GradientPrecision("true", "float16")
     assert "projected to 6" in repr(store)
 
