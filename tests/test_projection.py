@@ -190,3 +190,25 @@ def test_same_projection_on_cuda_as_on_cpu(kind):
     x = torch.randn(3, sum(NUMELS))
     p = _proj(kind, dim=64, seed=2)
     assert torch.allclose(p.project_flat(x.cuda()).cpu(), p.project_flat(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_blocks_are_bounded_by_block_elements(kind, monkeypatch):
+    # The D x k matrix is never materialised: every random block has at most block_elements entries.
+    sizes = []
+    for fn in ("randn", "randint"):
+        orig = getattr(torch, fn)
+
+        def recording(*args, _orig=orig, **kwargs):
+            out = _orig(*args, **kwargs)
+            sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(torch, fn, recording)
+    x = torch.ones(2, 6000)
+    p = _proj(kind, dim=64, seed=0, names=["w"], numels=[6000], block_elements=1024)
+    out = p.project_flat(x)
+    monkeypatch.undo()
+    assert out.shape == (2, 64) and torch.isfinite(out).all()
+    assert sizes and max(sizes) <= 1024
+    assert sum(sizes) >= 6000  # every coordinate got its random entries
