@@ -40,11 +40,11 @@ PAPER = {
 
 def configs(full: bool) -> list[tuple[str, dict]]:
     if full:
-        mlp = dict(train_epochs=60_000, finetune_epochs=7_500, lr=1e-3, plateau_patience=100)
-        convex = dict(train_epochs=5, finetune_epochs=3)
+        mlp = {"train_epochs": 60_000, "finetune_epochs": 7_500, "lr": 1e-3, "plateau_patience": 100}
+        convex = {"train_epochs": 5, "finetune_epochs": 3}
     else:
-        mlp = dict(train_epochs=2_000, finetune_epochs=300, lr=1e-2, plateau_patience=None)
-        convex = dict(train_epochs=5, finetune_epochs=3)
+        mlp = {"train_epochs": 2_000, "finetune_epochs": 300, "lr": 1e-2, "plateau_patience": None}
+        convex = {"train_epochs": 5, "finetune_epochs": 3}
     return [
         ("depth 1, weight decay", dict(depth=1, weight_decay=0.005, **mlp)),
         ("depth 1, no weight decay", dict(depth=1, weight_decay=0.0, **mlp)),
@@ -81,7 +81,9 @@ def main() -> None:
         t0 = time.perf_counter()
         results = iris_protocol(repeats=repeats, **kwargs)
         elapsed = time.perf_counter() - t0
-        logger = TensorBoardLogger(args.logdir, name=name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
+        logger = TensorBoardLogger(
+            args.logdir, name=name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        )
         for r in results:
             writer = logger.experiment
             writer.add_scalar("iris/spearman", r.spearman, r.seed)
@@ -104,7 +106,16 @@ def main() -> None:
         )
         print(f"{name}: Spearman per repeat {[round(r.spearman, 3) for r in results]}", flush=True)
 
-    header = ("configuration", "Spearman", "Pearson", "Spearman (H+wd I)", "top eig", "train acc", "paper Spearman", "time")
+    header = (
+        "configuration",
+        "Spearman",
+        "Pearson",
+        "Spearman (H+wd I)",
+        "top eig",
+        "train acc",
+        "paper Spearman",
+        "time",
+    )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
     print("\n" + line + "\n" + "-" * len(line))

@@ -22,7 +22,9 @@ from lightning_influence.density import (
 def six_clusters() -> torch.Tensor:
     """2-D data with six clusters of different sizes and spreads (the VAE-TracIn paper's illustration)."""
     gen = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [8.0, 1.0], [0.0, 5.0], [4.0, 6.0], [9.0, 6.0]], dtype=torch.float64)
+    centres = torch.tensor(
+        [[0.0, 0.0], [4.0, 0.0], [8.0, 1.0], [0.0, 5.0], [4.0, 6.0], [9.0, 6.0]], dtype=torch.float64
+    )
     sizes = [30, 20, 12, 8, 25, 5]
     spreads = [0.3, 0.6, 1.0, 0.4, 0.8, 1.5]
     pts = [c + s * torch.randn(n, 2, generator=gen, dtype=torch.float64) for c, n, s in zip(centres, sizes, spreads)]
@@ -98,7 +100,7 @@ def test_kde_log_density_against_gaussian_formula():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     z = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     h = 0.8
-    k = lambda d2: math.exp(-d2 / (2 * h * h)) / (2 * math.pi * h * h)  # noqa: E731
+    k = lambda d2: math.exp(-d2 / (2 * h * h)) / (2 * math.pi * h * h)
     expected = math.log(0.5 * (k(0.5) + k(0.5)))
     assert kde_log_density(z, x, h).item() == pytest.approx(expected, abs=1e-12)
 

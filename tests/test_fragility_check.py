@@ -45,7 +45,7 @@ def convex(iris):
     """L2-regularised multinomial logistic regression at its optimum, and its exact IF estimates."""
     torch.manual_seed(0)
     ds, kw = resolve_training_data(iris)
-    model = Retrainer(make_convex, ds, kw, dict(max_epochs=5), mode="scratch").fit([], 0)
+    model = Retrainer(make_convex, ds, kw, {"max_epochs": 5}, mode="scratch").fit([], 0)
     # The objective's Hessian is the data Hessian + WD * I: the weight decay enters as damping.
     est = influence_function_estimates(model, iris_loss, iris.train_set, iris.test_set, damping=WD)
     return model, est
@@ -54,8 +54,17 @@ def convex(iris):
 @pytest.fixture(scope="module")
 def convex_report(iris, convex):
     model, est = convex
-    check = FragilityCheck(make_convex, iris, trainer_kwargs=dict(max_epochs=3), retrain="warm_start", n_removals=40,
-                           seeds=2, loss_fn=iris_loss, curvature_params="lin_last", verbose=False)
+    check = FragilityCheck(
+        make_convex,
+        iris,
+        trainer_kwargs={"max_epochs": 3},
+        retrain="warm_start",
+        n_removals=40,
+        seeds=2,
+        loss_fn=iris_loss,
+        curvature_params="lin_last",
+        verbose=False,
+    )
     return check.run(est, iris.test_set, model=model)
 
 
@@ -88,8 +97,16 @@ def test_convex_damping_sweep_peaks_at_the_weight_decay(convex_report):
 
 def test_convex_scratch_retraining_agrees(iris, convex):
     model, est = convex
-    check = FragilityCheck(make_convex, iris, trainer_kwargs=dict(max_epochs=3), retrain="scratch", n_removals=8,
-                           seeds=2, loss_fn=iris_loss, verbose=False)
+    check = FragilityCheck(
+        make_convex,
+        iris,
+        trainer_kwargs={"max_epochs": 3},
+        retrain="scratch",
+        n_removals=8,
+        seeds=2,
+        loss_fn=iris_loss,
+        verbose=False,
+    )
     report = check.run(est, iris.test_set, model=model)
     assert report.metrics["pearson"] >= 0.95
     assert report.noise_floor is not None and report.noise_floor < 1e-3  # a unique optimum
@@ -98,8 +115,16 @@ def test_convex_scratch_retraining_agrees(iris, convex):
 def test_group_removals_predict_sums(iris, convex):
     model, est = convex
     with pytest.warns(UserWarning, match="noise floor cannot be measured"):
-        check = FragilityCheck(make_convex, iris, trainer_kwargs=dict(max_epochs=3), removal=3, n_removals=9, seeds=1,
-                               loss_fn=iris_loss, verbose=False)
+        check = FragilityCheck(
+            make_convex,
+            iris,
+            trainer_kwargs={"max_epochs": 3},
+            removal=3,
+            n_removals=9,
+            seeds=1,
+            loss_fn=iris_loss,
+            verbose=False,
+        )
     report = check.run(est, iris.test_set, model=model)
     kinds = [r.kind for r in report.removals]
     assert kinds == ["proponent", "opponent", "random"] * 3
@@ -136,12 +161,22 @@ def make_mlp() -> IrisClassifier:
 def noisy_report(iris):
     """Scratch retraining of a small MLP: different seeds land in different solutions."""
     ds, kw = resolve_training_data(iris)
-    model = Retrainer(make_mlp, ds, kw, dict(max_epochs=300), mode="scratch").fit([], 0)
+    model = Retrainer(make_mlp, ds, kw, {"max_epochs": 300}, mode="scratch").fit([], 0)
     est = influence_function_estimates(model, iris_loss, iris.train_set, iris.test_set, "lin_last.weight", 0.005)
     # "mixed": the strongest proponents and opponents, and typical (random) samples whose single-sample
     # effect is the kind the paper warns sits below the retraining noise.
-    check = FragilityCheck(make_mlp, iris, trainer_kwargs=dict(max_epochs=300), retrain="scratch", n_removals=6,
-                           selection="mixed", seeds=3, loss_fn=iris_loss, trajectory_every_n_epochs=100, verbose=False)
+    check = FragilityCheck(
+        make_mlp,
+        iris,
+        trainer_kwargs={"max_epochs": 300},
+        retrain="scratch",
+        n_removals=6,
+        selection="mixed",
+        seeds=3,
+        loss_fn=iris_loss,
+        trajectory_every_n_epochs=100,
+        verbose=False,
+    )
     return check.run(est, iris.test_set, model=model)
 
 
@@ -168,7 +203,9 @@ def test_trajectories_are_recorded_for_the_first_seed(noisy_report):
 # ---------------------------------------------------------------------------------- bad input
 def test_estimates_of_the_wrong_length_are_rejected(iris, convex):
     model, est = convex
-    check = FragilityCheck(make_convex, iris, trainer_kwargs=dict(max_epochs=1), seeds=2, loss_fn=iris_loss, verbose=False)
+    check = FragilityCheck(
+        make_convex, iris, trainer_kwargs={"max_epochs": 1}, seeds=2, loss_fn=iris_loss, verbose=False
+    )
     with pytest.raises(ValueError, match=r"`estimates` has 148 scores but the training set of `datamodule` has 149"):
         check.run(est[:-1], iris.test_set, model=model)
     bad = est.clone()
@@ -203,9 +240,12 @@ def test_architecture_change_is_reported_and_partial_results_kept(iris, convex):
     model, est = convex
     # seeds=2: calls 1-2 are the controls, 3-6 two removals; call 7 builds a wider model.
     factory = _Counter(7, lambda: IrisClassifier(depth=1, width=4, weight_decay=WD, optimizer="lbfgs"))
-    check = FragilityCheck(factory, iris, trainer_kwargs=dict(max_epochs=3), n_removals=5, seeds=2, loss_fn=iris_loss,
-                           verbose=False)
-    with pytest.raises(ArchitectureMismatchError, match="`make_model` returned a model whose architecture differs") as info:
+    check = FragilityCheck(
+        factory, iris, trainer_kwargs={"max_epochs": 3}, n_removals=5, seeds=2, loss_fn=iris_loss, verbose=False
+    )
+    with pytest.raises(
+        ArchitectureMismatchError, match="`make_model` returned a model whose architecture differs"
+    ) as info:
         check.run(est, iris.test_set, model=model)
     report = info.value.report
     assert report is check.last_report
@@ -223,8 +263,15 @@ def test_divergence_is_reported_with_the_removal_and_seed(iris, convex):
         return _NaNModel(depth=0, weight_decay=WD, lr=1e-2, optimizer="adam")
 
     # Adam + NaN loss => NaN weights on the 3rd build (1 control, 1 removal done, the 2nd diverges).
-    check = FragilityCheck(_Counter(3, nan_model), iris, trainer_kwargs=dict(max_epochs=2), n_removals=4, seeds=[5],
-                           loss_fn=iris_loss, verbose=False)
+    check = FragilityCheck(
+        _Counter(3, nan_model),
+        iris,
+        trainer_kwargs={"max_epochs": 2},
+        n_removals=4,
+        seeds=[5],
+        loss_fn=iris_loss,
+        verbose=False,
+    )
     with pytest.raises(RetrainingDivergedError, match=r"diverged for removal of \[\d+\] with seed 5.*inf/NaN") as info:
         check.run(est, iris.test_set, model=model)
     report = info.value.report
@@ -240,8 +287,15 @@ def test_a_fit_that_raises_is_reported(iris, convex):
         def training_step(self, batch, batch_idx):
             raise RuntimeError("boom")
 
-    check = FragilityCheck(lambda: Broken(depth=0, weight_decay=WD, optimizer="lbfgs"), iris,
-                           trainer_kwargs=dict(max_epochs=1), n_removals=3, seeds=[0], loss_fn=iris_loss, verbose=False)
+    check = FragilityCheck(
+        lambda: Broken(depth=0, weight_decay=WD, optimizer="lbfgs"),
+        iris,
+        trainer_kwargs={"max_epochs": 1},
+        n_removals=3,
+        seeds=[0],
+        loss_fn=iris_loss,
+        verbose=False,
+    )
     with pytest.raises(RetrainingDivergedError, match="control .* seed 0: RuntimeError\\('boom'\\)"):
         check.run(est, iris.test_set, model=model)
 
@@ -273,7 +327,7 @@ def test_run_needs_the_model_for_warm_start(iris, convex):
 
 
 def test_loss_fn_defaults_to_per_sample_loss_and_is_required_otherwise(iris, convex):
-    model, est = convex
+    _model, est = convex
 
     class NoLoss(pl.LightningModule):
         def __init__(self) -> None:

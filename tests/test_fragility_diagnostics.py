@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -28,8 +30,9 @@ def regression():
 def test_eigenvalues_match_the_analytic_hessian(regression):
     lin, x, y = regression
     groups = [[0], [1], [2, 3], [4]]
-    d = curvature_diagnostics(lin, _sq_loss, (x, y), (x[:1], y[:1]), "weight", removal_groups=groups,
-                              dampings=[0.0, 0.1, 1.0, 10.0])
+    d = curvature_diagnostics(
+        lin, _sq_loss, (x, y), (x[:1], y[:1]), "weight", removal_groups=groups, dampings=[0.0, 0.1, 1.0, 10.0]
+    )
     evals = torch.linalg.eigvalsh(2.0 / 50 * x.T @ x)
     assert d.smallest == pytest.approx(float(evals[0]), rel=1e-8)
     assert d.largest == pytest.approx(float(evals[-1]), rel=1e-8)
@@ -38,7 +41,7 @@ def test_eigenvalues_match_the_analytic_hessian(regression):
     assert len(d.damping_predictions) == 4 and all(len(p) == 4 for p in d.damping_predictions)
     # More damping shrinks the inverse: predictions move monotonically away from the undamped ones.
     change = d.damping_relative_change
-    assert change[0] == 0.0 and all(a < b for a, b in zip(change, change[1:]))
+    assert change[0] == 0.0 and all(a < b for a, b in itertools.pairwise(change))
 
 
 class _Saddle(nn.Module):

@@ -106,10 +106,12 @@ def test_estimates_predict_exact_leave_one_out_refits(ridge):
 
 
 def test_parts_are_float64_and_model_untouched(ridge):
-    lin, x, y, x_test, y_test, _, _ = ridge
+    _lin, x, y, x_test, y_test, _, _ = ridge
     lin32 = nn.Linear(4, 1).float()
     before = {k: v.clone() for k, v in lin32.state_dict().items()}
-    parts = influence_function_parts(lin32, _sq_loss, (x.float(), y.float()), (x_test.float(), y_test.float()), "weight")
+    parts = influence_function_parts(
+        lin32, _sq_loss, (x.float(), y.float()), (x_test.float(), y_test.float()), "weight"
+    )
     assert parts.hessian.dtype == torch.float64 and parts.hessian.shape == (4, 4)
     assert parts.train_grads.shape == (60, 4) and parts.param_names == ["weight"]
     assert all(torch.equal(before[k], v) for k, v in lin32.state_dict().items())
@@ -120,5 +122,5 @@ def test_parts_are_float64_and_model_untouched(ridge):
 
 def test_collate_all_keeps_order():
     ds = torch.utils.data.TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
-    x, y = collate_all(ds, batch_size=3)
+    _x, y = collate_all(ds, batch_size=3)
     assert torch.equal(y, torch.arange(10))

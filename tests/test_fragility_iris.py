@@ -37,8 +37,9 @@ def with_wd():
 
 @pytest.fixture(scope="module")
 def without_wd():
-    return iris_protocol(depth=1, weight_decay=0.0, repeats=REPEATS, train_epochs=2000, finetune_epochs=300,
-                         curvature=False)
+    return iris_protocol(
+        depth=1, weight_decay=0.0, repeats=REPEATS, train_epochs=2000, finetune_epochs=300, curvature=False
+    )
 
 
 def test_depth1_weight_decay_spearman_in_the_papers_range(with_wd):
@@ -73,7 +74,9 @@ def test_split_and_model_family():
     train, test = load_iris_split()
     assert len(train) == 149 and len(test) == 1
     x, _ = train.tensors
-    assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-5) and torch.allclose(x.std(0, unbiased=False), torch.ones(4), atol=1e-4)
+    assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-5) and torch.allclose(
+        x.std(0, unbiased=False), torch.ones(4), atol=1e-4
+    )
     from sklearn.datasets import load_iris
 
     assert int(test.tensors[1]) == int(load_iris().target[IRIS_MAX_LOSS_INDEX])

@@ -62,7 +62,10 @@ def test_sign_slope_and_noise_fraction(pair):
     assert fraction_above_noise_floor(a, 0.5) == pytest.approx(float((a.abs() > 0.5).double().mean()))
 
 
-@pytest.mark.parametrize(("q", "df", "expected"), [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 9, 2.2622), (0.95, 30, 1.6973), (0.025, 5, -2.5706)])
+@pytest.mark.parametrize(
+    ("q", "df", "expected"),
+    [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 9, 2.2622), (0.95, 30, 1.6973), (0.025, 5, -2.5706)],
+)
 def test_student_t_quantile_matches_tables(q, df, expected):
     assert student_t_quantile(q, df) == pytest.approx(expected, abs=2e-4)
 
@@ -90,8 +93,19 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_estimate(pair):
 def test_agreement_metrics_keys(pair):
     p, a = pair
     m = agreement_metrics(p, a, noise_floor=0.3, n_bootstrap=100)
-    for key in ("n", "pearson", "spearman", "sign_agreement", "slope", "intercept", "fraction_above_noise_floor",
-                "pearson_low", "pearson_high", "spearman_low", "spearman_high"):
+    for key in (
+        "n",
+        "pearson",
+        "spearman",
+        "sign_agreement",
+        "slope",
+        "intercept",
+        "fraction_above_noise_floor",
+        "pearson_low",
+        "pearson_high",
+        "spearman_low",
+        "spearman_high",
+    ):
         assert key in m
     assert m["n"] == 40
     assert math.isnan(agreement_metrics(p, a)["fraction_above_noise_floor"])

@@ -20,20 +20,42 @@ def _report(noise: float = 0.01, scale: float = 1.0, seeds: int = 3) -> Fragilit
     for i in range(12):
         pred = (i - 5.5) / 10
         actual = [scale * pred + noise * float(torch.randn(1, generator=gen)) for _ in range(seeds)]
-        removals.append(RemovalResult(indices=[i], predicted=pred, actual=actual, seeds=list(range(seeds)),
-                                      kind="proponent" if pred > 0 else "opponent",
-                                      trajectory_epochs=[0, 10], trajectory_losses=[1.0, 1.0 + pred]))
+        removals.append(
+            RemovalResult(
+                indices=[i],
+                predicted=pred,
+                actual=actual,
+                seeds=list(range(seeds)),
+                kind="proponent" if pred > 0 else "opponent",
+                trajectory_epochs=[0, 10],
+                trajectory_losses=[1.0, 1.0 + pred],
+            )
+        )
     removals.append(RemovalResult(indices=[99], predicted=0.3))  # never measured (a partial run)
     curvature = CurvatureDiagnostics(
-        param_names=["w"], dim=3, smallest=0.1, largest=2.0, n_iter=3, converged=True, negative_curvature=False,
-        spectrum=[0.1, 1.0, 2.0], dampings=[0.0, 0.1, 1.0],
+        param_names=["w"],
+        dim=3,
+        smallest=0.1,
+        largest=2.0,
+        n_iter=3,
+        converged=True,
+        negative_curvature=False,
+        spectrum=[0.1, 1.0, 2.0],
+        dampings=[0.0, 0.1, 1.0],
         damping_predictions=[[r.predicted * (1 + d) for r in removals] for d in (0.0, 0.1, 1.0)],
         damping_relative_change=[0.0, 0.1, 1.0],
     )
     rep = FragilityReport(
-        retrain="scratch", removal="single", selection="abs", n_train=100, seeds=list(range(seeds)),
-        reference_test_loss=0.5, control_test_losses=[0.5 + noise * k for k in range(seeds)], removals=removals,
-        curvature=curvature, complete=False,
+        retrain="scratch",
+        removal="single",
+        selection="abs",
+        n_train=100,
+        seeds=list(range(seeds)),
+        reference_test_loss=0.5,
+        control_test_losses=[0.5 + noise * k for k in range(seeds)],
+        removals=removals,
+        curvature=curvature,
+        complete=False,
     )
     return rep.finalize(n_bootstrap=100)
 

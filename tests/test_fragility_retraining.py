@@ -62,7 +62,7 @@ def test_removal_loader_matches_the_default_loader(tensors, drop_last):
 def test_shuffling_loader_is_seeded(tensors):
     kw = {"batch_size": 3, "shuffle": True, "collate_fn": None, "drop_last": False, "num_workers": 0}
     r = Retrainer(lambda: IrisClassifier(depth=0), tensors, kw, mode="scratch")
-    order = lambda seed: torch.cat([b[1] for b in r.loader([0], seed)]).tolist()  # noqa: E731
+    order = lambda seed: torch.cat([b[1] for b in r.loader([0], seed)]).tolist()
     assert order(3) == order(3)
     assert sorted(order(3)) == sorted(tensors.tensors[1][1:].tolist())
 
@@ -70,11 +70,19 @@ def test_shuffling_loader_is_seeded(tensors):
 def test_warm_start_fine_tunes_only_the_chosen_block():
     dm = IrisDataModule()
     ds, kw = resolve_training_data(dm)
-    make = lambda: IrisClassifier(depth=1, lr=1e-2, plateau_patience=None)  # noqa: E731
-    reference = Retrainer(make, ds, kw, dict(max_epochs=50), mode="scratch").fit([], 0)
+    make = lambda: IrisClassifier(depth=1, lr=1e-2, plateau_patience=None)
+    reference = Retrainer(make, ds, kw, {"max_epochs": 50}, mode="scratch").fit([], 0)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
-    warm = Retrainer(make, ds, kw, dict(max_epochs=20), mode="warm_start", reference_state=state,
-                     reference_signature=architecture_signature(reference), finetune_params="lin_last")
+    warm = Retrainer(
+        make,
+        ds,
+        kw,
+        {"max_epochs": 20},
+        mode="warm_start",
+        reference_state=state,
+        reference_signature=architecture_signature(reference),
+        finetune_params="lin_last",
+    )
     fitted = warm.fit([0, 1, 2], seed=1)
     after = fitted.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state if k.startswith("body"))

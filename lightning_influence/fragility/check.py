@@ -187,14 +187,18 @@ class FragilityCheck:
         verbose: bool = True,
     ) -> None:
         if not callable(make_model):
-            raise MisconfigurationException(f"`make_model` must be a callable returning a LightningModule, got {make_model!r}.")
+            raise MisconfigurationException(
+                f"`make_model` must be a callable returning a LightningModule, got {make_model!r}."
+            )
         if not isinstance(datamodule, (pl.LightningDataModule, DataLoader, Dataset)):
             raise MisconfigurationException(
                 "`datamodule` must be a LightningDataModule, a DataLoader or a Dataset of training samples;"
                 f" got {type(datamodule).__name__}."
             )
         if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):
-            raise MisconfigurationException(f"`trainer_kwargs` must be a dict of Trainer arguments, got {type(trainer_kwargs).__name__}.")
+            raise MisconfigurationException(
+                f"`trainer_kwargs` must be a dict of Trainer arguments, got {type(trainer_kwargs).__name__}."
+            )
         if retrain not in ("warm_start", "scratch"):
             raise MisconfigurationException(f"`retrain` must be 'warm_start' or 'scratch', got {retrain!r}.")
         if removal != "single" and not (isinstance(removal, int) and not isinstance(removal, bool) and removal >= 1):
@@ -208,11 +212,15 @@ class FragilityCheck:
         else:
             seed_list = [int(s) for s in seeds]
             if not seed_list or len(set(seed_list)) != len(seed_list):
-                raise MisconfigurationException(f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}.")
+                raise MisconfigurationException(
+                    f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}."
+                )
         if selection not in _SELECTIONS:
             raise MisconfigurationException(f"`selection` must be one of {_SELECTIONS}, got {selection!r}.")
         if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(f"`loss_fn` must be callable (module, batch) -> Tensor[B], got {loss_fn!r}.")
+            raise MisconfigurationException(
+                f"`loss_fn` must be callable (module, batch) -> Tensor[B], got {loss_fn!r}."
+            )
         if finetune_params is not None and retrain == "scratch":
             raise MisconfigurationException("`finetune_params` only applies to retrain='warm_start'.")
         if any((not math.isfinite(d)) or d < 0 for d in dampings):
@@ -220,7 +228,9 @@ class FragilityCheck:
         if not (math.isfinite(noise_threshold) and noise_threshold > 0):
             raise MisconfigurationException(f"`noise_threshold` must be > 0, got {noise_threshold!r}.")
         if trajectory_every_n_epochs is not None and trajectory_every_n_epochs < 1:
-            raise MisconfigurationException(f"`trajectory_every_n_epochs` must be >= 1, got {trajectory_every_n_epochs}.")
+            raise MisconfigurationException(
+                f"`trajectory_every_n_epochs` must be >= 1, got {trajectory_every_n_epochs}."
+            )
         if len(seed_list) < 2:
             rank_zero_warn("`seeds` has one seed: the retraining noise floor cannot be measured (use seeds >= 2).")
         self.make_model = make_model
@@ -252,8 +262,10 @@ class FragilityCheck:
             "n_removals": self.n_removals,
             "seeds": self.seeds,
             "selection": self.selection,
-            "trainer_kwargs": {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v
-                               for k, v in self.trainer_kwargs.items()},
+            "trainer_kwargs": {
+                k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v
+                for k, v in self.trainer_kwargs.items()
+            },
             "finetune_params": self.finetune_params,
             "curvature_params": self.curvature_params,
             "dampings": self.dampings,
@@ -268,7 +280,9 @@ class FragilityCheck:
             try:
                 est = torch.as_tensor(np.asarray(estimates, dtype=np.float64))
             except (TypeError, ValueError) as err:
-                raise ValueError(f"`estimates` must be a 1-D sequence of numbers (one per training sample): {err}") from err
+                raise ValueError(
+                    f"`estimates` must be a 1-D sequence of numbers (one per training sample): {err}"
+                ) from err
         if est.dim() == 2 and 1 in est.shape:
             est = est.reshape(-1)
         if est.dim() != 1:
@@ -286,7 +300,11 @@ class FragilityCheck:
     def _given_groups(self, indices: Sequence[Any], n_train: int) -> list[tuple[list[int], str]]:
         groups: list[tuple[list[int], str]] = []
         for entry in indices:
-            g = [int(entry)] if isinstance(entry, (int, np.integer)) or (isinstance(entry, Tensor) and entry.dim() == 0) else [int(i) for i in entry]
+            g = (
+                [int(entry)]
+                if isinstance(entry, (int, np.integer)) or (isinstance(entry, Tensor) and entry.dim() == 0)
+                else [int(i) for i in entry]
+            )
             if not g or any(i < 0 or i >= n_train for i in g) or len(set(g)) != len(g):
                 raise ValueError(f"`indices` entry {entry!r} must be distinct training positions in [0, {n_train}).")
             groups.append((g, "given"))
@@ -339,7 +357,9 @@ class FragilityCheck:
         n_train = len(dataset)  # type: ignore[arg-type]
         est = self._as_estimates(estimates, n_train)
         if self.retrain == "warm_start" and model is None:
-            raise MisconfigurationException("`model` (the trained model the estimates belong to) is required for retrain='warm_start'.")
+            raise MisconfigurationException(
+                "`model` (the trained model the estimates belong to) is required for retrain='warm_start'."
+            )
         if self.curvature_params is not None and model is None:
             raise MisconfigurationException("`model` is required for curvature diagnostics (`curvature_params`).")
         if model is not None and not isinstance(model, pl.LightningModule):
@@ -382,14 +402,25 @@ class FragilityCheck:
                     rank_zero_info("Fragility check: curvature diagnostics")
                 try:
                     report.curvature = curvature_diagnostics(
-                        model, loss_fn, dataset, test_data, self.curvature_params,
-                        removal_groups=[g for g, _ in groups], dampings=self.dampings,
+                        model,
+                        loss_fn,
+                        dataset,
+                        test_data,
+                        self.curvature_params,
+                        removal_groups=[g for g, _ in groups],
+                        dampings=self.dampings,
                     )
                 except (FloatingPointError, RuntimeError) as err:
                     raise FragilityError(f"Curvature diagnostics failed: {err}") from err
             retrainer = Retrainer(
-                self.make_model, dataset, loader_kwargs, self.trainer_kwargs, self.retrain,
-                reference_state=reference_state, reference_signature=signature, finetune_params=self.finetune_params,
+                self.make_model,
+                dataset,
+                loader_kwargs,
+                self.trainer_kwargs,
+                self.retrain,
+                reference_state=reference_state,
+                reference_signature=signature,
+                finetune_params=self.finetune_params,
             )
             controls: dict[int, float] = {}
             for seed in self.seeds:

@@ -89,9 +89,7 @@ def curvature_diagnostics(
     if removal_groups:
         scores = parts.scores(list(dampings))  # [K, N]
         diag.dampings = [float(d) for d in dampings]
-        diag.damping_predictions = [
-            [float(row[list(g)].sum()) for g in removal_groups] for row in scores
-        ]
+        diag.damping_predictions = [[float(row[list(g)].sum()) for g in removal_groups] for row in scores]
         base = torch.tensor(diag.damping_predictions[0], dtype=torch.float64)
         denom = float(base.norm()) or 1.0
         diag.damping_relative_change = [

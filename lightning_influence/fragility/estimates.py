@@ -39,10 +39,10 @@ from lightning_influence.per_sample_gradients import (
 )
 
 __all__ = [
+    "InfluenceFunctionParts",
     "collate_all",
     "damped_inverse_scores",
     "influence_function_estimates",
-    "InfluenceFunctionParts",
     "influence_function_parts",
 ]
 

@@ -258,8 +258,13 @@ def iris_protocol(
 
     def make_model() -> IrisClassifier:
         return IrisClassifier(
-            depth=depth, width=width, activation=activation, weight_decay=weight_decay, lr=lr,
-            plateau_patience=plateau_patience, optimizer=optimizer,
+            depth=depth,
+            width=width,
+            activation=activation,
+            weight_decay=weight_decay,
+            lr=lr,
+            plateau_patience=plateau_patience,
+            optimizer=optimizer,
         )
 
     dampings = sorted(set(DEFAULT_DAMPINGS) | {float(weight_decay), float(damping)})
@@ -268,7 +273,7 @@ def iris_protocol(
     out: list[IrisRepeat] = []
     for r in range(repeats):
         seed = first_seed + r
-        trainer = Retrainer(make_model, dataset, loader_kwargs, dict(max_epochs=train_epochs), mode="scratch")
+        trainer = Retrainer(make_model, dataset, loader_kwargs, {"max_epochs": train_epochs}, mode="scratch")
         model = trainer.fit([], seed, describe="reference training")
         with torch.no_grad():
             train_losses = iris_loss(model, (x, y))
@@ -284,9 +289,17 @@ def iris_protocol(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*one seed.*")
             check = FragilityCheck(
-                make_model, dm, trainer_kwargs=dict(max_epochs=finetune_epochs), retrain="warm_start", seeds=[seed],
-                loss_fn=iris_loss, finetune_params="lin_last",
-                curvature_params=params if curvature else None, dampings=dampings, n_bootstrap=200, verbose=False,
+                make_model,
+                dm,
+                trainer_kwargs={"max_epochs": finetune_epochs},
+                retrain="warm_start",
+                seeds=[seed],
+                loss_fn=iris_loss,
+                finetune_params="lin_last",
+                curvature_params=params if curvature else None,
+                dampings=dampings,
+                n_bootstrap=200,
+                verbose=False,
             )
             report = check.run(estimates, dm.test_set, model=model, indices=top)
         c = report.curvature

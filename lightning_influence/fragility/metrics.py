@@ -39,9 +39,7 @@ def _pair(predicted: ArrayLike, actual: ArrayLike) -> tuple[Tensor, Tensor]:
     p = torch.as_tensor(predicted, dtype=torch.float64).reshape(-1)
     a = torch.as_tensor(actual, dtype=torch.float64).reshape(-1)
     if p.shape != a.shape:
-        raise ValueError(
-            f"`predicted` and `actual` must have the same length, got {p.numel()} and {a.numel()}."
-        )
+        raise ValueError(f"`predicted` and `actual` must have the same length, got {p.numel()} and {a.numel()}.")
     return p, a
 
 
@@ -254,7 +252,9 @@ def agreement_metrics(
         "sign_agreement": sign_agreement(p, a),
         "slope": s,
         "intercept": c,
-        "fraction_above_noise_floor": fraction_above_noise_floor(a, noise_floor) if noise_floor is not None else math.nan,
+        "fraction_above_noise_floor": fraction_above_noise_floor(a, noise_floor)
+        if noise_floor is not None
+        else math.nan,
     }
     if n_bootstrap > 0:
         for name, fn in (("pearson", pearson), ("spearman", spearman)):

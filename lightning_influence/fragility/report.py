@@ -288,15 +288,21 @@ class FragilityReport:
         """Human-readable summary with one verdict per check."""
         m = self.metrics
         lines = [
-            f"Fragility check: {len(self.measured)}/{len(self.removals)} removals "
-            f"({'single samples' if self.removal == 'single' else f'groups of {self.removal}'}, selection"
-            f" '{self.selection}'), retrain={self.retrain}, seeds={self.seeds}, n_train={self.n_train}",
-            f"  reference test loss {_fmt(self.reference_test_loss, 4)}; control (no removal) per seed"
-            f" {[round(x, 6) for x in self.control_test_losses]}; drift {_fmt(self.control_drift)}",
+            (
+                f"Fragility check: {len(self.measured)}/{len(self.removals)} removals "
+                f"({'single samples' if self.removal == 'single' else f'groups of {self.removal}'}, selection"
+                f" '{self.selection}'), retrain={self.retrain}, seeds={self.seeds}, n_train={self.n_train}"
+            ),
+            (
+                f"  reference test loss {_fmt(self.reference_test_loss, 4)}; control (no removal) per seed"
+                f" {[round(x, 6) for x in self.control_test_losses]}; drift {_fmt(self.control_drift)}"
+            ),
             f"  noise floor (sd of control test loss over seeds): {_fmt(self.noise_floor)}",
-            f"  Pearson {_fmt(m.get('pearson'))}  Spearman {_fmt(m.get('spearman'))}  sign agreement"
-            f" {_fmt(m.get('sign_agreement'))}  slope {_fmt(m.get('slope'))}  above noise"
-            f" {_fmt(m.get('fraction_above_noise_floor'))}",
+            (
+                f"  Pearson {_fmt(m.get('pearson'))}  Spearman {_fmt(m.get('spearman'))}  sign agreement"
+                f" {_fmt(m.get('sign_agreement'))}  slope {_fmt(m.get('slope'))}  above noise"
+                f" {_fmt(m.get('fraction_above_noise_floor'))}"
+            ),
         ]
         if len(self.per_seed) >= 2:
             lines.append(

@@ -31,8 +31,8 @@ from lightning_influence.per_sample_gradients import LossFn, resolve_parameter_n
 __all__ = [
     "ArchitectureMismatchError",
     "FragilityError",
-    "RetrainingDivergedError",
     "Retrainer",
+    "RetrainingDivergedError",
     "TestLossTrajectory",
     "architecture_signature",
     "evaluate_loss",
@@ -287,7 +287,7 @@ class Retrainer:
 
     def loader(self, removed: Sequence[int], seed: int) -> DataLoader:
         """The training loader without ``removed`` (same batching as the user's; seeded shuffling)."""
-        removed_set = set(int(i) for i in removed)
+        removed_set = {int(i) for i in removed}
         keep = [i for i in range(self.n) if i not in removed_set]
         kw = dict(self.loader_kwargs)
         shuffle = kw.pop("shuffle", False)
@@ -354,7 +354,5 @@ def _presliced_loader(dataset: TensorDataset, keep: Sequence[int], batch_size: i
 def check_finite_loss(value: float, what: str, seed: int) -> float:
     """Raise :class:`RetrainingDivergedError` if a measured test loss is inf/NaN."""
     if not math.isfinite(value):
-        raise RetrainingDivergedError(
-            f"Retraining diverged for {what} with seed {seed}: the test loss is {value}."
-        )
+        raise RetrainingDivergedError(f"Retraining diverged for {what} with seed {seed}: the test loss is {value}.")
     return value
