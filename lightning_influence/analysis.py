@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_influence.batches import iterate_batches, num_samples
+from lightning_influence.batches import iterate_batches, num_samples, subset
 from lightning_influence.gradient_features import GradientFeaturizer, cast_state
 from lightning_influence.isolation import isolated
 from lightning_influence.noise import NoiseStream
@@ -143,11 +143,13 @@ class InfluenceAnalysis:
         stream: int = NoiseStream.TEST,
         argname: str = "loss_fn",
         name: str = "test_data",
+        id_offset: int = 0,
     ) -> Tensor:
         """Gradient rows ``[n, dim]`` (fp32, on ``device``) of ``data`` at one checkpoint's weights.
 
         Rows are laid out like the stored training rows (same projection and scales), so
-        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta``.
+        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta``. A sample's
+        noise is keyed by ``id_offset`` + its position in ``data``.
 
         Raises:
             FloatingPointError: if a row is non-finite.
@@ -158,6 +160,7 @@ class InfluenceAnalysis:
         with isolated(self.model):
             state = cast_state(ckpt.state(), self.store.precision, self.device)
             for ids, batch in iterate_batches(data, self.batch_size, name=name):
+                ids = ids + id_offset
                 batch = move_data_to_device(batch, self.device)
                 rows, bad = featurizer.rows(batch, ids, state, stream=stream, param_scales=ckpt.param_scales)
                 if bad.any():
@@ -168,11 +171,12 @@ class InfluenceAnalysis:
                 out.append(rows)
         return torch.cat(out)
 
-    def _test_side(self, test_data: Any, measurement: LossFn | None) -> list[Tensor]:
-        fn = measurement if measurement is not None else self.loss_fn
-        argname = "measurement" if measurement is not None else "loss_fn"
-        ckpts = self._iter(self.store.checkpoints, "test gradients")
-        return [self.gradients(test_data, c, fn, argname=argname) for c in ckpts]
+    def _test_loss(self, measurement: LossFn | None) -> tuple[LossFn, str]:
+        if measurement is None:
+            return self.loss_fn, "loss_fn"
+        if not callable(measurement):
+            raise TypeError(f"`measurement` must be callable as measurement(module, batch) -> Tensor[B], got {measurement!r}.")
+        return measurement, "measurement"
 
     def _iter(self, items: Sequence[Any], desc: str) -> Any:
         return tqdm(items, desc=desc, leave=False) if self.progress else items
@@ -197,12 +201,16 @@ class InfluenceAnalysis:
             ``Tensor[n_test, n_train]`` (fp32, CPU). Training samples whose gradient was non-finite
             (``nonfinite="skip"``) score NaN.
         """
-        tests = self._test_side(test_data, measurement)
+        fn, argname = self._test_loss(measurement)
         n = self.store.n_samples
-        out = torch.zeros(tests[0].shape[0], n, device=self.device)
-        for ckpt, t in zip(self.store.checkpoints, tests):
+        out: Tensor | None = None
+        for ckpt in self._iter(self.store.checkpoints, "TracIn"):
+            t = self.gradients(test_data, ckpt, fn, argname=argname)
+            if out is None:
+                out = torch.zeros(t.shape[0], n, device=self.device)
             for start, stop in iter_row_blocks(n, self.train_block):
                 out[:, start:stop].addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+        assert out is not None
         return out.cpu()
 
     def self_influence(self, unbiased: bool = False, train_data: Any = None) -> Tensor:
@@ -257,22 +265,58 @@ class InfluenceAnalysis:
         Returns:
             ``(indices, scores)``, each ``[n_test, k]``, strongest first.
         """
+        (idx, val), = self.ranked(test_data, k, measurement=measurement, largest=(proponents,))
+        return idx, val
+
+    def ranked(
+        self,
+        test_data: Any,
+        k: int,
+        *,
+        measurement: LossFn | None = None,
+        largest: Sequence[bool] = (True, False),
+        query_block: int = 512,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Top-``k`` training samples per query for several orders in one pass over the store.
+
+        Queries are processed ``query_block`` at a time and training rows ``train_block`` at a
+        time, so memory is bounded by the blocks (plus the ``[n_test, k]`` results).
+
+        Args:
+            test_data: the queries.
+            k: how many per query.
+            measurement: optional per-test-sample objective.
+            largest: one entry per result: ``True`` for proponents, ``False`` for opponents.
+            query_block: queries per block.
+
+        Returns:
+            One ``(indices, scores)`` pair (each ``[n_test, k]``, strongest first) per ``largest`` entry.
+        """
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive integer, got {k!r}.")
         n = self.store.n_samples
         if k > n:
             raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
-        tests = self._test_side(test_data, measurement)
-        best_v: Tensor | None = None
-        best_i: Tensor | None = None
-        for start, stop in iter_row_blocks(n, self.train_block):
-            block = torch.zeros(tests[0].shape[0], stop - start, device=self.device)
-            for ckpt, t in zip(self.store.checkpoints, tests):
-                block.addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
-            idx = torch.arange(start, stop, device=self.device)
-            best_v, best_i = merge_top_k(best_v, best_i, block, idx, k, largest=proponents)
-        assert best_v is not None and best_i is not None
-        return best_i.cpu(), best_v.cpu()
+        fn, argname = self._test_loss(measurement)
+        n_test = num_samples(test_data, "test_data")
+        parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in largest]
+        for q0, q1 in iter_row_blocks(n_test, query_block):
+            queries = subset(test_data, q0, q1)
+            tests = [
+                self.gradients(queries, c, fn, argname=argname, id_offset=q0)
+                for c in self._iter(self.store.checkpoints, "test gradients")
+            ]
+            best: list[tuple[Tensor | None, Tensor | None]] = [(None, None) for _ in largest]
+            for start, stop in iter_row_blocks(n, self.train_block):
+                block = torch.zeros(q1 - q0, stop - start, device=self.device)
+                for ckpt, t in zip(self.store.checkpoints, tests):
+                    block.addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+                idx = torch.arange(start, stop, device=self.device)
+                best = [merge_top_k(bv, bi, block, idx, k, largest=lg) for (bv, bi), lg in zip(best, largest)]
+            for j, (bv, bi) in enumerate(best):
+                assert bv is not None and bi is not None
+                parts[j].append((bi.cpu(), bv.cpu()))
+        return [(torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for ps in parts]
 
     def log_to_tensorboard(
         self,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["batch_size_of", "gather_samples", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
+__all__ = ["batch_size_of", "gather_samples", "subset", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -156,3 +156,21 @@ def _index_batch(batch: Any, index: Tensor) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_index_batch(v, index) for v in batch)
     return batch
+
+
+def subset(data: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a Dataset, DataLoader or collated batch, in the same form.
+
+    A DataLoader becomes a non-shuffling DataLoader over the same samples with the same batch
+    size and collate function.
+    """
+    if start == 0 and stop >= num_samples(data):
+        return data
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError("`test_data` is a DataLoader that shuffles; sample ids are positions.")
+        sub = torch.utils.data.Subset(data.dataset, range(start, stop))
+        return DataLoader(sub, batch_size=data.batch_size or 1, shuffle=False, collate_fn=data.collate_fn)
+    if is_collated_batch(data):
+        return slice_batch(data, start, stop)
+    return torch.utils.data.Subset(data, range(start, stop))

@@ -46,8 +46,7 @@ def log_influence(
     queries = gather_samples(test_data, list(range(n_queries)))
 
     self_inf = analysis.self_influence(unbiased=unbiased, train_data=train_data)
-    prop_idx, prop_val = analysis.top_k(queries, k=k, proponents=True)
-    opp_idx, opp_val = analysis.top_k(queries, k=k, proponents=False)
+    (prop_idx, prop_val), (opp_idx, opp_val) = analysis.ranked(queries, k, largest=(True, False))
 
     finite = self_inf[torch.isfinite(self_inf)]
     writer.add_histogram(f"{tag}/self_influence", finite, step)

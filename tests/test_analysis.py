@@ -128,3 +128,14 @@ def test_model_that_does_not_match_the_store_is_refused(digits_run):
         InfluenceAnalysis(digits_run.stores["exact"], other)
     with pytest.raises(ValueError, match="`k`"):
         InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae).top_k(digits_run.dm.test_set, k=0)
+
+
+def test_query_blocks_keep_noise_keys_and_results(exact, digits_run):
+    ds = Subset(digits_run.dm.test_set, range(10))
+    (i1, v1), (o1, w1) = exact.ranked(ds, 5, largest=(True, False))
+    (i2, v2), (o2, w2) = exact.ranked(ds, 5, largest=(True, False), query_block=3)
+    assert torch.equal(i1, i2) and torch.equal(o1, o2)
+    torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+    full = exact.tracin(ds)
+    torch.testing.assert_close(v1, torch.topk(full, 5, dim=1).values, rtol=1e-5, atol=1e-6)
