@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-__all__ = ["batch_size_of", "gather_samples", "subset", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
+__all__ = [
+    "batch_size_of",
+    "check_ordered_loader",
+    "gather_samples", "subset", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -73,6 +76,28 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
+def check_ordered_loader(loader: DataLoader, name: str = "data") -> None:
+    """Refuse a DataLoader whose batches are not the dataset's samples in order, each exactly once.
+
+    Sample ids are positions, so a loader that shuffles (through its sampler or batch sampler),
+    drops its last batch, or does not batch at all would attach ids to the wrong samples.
+    """
+    if loader.batch_size is None and loader.batch_sampler is None:
+        raise ValueError(
+            f"`{name}` is a DataLoader with batch_size=None (no automatic batching); sample ids are positions, so"
+            " pass the Dataset or a DataLoader with a batch_size."
+        )
+    batch_sampler = loader.batch_sampler
+    sampler = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else loader.sampler
+    if not isinstance(sampler, SequentialSampler):
+        raise ValueError(
+            f"`{name}` is a DataLoader that shuffles or reorders samples (sampler {type(sampler).__name__}); sample ids"
+            " are positions, so pass the Dataset or a DataLoader with shuffle=False and the default sequential sampler."
+        )
+    if getattr(batch_sampler, "drop_last", False):
+        raise ValueError(f"`{name}` is a DataLoader with drop_last=True, which would lose samples; use drop_last=False.")
+
+
 def num_samples(data: Any, name: str = "data") -> int:
     """Number of samples in a Dataset, DataLoader or collated batch."""
     if isinstance(data, DataLoader):
@@ -111,11 +136,7 @@ def iterate_batches(
     if n == 0:
         raise ValueError(f"`{name}` is empty: influence needs at least one sample.")
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            raise ValueError(
-                f"`{name}` is a DataLoader that shuffles; sample ids are positions, so pass the Dataset or a"
-                " DataLoader with shuffle=False."
-            )
+        check_ordered_loader(data, name)
         start = 0
         for batch in data:
             b = batch_size_of(batch)
@@ -167,8 +188,7 @@ def subset(data: Any, start: int, stop: int) -> Any:
     if start == 0 and stop >= num_samples(data):
         return data
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            raise ValueError("`test_data` is a DataLoader that shuffles; sample ids are positions.")
+        check_ordered_loader(data, "test_data")
         sub = torch.utils.data.Subset(data.dataset, range(start, stop))
         return DataLoader(sub, batch_size=data.batch_size or 1, shuffle=False, collate_fn=data.collate_fn)
     if is_collated_batch(data):

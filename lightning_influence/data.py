@@ -42,7 +42,7 @@ class _SplitDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset | None, shuffle: bool) -> DataLoader:
         if ds is None:
-            self.setup("fit")
+            raise RuntimeError("The data module has not been set up; call setup() first.")
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     @override
@@ -156,6 +156,10 @@ class MNISTDataModule(_SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        if limit_train is not None and limit_train < 1:
+            raise ValueError(f"`limit_train` must be None or >= 1, got {limit_train}.")
         self.root = Path(root)
         self.val_fraction, self.flatten, self.limit_train, self.seed = val_fraction, flatten, limit_train, seed
 

@@ -49,6 +49,9 @@ class VAEModule(pl.LightningModule):
             raise ValueError(f"`optimizer` must be 'sgd' or 'adam', got {optimizer!r}.")
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr}.")
+        for name, value in (("train_draws", train_draws), ("influence_draws", influence_draws)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.beta = beta
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"`likelihood` must be 'bernoulli' or 'gaussian', got {likelihood!r}.")

@@ -155,6 +155,8 @@ def per_sample_gradients(
         >>> g["weight"].shape
         torch.Size([4, 1, 3])
     """
+    if not params:
+        raise ValueError("`params` is empty: name at least one parameter to differentiate.")
     wrapper = _LossModule(module, loss_fn)
     base = dict(state) if state is not None else module_state(module, upcast=False)
     frozen = {"m." + k: v for k, v in base.items() if k not in params}
@@ -175,7 +177,17 @@ def per_sample_gradients(
         return loss[0] * loss_scale
 
     grad_fn = vmap(grad(one_sample), in_dims=(None, 0, 0), chunk_size=chunk_size)
-    return grad_fn(dict(params), batch, ids)
+    try:
+        return grad_fn(dict(params), batch, ids)
+    except RuntimeError as err:
+        if "randomness" in str(err):
+            raise ValueError(
+                f"`{argname}` draws random numbers with torch's global RNG (e.g. torch.randn_like), which per-sample"
+                " gradients cannot key by sample. Draw reparameterisation noise with"
+                " lightning_influence.noise.standard_normal(shape, like=...) so each sample gets the same noise at"
+                " every checkpoint; put dropout layers in eval mode."
+            ) from err
+        raise
 
 
 def _leaves(batch: Any) -> list[Tensor]:

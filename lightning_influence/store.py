@@ -138,6 +138,11 @@ class GradientStoreWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         if manifest_path.exists():
             existing = json.loads(manifest_path.read_text())
+            if existing.get("format") != FORMAT or existing.get("schema_version") != SCHEMA_VERSION:
+                raise StoreError(
+                    f"`dirpath` {str(self.path)!r} holds a manifest of another format or schema version"
+                    f" ({existing.get('format')!r} v{existing.get('schema_version')}); use a new `dirpath`."
+                )
             mine = header.to_dict()
             if any(existing.get(k) != v for k, v in mine.items() if k != "extra"):
                 raise StoreError(
@@ -198,6 +203,9 @@ class CheckpointWriter:
 
     def commit(self, state: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
         """Write the weights, checksum both files, rename into place and list the checkpoint."""
+        missing_meta = [key for key in ("step", "epoch", "lr") if key not in meta]
+        if missing_meta:
+            raise StoreError(f"Checkpoint {self.index}: metadata lacks {missing_meta}; nothing was listed.")
         if not self._written.all():
             missing = int((~self._written).sum())
             raise StoreError(f"Checkpoint {self.index}: {missing} of {len(self._written)} sample rows were never written.")

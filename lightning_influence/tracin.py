@@ -109,7 +109,8 @@ def merge_top_k(
 ) -> tuple[Tensor, Tensor]:
     """Merge a new block of candidate scores into a running top-k per row.
 
-    NaN scores (samples whose gradient was non-finite) are never selected.
+    NaN scores (samples whose gradient was non-finite) are never selected: if a row has fewer
+    than ``k`` finite scores, the remaining slots hold index ``-1`` and score NaN.
 
     Args:
         best_vals, best_idx: the running ``[m, <=k]`` top-k so far, or ``None``.
@@ -130,4 +131,10 @@ def merge_top_k(
         idx = torch.cat([best_idx, idx.to(best_idx.device)], dim=1)
     kk = min(k, vals.shape[1])
     top_vals, pos = torch.topk(vals, kk, dim=1, largest=largest, sorted=True)
-    return top_vals, torch.gather(idx, 1, pos)
+    top_idx = torch.gather(idx, 1, pos)
+    # Slots filled only because NaN was pushed to the end: report them as NaN, index -1.
+    filler = top_vals == fill
+    if filler.any():
+        top_vals = top_vals.masked_fill(filler, float("nan"))
+        top_idx = top_idx.masked_fill(filler, -1)
+    return top_vals, top_idx

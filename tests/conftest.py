@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import DigitsDataModule, MLPVAE, TrajectoryRecorder
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
 
 #: The digits VAE used for the acceptance figures: a Gaussian likelihood keeps the loss tied to
 #: the reconstruction error (a Bernoulli loss on grey-level targets is dominated by the

@@ -107,19 +107,11 @@ def test_shuffling_loader_raises_naming_the_argument():
     ],
     ids=["random_batch_sampler", "subset_random_sampler"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="iterate_batches only refuses loaders whose .sampler is a RandomSampler; shuffling through a"
-    " batch_sampler or another sampler class gives wrong sample ids silently",
-)
 def test_loader_with_other_shuffling_samplers_raises(make):
     with pytest.raises(ValueError, match="`data`"):
         list(iterate_batches(make(TensorDataset(X, Y)), 4))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a DataLoader with drop_last=True silently loses the last partial batch of samples"
-)
 def test_loader_with_drop_last_does_not_silently_lose_samples():
     loader = DataLoader(TensorDataset(X, Y), batch_size=4, drop_last=True)
     try:
@@ -130,11 +122,6 @@ def test_loader_with_drop_last_does_not_silently_lose_samples():
         assert torch.equal(ids, torch.arange(N))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a DataLoader with batch_size=None yields unbatched samples; iterate_batches takes the first"
-    " tensor's leading (feature) dimension as the batch size and hands out 3 ids per sample",
-)
 def test_loader_without_automatic_batching_is_refused_or_numbered_per_sample():
     loader = DataLoader(TensorDataset(X, Y), batch_size=None)
     try:

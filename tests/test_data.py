@@ -141,11 +141,6 @@ def test_mnist_missing_files_never_download(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MNISTDataModule does not validate `val_fraction` (or `limit_train`) eagerly; 1.5 silently gives an"
-    " empty training set",
-)
 @pytest.mark.parametrize("kwargs", [{"val_fraction": 1.5}, {"val_fraction": -0.1}, {"limit_train": 0}])
 def test_mnist_argument_validation(tmp_path, kwargs):
     name = next(iter(kwargs))

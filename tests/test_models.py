@@ -154,11 +154,6 @@ def test_convvae_rejects_image_size_not_divisible_by_4():
         ConvVAE(image_size=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VAEModule does not validate `train_draws`/`influence_draws` eagerly; 0 fails later inside"
-    " negative_elbo with an error naming `n_draws`",
-)
 @pytest.mark.parametrize("name", ["train_draws", "influence_draws"])
 def test_draw_counts_validated_eagerly(name):
     with pytest.raises(ValueError, match=f"`{name}`"):

@@ -175,11 +175,6 @@ def test_scalar_loss_raises_naming_loss_fn_and_shape():
         per_sample_gradients(net, lambda m, b: (_mse_loss(m, b),), (x, y), _params(net))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a loss_fn drawing noise with torch.randn_like (the usual VAE code) fails inside vmap with torch's"
-    " cryptic 'randomness error mode' RuntimeError instead of an error pointing to noise.standard_normal",
-)
 def test_loss_with_fresh_torch_noise_gets_a_clear_error():
     net = _mlp()
     x, y = torch.randn(4, 5), torch.randn(4, 3)
