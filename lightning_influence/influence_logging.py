@@ -77,7 +77,7 @@ def log_influence(
         query_images = as_images(image_fn(queries) if image_fn is not None else batch_inputs(queries))
         for q in range(n_queries):
             for name, idx in (("proponents", prop_idx[q]), ("opponents", opp_idx[q])):
-                row = torch.cat([query_images[q : q + 1], _images(train_data, idx.tolist(), image_fn)])
+                row = torch.cat([query_images[q : q + 1], _images(train_data, idx[idx >= 0].tolist(), image_fn)])
                 writer.add_image(f"{tag}/query_{q}/{name}", make_grid(row, nrow=k + 1, pad_value=1), step)
     writer.flush()
     return {
