@@ -337,3 +337,36 @@ def test_loss_fn_defaults_to_per_sample_loss_and_is_required_otherwise(iris, con
     check = FragilityCheck(NoLoss, iris, retrain="scratch", seeds=2, verbose=False)
     with pytest.raises(MisconfigurationException, match="`loss_fn` is needed"):
         check.run(est, iris.test_set)
+
+
+# ---------------------------------------------------------------------------------- any estimator, a VAE
+def test_vae_with_shuffled_minibatches_has_a_noise_floor():
+    """A VAE (stochastic ELBO, shuffled mini-batches) through the default ``per_sample_loss``."""
+    from lightning_influence.data import DigitsDataModule
+    from lightning_influence.fragility.retraining import evaluate_loss
+    from lightning_influence.models import MLPVAE
+
+    dm = DigitsDataModule(batch_size=128)
+    dm.setup("fit")
+
+    def make_vae() -> MLPVAE:
+        return MLPVAE(input_dim=64, hidden_dim=32, latent_dim=4, lr=2e-3, influence_draws=4)
+
+    ds, kw = resolve_training_data(dm)
+    assert kw["shuffle"] is True
+    vae = Retrainer(make_vae, ds, kw, {"max_epochs": 2}, mode="scratch").fit([], 0)
+    x_test = dm.val_set.tensors[0][:16]
+    with torch.no_grad():  # any per-sample score works: here each sample's own loss
+        scores = vae.per_sample_loss((dm.train_set.tensors[0],)).double()
+    check = FragilityCheck(
+        make_vae, dm, trainer_kwargs={"max_epochs": 1}, n_removals=3, seeds=2, selection="proponents", verbose=False
+    )
+    report = check.run(scores, (x_test,), model=vae)
+    assert report.complete and len(report.measured) == 3
+    expected_ref = evaluate_loss(vae, lambda m, b: m.per_sample_loss(b), (x_test,))
+    assert report.reference_test_loss == pytest.approx(expected_ref)
+    # Shuffling and reparameterisation noise make retraining stochastic: the floor is measured and positive.
+    assert report.noise_floor is not None and report.noise_floor > 0
+    assert [r.predicted for r in report.removals] == sorted(scores.tolist(), reverse=True)[:3]
+    for r in report.removals:
+        assert r.label in ("above noise floor", "below noise floor")

@@ -128,7 +128,10 @@ class FragilityCheck:
     compared with the prediction (the score, or the sum of scores for a group). ``control`` is
     the same retraining with nothing removed and the same seed, so the drift of the retraining
     procedure itself cancels; the spread of the control test loss over seeds is the *noise
-    floor*, and every effect at or below it is labelled as such.
+    floor*, and every effect at or below it is labelled as such. Because each removal is paired
+    with the control of its own seed (same initialisation, same batch order), the floor is a
+    conservative yardstick: the seed-to-seed spread of each effect is kept as well
+    (``RemovalResult.std_actual``, the error bars of the scatter plot).
 
     Args:
         make_model: zero-argument factory returning a fresh LightningModule (same architecture
