@@ -370,3 +370,19 @@ def test_vae_with_shuffled_minibatches_has_a_noise_floor():
     assert [r.predicted for r in report.removals] == sorted(scores.tolist(), reverse=True)[:3]
     for r in report.removals:
         assert r.label in ("above noise floor", "below noise floor")
+
+
+def test_influence_function_class_agrees_and_passes_the_convex_check(iris, convex, convex_report):
+    """The package's InfluenceFunction (exact solver) gives the same scores, so the same verdict."""
+    from lightning_influence.influence_function import InfluenceFunction
+
+    model, est = convex
+    inf = InfluenceFunction(model, iris.train_set, train_loss=iris_loss, solver="exact", damping=WD, eigen_iters=0)
+    scores = inf.influence(iris.test_set).reshape(-1).double()
+    assert scores.shape == est.shape
+    assert torch.allclose(scores, est, rtol=1e-3, atol=1e-4 * float(est.abs().max()))
+    check = FragilityCheck(
+        make_convex, iris, trainer_kwargs={"max_epochs": 3}, n_removals=10, seeds=[0], loss_fn=iris_loss, verbose=False
+    )
+    report = check.run(scores, iris.test_set, model=model)
+    assert report.metrics["pearson"] >= 0.95

@@ -125,3 +125,32 @@ def test_evaluate_loss_uses_common_random_numbers():
         evaluate_loss(model, lambda m, b: iris_loss(m, b).mean(), data)
     assert model.training  # mode restored
     pl.seed_everything(0, verbose=False)
+
+
+def test_user_callbacks_start_fresh_on_every_fit():
+    seen: list[tuple[int, int]] = []
+
+    class CountEpochs(pl.Callback):
+        def __init__(self) -> None:
+            self.epochs = 0
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.epochs += 1
+            seen.append((id(self), self.epochs))
+
+    dm = IrisDataModule()
+    ds, kw = resolve_training_data(dm)
+    user = CountEpochs()
+    r = Retrainer(
+        lambda: IrisClassifier(depth=0, plateau_patience=None),
+        ds,
+        kw,
+        {"max_epochs": 3, "callbacks": [user], "logger": True},  # logger is forced off
+        mode="scratch",
+    )
+    model = r.fit([1], 0)
+    r.fit([2], 0)
+    assert user.epochs == 0  # the user's instance is a template, never run itself
+    copies = sorted({i for i, _ in seen})
+    assert len(copies) == 2 and all([e for i, e in seen if i == c] == [1, 2, 3] for c in copies)
+    assert r.trainer_kwargs["logger"] is False and model is not None

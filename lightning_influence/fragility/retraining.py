@@ -313,9 +313,13 @@ class Retrainer:
         """
         what = describe or (f"removal of {list(removed)}" if removed else "control (no removal)")
         model = self.build(seed)
+        kwargs = dict(self.trainer_kwargs)
+        # The user's callbacks are copied per fit: stateful ones (EarlyStopping's best score and
+        # patience counter) must start fresh on every retrain.
+        user_callbacks = [copy.deepcopy(cb) for cb in (kwargs.pop("callbacks", None) or [])]
         try:
             with quiet_lightning():
-                trainer = pl.Trainer(callbacks=list(callbacks), **self.trainer_kwargs)
+                trainer = pl.Trainer(callbacks=[*user_callbacks, *callbacks], **kwargs)
                 trainer.fit(model, train_dataloaders=self.loader(removed, seed))
         except (KeyboardInterrupt, MisconfigurationException, FragilityError):
             raise
