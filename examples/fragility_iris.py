@@ -8,8 +8,10 @@ a Lightning Trainer; compare predicted and actual changes (Spearman, Pearson). C
 depth 1 and 3, with and without weight decay, and L2 multinomial logistic regression (exact
 Hessian of the objective, L-BFGS to the optimum) as the convex baseline.
 
-    python examples/fragility_iris.py            # reduced: 3 repeats, ~3-4 minutes on 2 CPU cores
-    python examples/fragility_iris.py --full     # the paper's schedule: 50 repeats, 60k + 7.5k epochs (hours)
+    python examples/fragility_iris.py            # reduced: 3 repeats, 2k + 300 epochs; ~2-4 minutes on 2 CPU cores
+    python examples/fragility_iris.py --full     # the paper's schedule: 50 repeats, 60k + 7.5k epochs at lr 1e-3
+                                                 # with ReduceLROnPlateau (~6 min per repeat: about a day)
+    python examples/fragility_iris.py --full --repeats 3   # the paper's schedule, fewer repeats (~1 hour)
 
 Results go to TensorBoard (``--logdir``; one run per configuration: scatter of predicted vs
 actual with the noise band, Hessian spectrum, damping sweep, summary text) and a table on stdout.
