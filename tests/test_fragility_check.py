@@ -386,3 +386,26 @@ def test_influence_function_class_agrees_and_passes_the_convex_check(iris, conve
     )
     report = check.run(scores, iris.test_set, model=model)
     assert report.metrics["pearson"] >= 0.95
+
+
+def test_interruption_keeps_a_finalized_partial_report(iris, convex):
+    model, est = convex
+
+    def interrupt() -> IrisClassifier:
+        raise KeyboardInterrupt
+
+    check = FragilityCheck(
+        _Counter(4, interrupt),
+        iris,
+        trainer_kwargs={"max_epochs": 3},
+        n_removals=4,
+        seeds=[0],
+        loss_fn=iris_loss,
+        verbose=False,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        check.run(est, iris.test_set, model=model)
+    report = check.last_report
+    assert [len(r.actual) for r in report.removals] == [1, 1, 0, 0]
+    assert report.errors == ["KeyboardInterrupt: interrupted"] and not report.complete
+    assert report.metrics["n"] == 2

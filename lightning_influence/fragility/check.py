@@ -398,7 +398,7 @@ class FragilityCheck:
             if model is not None:
                 signature = architecture_signature(model)
                 reference_state = model.state_dict()
-                report.reference_test_loss = check_finite_loss(measure(model), "the reference model", -1)
+                report.reference_test_loss = check_finite_loss(measure(model), "the reference model")
             if self.curvature_params is not None:
                 assert model is not None
                 if self.verbose:
@@ -449,11 +449,19 @@ class FragilityCheck:
                     )
             report.complete = True
         except FragilityError as err:
-            report.errors.append(str(err))
+            report.errors.append(f"{type(err).__name__}: {err}")
             report.n_fits = retrainer.n_fits if retrainer is not None else 0
             report.runtime_s = time.perf_counter() - start
             report.finalize(n_bootstrap=self.n_bootstrap)
             err.report = report
+            raise
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Stopped by the user (Lightning turns Ctrl-C inside a fit into SystemExit): what was
+            # measured stays usable in ``self.last_report``.
+            report.errors.append(f"{type(err).__name__}: interrupted")
+            report.n_fits = retrainer.n_fits if retrainer is not None else 0
+            report.runtime_s = time.perf_counter() - start
+            report.finalize(n_bootstrap=0)
             raise
         report.n_fits = retrainer.n_fits
         report.runtime_s = time.perf_counter() - start

@@ -325,6 +325,8 @@ class Retrainer:
             raise
         except Exception as err:  # the user's training code failed mid-fit: report which fit
             raise RetrainingDivergedError(f"Retraining failed for {what} with seed {seed}: {err!r}") from err
+        if trainer.interrupted:  # Lightning swallows Ctrl-C after a graceful shutdown: stop the check too
+            raise KeyboardInterrupt(f"Retraining interrupted during {what} with seed {seed}.")
         self.n_fits += 1
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -355,8 +357,10 @@ def _presliced_loader(dataset: TensorDataset, keep: Sequence[int], batch_size: i
     return DataLoader(_Batches([b for b in batches if b[0].shape[0] > 0]), batch_size=None, shuffle=False)
 
 
-def check_finite_loss(value: float, what: str, seed: int) -> float:
+def check_finite_loss(value: float, what: str, seed: int | None = None) -> float:
     """Raise :class:`RetrainingDivergedError` if a measured test loss is inf/NaN."""
     if not math.isfinite(value):
+        if seed is None:
+            raise RetrainingDivergedError(f"The test loss of {what} is {value}; check the model and `loss_fn`.")
         raise RetrainingDivergedError(f"Retraining diverged for {what} with seed {seed}: the test loss is {value}.")
     return value
