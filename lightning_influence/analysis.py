@@ -96,7 +96,6 @@ class InfluenceAnalysis:
         self.train_block = train_block
         self.chunk_size = chunk_size
         self.progress = progress
-        self.projection = self.store.projector()
         _warn_nonfinite(self.store)
 
     def _check_model(self, model: nn.Module) -> None:
@@ -122,12 +121,12 @@ class InfluenceAnalysis:
     def checkpoints(self) -> list[StoredCheckpoint]:
         return self.store.checkpoints
 
-    def _featurizer(self, fn: LossFn, argname: str) -> GradientFeaturizer:
+    def _featurizer(self, fn: LossFn, argname: str, ckpt: StoredCheckpoint) -> GradientFeaturizer:
         return GradientFeaturizer(
             self.model,
             fn,
             self.store.param_names,
-            projection=self.projection,
+            projection=self.store.projector(ckpt.index),
             precision=self.store.precision,
             noise_seed=self.store.noise_seed,
             chunk_size=self.chunk_size,
@@ -155,7 +154,7 @@ class InfluenceAnalysis:
             FloatingPointError: if a row is non-finite.
         """
         ckpt = self.store.checkpoints[checkpoint] if isinstance(checkpoint, int) else checkpoint
-        featurizer = self._featurizer(loss_fn or self.loss_fn, argname)
+        featurizer = self._featurizer(loss_fn or self.loss_fn, argname, ckpt)
         out = []
         with isolated(self.model):
             state = cast_state(ckpt.state(), self.store.precision, self.device)

@@ -162,6 +162,8 @@ class TrajectoryRecorder(pl.Callback):
         # Resolved at fit start.
         self._writer: GradientStoreWriter | None = None
         self._featurizer: GradientFeaturizer | None = None
+        self._spec: ProjectionSpec | None = None
+        self._module_params: dict[str, torch.nn.Parameter] = {}
         self._names: list[str] = []
         self._param_ids: dict[int, str] = {}
         self._data: Any = None
@@ -206,6 +208,7 @@ class TrajectoryRecorder(pl.Callback):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         named = dict(pl_module.named_parameters())
+        self._module_params = named
         self._param_ids = {id(p): n for n, p in named.items()}
         precision = precision_from_trainer(str(trainer.precision), self.grad_precision)
         if self.grad_precision == "autocast" and precision.mode == "fp32":
@@ -213,16 +216,15 @@ class TrajectoryRecorder(pl.Callback):
                 f"`grad_precision='autocast'` with Trainer precision {trainer.precision!r}: nothing to autocast,"
                 " gradients are computed in fp32."
             )
-        projection = None
         spec = None
         if self.projection_dim is not None:
             spec = ProjectionSpec(dim=self.projection_dim, seed=self.seed, kind=self.projection_kind)
-            projection = RandomProjection(spec, self._names, [named[n].numel() for n in self._names])
+        self._spec = spec
         self._featurizer = GradientFeaturizer(
             pl_module,
             loss_fn,
             self._names,
-            projection=projection,
+            projection=self._projection(0),
             precision=precision,
             noise_seed=self.seed,
             chunk_size=self.chunk_size,
@@ -246,6 +248,12 @@ class TrajectoryRecorder(pl.Callback):
         except StoreError as err:
             raise MisconfigurationException(str(err)) from err
         self._probe(pl_module)
+
+    def _projection(self, checkpoint: int) -> RandomProjection | None:
+        if self._spec is None:
+            return None
+        numels = [self._module_params[n].numel() for n in self._names]
+        return RandomProjection(self._spec, self._names, numels, checkpoint=checkpoint)
 
     def _resolve_dataset(self, trainer: pl.Trainer) -> tuple[Any, Callable | None]:
         data = self.dataset
@@ -367,6 +375,7 @@ class TrajectoryRecorder(pl.Callback):
         t0 = time.perf_counter()
         eta, scales, per_param = self._etas(trainer)
         ckpt = self._writer.begin_checkpoint()
+        self._featurizer.projection = self._projection(ckpt.index)
         bad_ids: list[int] = []
         try:
             with isolated(pl_module):

@@ -328,12 +328,12 @@ class GradientStore:
         self.precision = GradientPrecision.from_dict(m["precision"])
         self.checkpoints: list[StoredCheckpoint] = [StoredCheckpoint(self, e) for e in m["checkpoints"]]
 
-    def projector(self) -> RandomProjection | None:
-        """The projection the training gradients went through (``None`` for exact gradients)."""
+    def projector(self, checkpoint: int = 0) -> RandomProjection | None:
+        """The projection checkpoint ``checkpoint``'s gradients went through (``None`` for exact gradients)."""
         if self.projection_spec is None:
             return None
         numels = [int(np.prod(self.param_shapes[n])) for n in self.param_names]
-        return RandomProjection(self.projection_spec, self.param_names, numels)
+        return RandomProjection(self.projection_spec, self.param_names, numels, checkpoint=checkpoint)
 
     def verify(self) -> None:
         """Recompute every file's checksum; raise :class:`StoreError` on a mismatch."""

@@ -212,3 +212,18 @@ def test_random_blocks_are_bounded_by_block_elements(kind, monkeypatch):
     assert out.shape == (2, 64) and torch.isfinite(out).all()
     assert sizes and max(sizes) <= 1024
     assert sum(sizes) >= 6000  # every coordinate got its random entries
+
+
+def test_each_checkpoint_gets_an_independent_projection_unless_disabled():
+    x = torch.randn(3, sum(NUMELS))
+    spec = ProjectionSpec(dim=64, seed=2)
+    a = RandomProjection(spec, NAMES, NUMELS, checkpoint=0).project_flat(x)
+    b = RandomProjection(spec, NAMES, NUMELS, checkpoint=1).project_flat(x)
+    again = RandomProjection(spec, NAMES, NUMELS, checkpoint=1).project_flat(x)
+    assert not torch.allclose(a, b)
+    assert torch.equal(b, again)
+    shared = ProjectionSpec(dim=64, seed=2, per_checkpoint=False)
+    assert torch.equal(
+        RandomProjection(shared, NAMES, NUMELS, checkpoint=0).project_flat(x),
+        RandomProjection(shared, NAMES, NUMELS, checkpoint=5).project_flat(x),
+    )
