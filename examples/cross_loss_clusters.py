@@ -38,24 +38,26 @@ from collections.abc import Callable
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.func import functional_call, grad, hessian  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef  # noqa: E402
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-from lightning_influence.clustering import DECClustering, cluster_nll  # noqa: E402
-from lightning_influence.influence_function import InfluenceFunction  # noqa: E402
-from lightning_influence.tensorboard import get_summary_writer  # noqa: E402
+from lightning_influence.clustering import DECClustering, cluster_nll
+from lightning_influence.influence_function import InfluenceFunction
+from lightning_influence.tensorboard import get_summary_writer
 
 MEANS = torch.tensor([[0.0, 0.0], [5.0, 5.0], [5.0, -5.0]], dtype=torch.float64)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--n-per-cluster", type=int, default=50, help="training points per Gaussian")
     ap.add_argument("--sigma", type=float, default=1.25, help="standard deviation per axis")
     ap.add_argument("--n-test", type=int, default=60, help="test points (drawn from the mixture, balanced)")
@@ -90,14 +92,18 @@ def align_clusters(model: DECClustering) -> Tensor:
     with torch.no_grad():
         logq = model.log_assignment(MEANS)
     k = logq.shape[1]
-    best = max(itertools.permutations(range(k), len(MEANS)), key=lambda p: sum(float(logq[g, c]) for g, c in enumerate(p)))
+    best = max(
+        itertools.permutations(range(k), len(MEANS)), key=lambda p: sum(float(logq[g, c]) for g, c in enumerate(p))
+    )
     return torch.tensor(best)
 
 
 # ----------------------------------------------------------------------------------------------
 # training to a stationary point
 # ----------------------------------------------------------------------------------------------
-def train_adam(model: DECClustering, batch: tuple[Tensor, Tensor], epochs: int, logger: TensorBoardLogger, name: str) -> None:
+def train_adam(
+    model: DECClustering, batch: tuple[Tensor, Tensor], epochs: int, logger: TensorBoardLogger, name: str
+) -> None:
     if epochs <= 0:
         return
     loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]), shuffle=False)
@@ -204,7 +210,9 @@ def hessian_eigh(
     flat = torch.cat([params[n].reshape(-1) for n in names])
 
     def f(v: Tensor) -> Tensor:
-        return _mean_loss(model, loss_fn, dict(zip(names, (t.reshape(s) for t, s in zip(torch.split(v, sizes), shapes)))), batch)
+        return _mean_loss(
+            model, loss_fn, dict(zip(names, (t.reshape(s) for t, s in zip(torch.split(v, sizes), shapes)))), batch
+        )
 
     H = hessian(f)(flat)
     return torch.linalg.eigh(0.5 * (H + H.T))
@@ -242,7 +250,7 @@ def loo_effects(
 ) -> tuple[Tensor, float]:
     """``actual[j, i] = NLL_j(theta_{-i}) - NLL_j(theta)`` for the first ``n_loo`` training points."""
     n = len(train[0])
-    loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    loss = lambda m, b: m.per_sample_loss(b)
     base = _test_nll(model, optimum, test)
     curvature = hessian_eigh(model, loss, train, optimum)
     actual = torch.empty(len(test[0]), n_loo, dtype=torch.float64)
@@ -286,7 +294,7 @@ def scatter_figure(results: dict[str, tuple[Tensor, Tensor, Tensor]]) -> plt.Fig
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("actual change of test NLL (leave-one-out)")
         ax.set_ylabel("predicted (influence)")
-        ax.set_title(f"{name}: per-point Pearson {float(r.mean()):.3f} ± {float(r.std()):.3f}")
+        ax.set_title(f"{name}\nper-test-point Pearson {float(r.mean()):.3f} ± {float(r.std()):.3f}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -301,10 +309,18 @@ def proponents_figure(
             ax.scatter(x_train[:, 0], x_train[:, 1], c=comp.numpy(), cmap="tab10", vmin=0, vmax=9, s=10, alpha=0.35)
             pro = s[j].topk(k).indices
             opp = (-s[j]).topk(k).indices
-            ax.scatter(x_train[pro, 0], x_train[pro, 1], facecolors="none", edgecolors="green", s=90, lw=1.8, label="proponents")
+            ax.scatter(
+                x_train[pro, 0],
+                x_train[pro, 1],
+                facecolors="none",
+                edgecolors="green",
+                s=90,
+                lw=1.8,
+                label="proponents",
+            )
             ax.scatter(x_train[opp, 0], x_train[opp, 1], c="red", marker="x", s=60, lw=1.8, label="opponents")
             ax.scatter(x_test[j, 0], x_test[j, 1], c="black", marker="*", s=250, label="test point")
-            ax.set_title(f"{name}: test point {j}")
+            ax.set_title(f"{name}\ntest point {j}", fontsize=10)
             ax.set_aspect("equal")
             if row == 0 and col == 0:
                 ax.legend(loc="upper left", fontsize=8)
@@ -349,8 +365,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     writer = get_summary_writer(logger)
 
     models = {
-        "cross-loss (DEC train, NLL measure)": (DECClustering(weight_decay=args.weight_decay, objective="dec", activation=args.activation), (x_train, p_train)),
-        "matched (NLL train, NLL measure)": (DECClustering(weight_decay=args.weight_decay, objective="nll", activation=args.activation), (x_train, y_train)),
+        "cross-loss (DEC train, NLL measure)": (
+            DECClustering(weight_decay=args.weight_decay, objective="dec", activation=args.activation),
+            (x_train, p_train),
+        ),
+        "matched (NLL train, NLL measure)": (
+            DECClustering(weight_decay=args.weight_decay, objective="nll", activation=args.activation),
+            (x_train, y_train),
+        ),
     }
     results: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     scores: dict[str, Tensor] = {}
@@ -405,11 +427,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         )
         for g in range(len(MEANS)):
             mask = comp_test == g
-            print(f"  Gaussian {g} at {MEANS[g].tolist()}: mean r {float(r[mask].mean()):.3f} ± {float(r[mask].std()):.3f}")
+            print(
+                f"  Gaussian {g} at {MEANS[g].tolist()}: mean r {float(r[mask].mean()):.3f} ± {float(r[mask].std()):.3f}"
+            )
 
     writer.add_figure("influence_vs_leave_one_out", scatter_figure(results), 0)
     writer.add_figure("pearson_per_test_point", histogram_figure({k: v[2] for k, v in results.items()}), 0)
-    shown = [int((comp_test == g).nonzero()[0]) for g in range(len(MEANS)) if (comp_test == g).any()][: args.show_points]
+    shown = [int((comp_test == g).nonzero()[0]) for g in range(len(MEANS)) if (comp_test == g).any()][
+        : args.show_points
+    ]
     writer.add_figure("top_proponents", proponents_figure(x_train, comp_train, x_test, scores, shown), 0)
     writer.flush()
     names = list(summary)

@@ -29,8 +29,8 @@ from lightning_influence.noise import NoiseStream, fixed_noise
 
 __all__ = [
     "EigenEstimate",
-    "HVPMode",
     "FlatOperator",
+    "HVPMode",
     "MeanLoss",
     "exact_hessian",
     "flat_hvp",
@@ -235,7 +235,9 @@ class MeanLoss:
         known = dict(module.named_parameters())
         unknown = [n for n in self.param_names if n not in known]
         if unknown:
-            raise ValueError(f"`param_names` contains names that are not parameters of {type(module).__name__}: {unknown}.")
+            raise ValueError(
+                f"`param_names` contains names that are not parameters of {type(module).__name__}: {unknown}."
+            )
         if state is None:
             state = {k: v.detach() for k, v in [*module.named_parameters(), *module.named_buffers()]}
         self._frozen = {"m." + k: v for k, v in state.items() if k not in self.param_names}
@@ -446,6 +448,7 @@ def flat_hvp(
 
     if gauss_newton:
         if isinstance(loss, MeanLoss) and loss.supports_gauss_newton:
+
             def single(v: Tensor) -> Tensor:
                 vec = unflatten_vector(v, params)
                 total = None
@@ -459,7 +462,9 @@ def flat_hvp(
 
             def single(v: Tensor) -> Tensor:
                 vec = unflatten_vector(v, params)
-                return flatten_params(gauss_newton_vector_product(outputs_fn, loss_on_outputs, params, vec), list(params))
+                return flatten_params(
+                    gauss_newton_vector_product(outputs_fn, loss_on_outputs, params, vec), list(params)
+                )
 
         else:
             raise ValueError(

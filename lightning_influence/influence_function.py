@@ -80,8 +80,8 @@ class InfluenceDiagnostics:
         negative_curvature: the curvature matrix has a clearly negative eigenvalue (the model is not
             at a minimum of the training loss in this block, so scores are less trustworthy and small
             damping may make ``H + lambda I`` indefinite).
-        eigen_exact: the eigenvalues are exact (explicit Hessian) rather than Lanczos estimates.
-        eigen_converged: the Lanczos estimates converged.
+        eigen_exact: the eigenvalues are exact (explicit Hessian) rather than Krylov estimates.
+        eigen_converged: the Krylov (Lanczos or Arnoldi) estimates converged.
         curvature: ``"hessian"`` or ``"gauss-newton"``.
         n_params: size ``D`` of the parameter block.
         param_names: the block's parameter names.
@@ -90,6 +90,8 @@ class InfluenceDiagnostics:
         measurement: name of the measurement (``"train_loss"`` for matched influence).
         train_gradients: ``"recomputed"`` or ``"store"``.
         seconds: wall time of the call.
+        warnings: the warnings issued with this result.
+        eigen_source: ``"exact"``, ``"lanczos"`` or ``"arnoldi"`` (Ritz values of the solver's factorisation).
     """
 
     solver: SolverDiagnostics
@@ -107,6 +109,7 @@ class InfluenceDiagnostics:
     measurement: str
     train_gradients: str = "recomputed"
     seconds: float = math.nan
+    eigen_source: str = "lanczos"
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -115,14 +118,23 @@ class InfluenceDiagnostics:
 
     def summary(self) -> str:
         """A one-paragraph human-readable report."""
+        if self.eigen_exact:
+            source = "exact"
+        else:
+            source = f"{self.eigen_source}, {'converged' if self.eigen_converged else 'not converged'}"
         lines = [
-            f"influence of {self.n_train} training samples on {self.n_test} test samples ({self.measurement}),"
-            f" {self.n_params} parameters, {self.curvature}",
-            f"solver={self.solver.solver} damping={self.damping:g} residual={self.solver.residual:.3e}"
-            f" iterations={self.solver.iterations} converged={self.solver.converged}",
-            f"eigenvalues: smallest={self.smallest_eigenvalue:.4g} largest={self.largest_eigenvalue:.4g}"
-            f" ({'exact' if self.eigen_exact else 'Lanczos, converged' if self.eigen_converged else 'Lanczos, not converged'})"
-            + (" NEGATIVE CURVATURE" if self.negative_curvature else ""),
+            (
+                f"influence of {self.n_train} training samples on {self.n_test} test samples ({self.measurement}),"
+                f" {self.n_params} parameters, {self.curvature}"
+            ),
+            (
+                f"solver={self.solver.solver} damping={self.damping:g} residual={self.solver.residual:.3e}"
+                f" iterations={self.solver.iterations} converged={self.solver.converged}"
+            ),
+            (
+                f"eigenvalues: smallest={self.smallest_eigenvalue:.4g} largest={self.largest_eigenvalue:.4g} ({source})"
+                + (" NEGATIVE CURVATURE" if self.negative_curvature else "")
+            ),
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -143,7 +155,9 @@ class InfluenceDiagnostics:
 def _as_loss_fn(fn: Any, model: nn.Module, argname: str) -> PerSampleFn:
     """Accept ``fn(module, batch)`` or a bound method of ``model`` taking ``batch`` (``model.per_sample_loss``)."""
     if not callable(fn):
-        raise MisconfigurationException(f"`{argname}` must be callable as {argname}(module, batch) -> Tensor[B], got {fn!r}.")
+        raise MisconfigurationException(
+            f"`{argname}` must be callable as {argname}(module, batch) -> Tensor[B], got {fn!r}."
+        )
     if inspect.ismethod(fn) and fn.__self__ is model:
         func = fn.__func__
         # Called with the module functional_call substitutes the parameters into (the same object).
@@ -188,8 +202,9 @@ class InfluenceFunction:
             ``train_outputs`` also returns the parameters it penalises.
         solver_options: extra keyword arguments for the solver (CG: ``tol``, ``max_iter``; LiSSA:
             ``scale``, ``depth``, ``tol``; Arnoldi: ``n_iter``, ``top_k``).
-        eigen_iters: Lanczos steps for the eigenvalue diagnostics (``0`` to skip them, except where the
-            solver needs them).
+        eigen_iters: Lanczos steps for the eigenvalue diagnostics. ``0`` skips the extra products: the
+            exact solver reads the eigenvalues off the explicit Hessian and Arnoldi off its Ritz values
+            anyway; CG then reports no eigenvalues; LiSSA always needs them for its scale.
         noise_seed: seed of the keyed reparameterisation noise (use the recorder's seed).
         chunk_size: ``vmap`` chunk for per-sample gradients.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` for a solver that does not converge.
@@ -347,9 +362,7 @@ class InfluenceFunction:
             )
         if hasattr(ckpt, "weights"):
             stored = ckpt.weights()
-            diff = max(
-                float((stored[n].to(self.params[n]) - self.params[n]).abs().max()) for n in self.param_names
-            )
+            diff = max(float((stored[n].to(self.params[n]) - self.params[n]).abs().max()) for n in self.param_names)
             if diff > 1e-6 * max(1.0, max(float(p.abs().max()) for p in self.params.values())):
                 rank_zero_warn(
                     f"The model's weights differ from those of the store's last checkpoint (max |diff| {diff:.3e}):"
@@ -433,6 +446,20 @@ class InfluenceFunction:
                     residual_smallest=0.0,
                     residual_largest=0.0,
                     ritz_values=eig.values,
+                )
+            elif self.solver == "arnoldi" and self.eigen_iters == 0:
+                # The Arnoldi factorisation's Ritz values come for free (Krylov extremes converge first).
+                if self._arnoldi is None:
+                    self._arnoldi = self._arnoldi_factors(dict(self.solver_options))
+                f = self._arnoldi
+                lo, hi = float(f.ritz_values[0]), float(f.ritz_values[-1])
+                self._eigen = EigenEstimate(
+                    smallest=lo,
+                    largest=hi,
+                    n_iter=f.n_iter,
+                    converged=f.converged(),
+                    negative_curvature=bool(lo < -1e-6 * abs(hi)),
+                    ritz_values=f.ritz_values,
                 )
             else:
                 with self._eval_mode():
@@ -527,7 +554,7 @@ class InfluenceFunction:
         t0 = time.perf_counter()
         g_test = self.test_gradients(test_data, measurement)
         ihvp, sdiag = self._solve(g_test)
-        eig = self.hessian_eigenvalues() if (self.eigen_iters > 0 or self.solver in ("exact", "lissa")) else None
+        eig = self.hessian_eigenvalues() if (self.eigen_iters > 0 or self.solver != "cg") else None
         warnings: list[str] = []
         if eig is not None and eig.negative_curvature:
             msg = (
@@ -560,6 +587,7 @@ class InfluenceFunction:
             train_gradients="store" if self.store is not None else "recomputed",
             seconds=time.perf_counter() - t0,
             warnings=warnings,
+            eigen_source=self._eigen_source(),
         )
         return ihvp
 
@@ -579,18 +607,36 @@ class InfluenceFunction:
                 opts.setdefault("on_failure", self.on_failure)
                 eig = self.hessian_eigenvalues()
                 return lissa_inverse_hvp(self.operator, g_test.to(torch.float64), self.damping, eigen=eig, **opts)
-            # arnoldi
+            # arnoldi: the factors are computed once and reused for every call
             if self._arnoldi is None:
-                n_iter = int(opts.pop("n_iter", min(100, self.n_params)))
-                top_k = int(opts.pop("top_k", min(50, n_iter)))
-                seed = int(opts.pop("seed", 0))
-                self._arnoldi = arnoldi_factors(
-                    self.operator, self.n_params, n_iter=n_iter, top_k=top_k, seed=seed, dtype=self.dtype, device=self.device
+                self._arnoldi = self._arnoldi_factors(opts)
+            for key in ("n_iter", "top_k", "seed"):
+                opts.pop(key, None)
+            x, diag = arnoldi_inverse_hvp(
+                self.operator, g_test.to(self.dtype), self.damping, factors=self._arnoldi, **opts
+            )
+            if not diag.converged and self.on_failure != "ignore":
+                rank_zero_warn(
+                    f"Arnoldi: the {diag.details['top_k']} kept Ritz pairs are not converged (largest Ritz residual"
+                    f" {diag.details['max_ritz_residual']:.3e}, top eigenvalue {float(self._arnoldi.values.abs().max()):.3e});"
+                    " the low-rank inverse is approximate. Raise solver_options['n_iter'] or lower 'top_k'."
                 )
-            else:
-                for key in ("n_iter", "top_k", "seed"):
-                    opts.pop(key, None)
-            return arnoldi_inverse_hvp(self.operator, g_test.to(self.dtype), self.damping, factors=self._arnoldi, **opts)
+            return x, diag
+
+    def _arnoldi_factors(self, opts: dict[str, Any]) -> ArnoldiFactors:
+        n_iter = int(opts.get("n_iter", min(100, self.n_params)))
+        top_k = int(opts.get("top_k", min(50, n_iter)))
+        seed = int(opts.get("seed", 0))
+        with self._eval_mode():
+            return arnoldi_factors(
+                self.operator,
+                self.n_params,
+                n_iter=n_iter,
+                top_k=top_k,
+                seed=seed,
+                dtype=self.dtype,
+                device=self.device,
+            )
 
     def influence(self, test_data: Any, measurement: PerSampleFn | None = None) -> Tensor:
         """Predicted change of the measurement of each test sample when each training sample is removed.
@@ -638,7 +684,7 @@ class InfluenceFunction:
             out[ids.to(self.device)] = (x.to(torch.float64) * g.to(torch.float64)).sum(1)
             diags.append(d)
         worst = max(diags, key=lambda d: d.residual)
-        eig = self.hessian_eigenvalues() if (self.eigen_iters > 0 or self.solver == "exact") else None
+        eig = self.hessian_eigenvalues() if (self.eigen_iters > 0 or self.solver != "cg") else None
         self.diagnostics = InfluenceDiagnostics(
             solver=worst,
             damping=self.damping,
@@ -654,8 +700,14 @@ class InfluenceFunction:
             n_test=self.n_train,
             measurement="train_loss",
             train_gradients="store" if self.store is not None else "recomputed",
+            eigen_source=self._eigen_source(),
         )
         return (out / self.n_train).to(self.dtype)
+
+    def _eigen_source(self) -> str:
+        if self.solver == "exact":
+            return "exact"
+        return "arnoldi" if self.solver == "arnoldi" and self.eigen_iters == 0 else "lanczos"
 
     def __repr__(self) -> str:
         return (

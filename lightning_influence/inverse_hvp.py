@@ -84,7 +84,9 @@ def _as_matrix(rhs: Tensor, argname: str = "rhs") -> tuple[Tensor, bool]:
         return rhs.unsqueeze(0), True
     if rhs.dim() == 2:
         return rhs, False
-    raise ValueError(f"`{argname}` must be a vector [D] or a matrix [k, D] of right-hand sides, got {tuple(rhs.shape)}.")
+    raise ValueError(
+        f"`{argname}` must be a vector [D] or a matrix [k, D] of right-hand sides, got {tuple(rhs.shape)}."
+    )
 
 
 def _check_damping(damping: float) -> float:

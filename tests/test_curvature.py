@@ -79,7 +79,7 @@ def test_hvp_and_exact_hessian_match_autograd_reference():
 
 
 def test_partial_parameter_block_and_unknown_names():
-    net, data, loss_fn, names, params = _mlp_problem()
+    net, data, loss_fn, _, params = _mlp_problem()
     f = mean_loss_function(net, loss_fn, data, ["2.weight", "2.bias"])
     sub = {k: params[k] for k in ["2.weight", "2.bias"]}
     ref, _ = _reference_hessian(net, data, loss_fn, params)
@@ -165,6 +165,8 @@ def test_lanczos_finds_extreme_eigenvalues_of_indefinite_hessian():
     assert abs(est.largest - 10.0) <= est.residual_largest + 1e-12
     assert est.largest == pytest.approx(10.0, rel=1e-4)
     assert not est.negative_curvature
-    B = torch.diag(torch.cat([torch.linspace(-5.0, 5.0, 299, dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)]))
-    lam, it, ok = power_iteration(lambda v: B @ v, 300, n_iter=500, tol=1e-12)
+    B = torch.diag(
+        torch.cat([torch.linspace(-5.0, 5.0, 299, dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)])
+    )
+    lam, _, ok = power_iteration(lambda v: B @ v, 300, n_iter=500, tol=1e-12)
     assert ok and lam == pytest.approx(10.0, rel=1e-8)

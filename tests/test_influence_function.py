@@ -136,7 +136,10 @@ def test_matches_leave_one_out_retraining(problem):
 
     def test_losses(th):
         z = _augment(xte) @ th
-        return nn.functional.binary_cross_entropy_with_logits(z, yte, reduction="none") + 0.5 * ALPHA * th[:30].pow(2).sum()
+        return (
+            nn.functional.binary_cross_entropy_with_logits(z, yte, reduction="none")
+            + 0.5 * ALPHA * th[:30].pow(2).sum()
+        )
 
     base = test_losses(theta)
     actual = torch.empty(N_TEST, N_TRAIN, dtype=torch.float64)
@@ -154,7 +157,6 @@ def test_matches_leave_one_out_retraining(problem):
 
 def test_cross_loss_measurement_matches_closed_form_and_loo(problem, exact_scores):
     """Measurement = the test logit (not the training loss): the scores predict the logit's change."""
-    model = problem["model"]
     xte, _ = problem["test"]
     inf = exact_scores[1]
     scores = inf.influence(problem["test"], measurement=lambda m, b: m(b[0]))
@@ -180,7 +182,10 @@ def test_gauss_newton_equals_hessian_for_logistic_regression(problem, exact_scor
 
     def loss_on_outputs(o, b):
         logits, w = o
-        return nn.functional.binary_cross_entropy_with_logits(logits, b[1], reduction="none") + 0.5 * ALPHA * w.pow(2).sum()
+        return (
+            nn.functional.binary_cross_entropy_with_logits(logits, b[1], reduction="none")
+            + 0.5 * ALPHA * w.pow(2).sum()
+        )
 
     inf = InfluenceFunction(
         problem["model"],
@@ -199,7 +204,9 @@ def test_gauss_newton_equals_hessian_for_logistic_regression(problem, exact_scor
 
 
 def test_parameter_block_and_self_influence(problem):
-    inf = InfluenceFunction(problem["model"], problem["train"], params=["linear.weight"], solver="exact", damping=DAMPING)
+    inf = InfluenceFunction(
+        problem["model"], problem["train"], params=["linear.weight"], solver="exact", damping=DAMPING
+    )
     scores = inf.influence(problem["test"])
     Hw = problem["H"][:30, :30] + DAMPING * torch.eye(30, dtype=torch.float64)
     xte, yte = problem["test"]

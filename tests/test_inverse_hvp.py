@@ -54,7 +54,7 @@ def test_exact_singular_hessian_with_zero_damping_raises():
     H = _matrix(eig)
     with pytest.raises(SingularHessianError, match="singular.*`damping`"):
         exact_inverse_hvp(H, _rhs(), damping=0.0)
-    x, diag = exact_inverse_hvp(H, _rhs(), damping=1e-3)
+    _, diag = exact_inverse_hvp(H, _rhs(), damping=1e-3)
     assert diag.residual < 1e-10
     with pytest.raises(ValueError, match="`damping`"):
         exact_inverse_hvp(H, _rhs(), damping=-1.0)
@@ -123,7 +123,9 @@ def test_arnoldi_full_rank_is_exact_and_low_rank_spectrum_is_captured(spd):
     assert diag.converged and diag.residual < 1e-8
 
     # A rank-5 Hessian: 12 Arnoldi steps find its range, and right-hand sides in the range are solved.
-    eig = torch.cat([torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0], dtype=torch.float64), torch.zeros(D - 5, dtype=torch.float64)])
+    eig = torch.cat(
+        [torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0], dtype=torch.float64), torch.zeros(D - 5, dtype=torch.float64)]
+    )
     H = _matrix(eig, seed=3)
     f = arnoldi_factors(lambda v: H @ v, D, n_iter=12, top_k=5, dtype=torch.float64)
     assert torch.allclose(f.values.sort().values, eig[:5].sort().values, atol=1e-10)
