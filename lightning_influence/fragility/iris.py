@@ -195,6 +195,9 @@ class IrisRepeat:
         model_top_eigenvalue: largest Hessian eigenvalue of the whole model (the paper's Fig. 3).
         spearman_objective_hessian / pearson_objective_hessian: the same agreement when the
             Hessian includes the weight-decay term (damping = ``weight_decay``).
+        spearman_float32_inverse: agreement of the paper's numerics: ``torch.inverse`` of the
+            float32 Hessian, which softmax makes exactly singular (5 null directions of
+            ``lin_last.weight``), so rounding noise in the null space is amplified ~1e7-fold.
     """
 
     seed: int
@@ -205,6 +208,7 @@ class IrisRepeat:
     model_top_eigenvalue: float
     spearman_objective_hessian: float
     pearson_objective_hessian: float
+    spearman_float32_inverse: float
     report: FragilityReport
 
 
@@ -250,7 +254,8 @@ def iris_protocol(
     from lightning_influence.curvature import flat_hvp, lanczos_extreme_eigenvalues, mean_loss_function
     from lightning_influence.fragility.check import FragilityCheck
     from lightning_influence.fragility.diagnostics import DEFAULT_DAMPINGS
-    from lightning_influence.fragility.estimates import influence_function_estimates
+    from lightning_influence.fragility.estimates import influence_function_parts
+    from lightning_influence.fragility.metrics import spearman
     from lightning_influence.fragility.retraining import Retrainer, resolve_training_data
 
     dm = IrisDataModule()
@@ -279,7 +284,14 @@ def iris_protocol(
             train_losses = iris_loss(model, (x, y))
             accuracy = float((model(x).argmax(dim=1) == y).double().mean())
         top = torch.argsort(train_losses, descending=True)[:n_top].tolist()
-        estimates = influence_function_estimates(model, iris_loss, dm.train_set, dm.test_set, params, damping)
+        parts = influence_function_parts(model, iris_loss, dm.train_set, dm.test_set, params)
+        estimates = parts.scores(damping)
+        # The paper's code: explicit float32 inverse of the (singular) Hessian, no damping.
+        try:
+            h32_inv = torch.inverse(parts.hessian.float())
+            paper32 = (parts.train_grads.float() @ (h32_inv @ parts.test_grad.float())).double() / parts.n
+        except torch.linalg.LinAlgError:  # an exactly zero pivot: the paper's code would have crashed
+            paper32 = torch.full((parts.n,), math.nan, dtype=torch.float64)
         # The paper's "top eigenvalue": the whole model's Hessian (PyHessian), without weight decay.
         names = [n for n, _ in model.named_parameters()]
         whole = {n: p.detach().double() for n, p in model.named_parameters()}
@@ -302,6 +314,7 @@ def iris_protocol(
                 verbose=False,
             )
             report = check.run(estimates, dm.test_set, model=model, indices=top)
+        actual = [r.mean_actual for r in report.removals]
         c = report.curvature
         at_wd = c.dampings.index(float(weight_decay)) if c is not None and c.damping_spearman else None
         out.append(
@@ -314,6 +327,7 @@ def iris_protocol(
                 model_top_eigenvalue=top_eig,
                 spearman_objective_hessian=c.damping_spearman[at_wd] if at_wd is not None else math.nan,
                 pearson_objective_hessian=c.damping_pearson[at_wd] if at_wd is not None else math.nan,
+                spearman_float32_inverse=spearman(paper32[top], actual),
                 report=report,
             )
         )
