@@ -15,6 +15,12 @@ removing ``z_i`` is predicted to raise the test loss (a proponent). A weight-dec
 
 Everything runs in float64 on a copy of the module. The Hessian is explicit (``D`` Hessian-vector
 products and a ``D x D`` eigendecomposition), so blocks of up to a few thousand parameters.
+
+Why a float64 pseudo-inverse: a softmax output layer's weight Hessian is exactly singular
+(shifting every class's weights by the same vector changes no probability), and every gradient
+is orthogonal to that null space. An explicit float32 inverse, as in the fragility paper's code,
+amplifies rounding noise along it by ~1e7; on the paper's Iris models it moved single-run
+Spearman correlations from 0.75-0.84 (this module) to anywhere between -0.70 and 0.81.
 """
 
 from __future__ import annotations
