@@ -301,6 +301,11 @@ class MeanLoss:
         assert total is not None
         return total
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Samples in each of the :meth:`terms` (a term is ``(batch size / n)`` times its batch's mean loss)."""
+        return [b.size for b in self._batches]
+
     def terms(self) -> Iterator[FunctionalLoss]:
         """One functional loss per batch, each ``(1/n) * sum`` over the batch; they sum to ``self(theta)``."""
         for b in self._batches:

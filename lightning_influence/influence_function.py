@@ -201,7 +201,9 @@ class InfluenceFunction:
             ``train_outputs`` it must reproduce ``train_loss``. A weight-decay term enters exactly if
             ``train_outputs`` also returns the parameters it penalises.
         solver_options: extra keyword arguments for the solver (CG: ``tol``, ``max_iter``; LiSSA:
-            ``scale``, ``depth``, ``tol``; Arnoldi: ``n_iter``, ``top_k``).
+            ``scale``, ``depth``, ``tol``, and ``stochastic=True`` with ``repeat``, ``seed``,
+            ``residual_tol`` for mini-batch LiSSA over Hessian batches of ``hessian_batch_size``;
+            Arnoldi: ``n_iter``, ``top_k``, ``seed``).
         eigen_iters: Lanczos steps for the eigenvalue diagnostics. ``0`` skips the extra products: the
             exact solver reads the eigenvalues off the explicit Hessian and Arnoldi off its Ritz values
             anyway; CG then reports no eigenvalues; LiSSA always needs them for its scale.
@@ -606,6 +608,8 @@ class InfluenceFunction:
             if self.solver == "lissa":
                 opts.setdefault("on_failure", self.on_failure)
                 eig = self.hessian_eigenvalues()
+                if opts.pop("stochastic", False):
+                    opts["sampled_hvp"] = self._sampled_hvp(int(opts.pop("seed", 0)))
                 return lissa_inverse_hvp(self.operator, g_test.to(torch.float64), self.damping, eigen=eig, **opts)
             # arnoldi: the factors are computed once and reused for every call
             if self._arnoldi is None:
@@ -622,6 +626,31 @@ class InfluenceFunction:
                     " the low-rank inverse is approximate. Raise solver_options['n_iter'] or lower 'top_k'."
                 )
             return x, diag
+
+    def _sampled_hvp(self, seed: int) -> Callable[[Tensor, int], Tensor]:
+        """Unbiased one-batch estimates ``(n / |B|) H_B v`` of ``H v``, batches drawn uniformly (seeded)."""
+        loss = self.mean_loss
+        if self.gauss_newton:
+            ops = [
+                flat_hvp(
+                    lambda p, o=o, q=q: q(o(p)),
+                    self.params,
+                    gauss_newton=True,
+                    outputs_fn=o,
+                    loss_on_outputs=q,
+                )
+                for o, q in loss.gauss_newton_terms()
+            ]
+        else:
+            ops = [flat_hvp(term, self.params, mode=self.hvp_mode) for term in loss.terms()]
+        weights = [loss.n / size for size in loss.batch_sizes]
+        gen = torch.Generator().manual_seed(seed)
+
+        def sampled(v: Tensor, step: int) -> Tensor:
+            i = int(torch.randint(len(ops), (1,), generator=gen))
+            return ops[i](v) * weights[i]
+
+        return sampled
 
     def _arnoldi_factors(self, opts: dict[str, Any]) -> ArnoldiFactors:
         n_iter = int(opts.get("n_iter", min(100, self.n_params)))

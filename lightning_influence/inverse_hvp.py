@@ -357,6 +357,9 @@ def lissa_inverse_hvp(
     eigen: EigenEstimate | None = None,
     eigen_iters: int = 30,
     on_failure: OnFailure = "warn",
+    sampled_hvp: Callable[[Tensor, int], Tensor] | None = None,
+    repeat: int = 1,
+    residual_tol: float = 0.1,
 ) -> tuple[Tensor, SolverDiagnostics]:
     """LiSSA (Agarwal et al. 2017; Koh & Liang 2017): the Neumann series for ``(H + lambda I)^{-1} b``.
 
@@ -369,8 +372,15 @@ def lissa_inverse_hvp(
     The recursion contracts iff every eigenvalue ``mu`` of ``H`` satisfies ``-lambda < mu < 2 s - lambda``;
     it converges at rate ``max |1 - (mu + lambda) / s|``. With ``scale=None``, ``s`` is set to
     ``1.05 (mu_max + lambda)`` from a Lanczos estimate of ``mu_max``; a given ``scale`` is checked
-    against that estimate and rejected if the recursion would diverge. The HVPs are full-batch
-    (deterministic), so one repetition suffices.
+    against that estimate and rejected if the recursion would diverge.
+
+    By default the products are full-batch (deterministic): the recursion is a Richardson
+    iteration that stops at ``tol`` and one repetition suffices. With ``sampled_hvp(v, step)``, an
+    unbiased mini-batch estimate of ``H v``, it is the original stochastic LiSSA: each of
+    ``repeat`` runs takes exactly ``depth`` steps and the runs are averaged; mini-batch Hessians
+    have larger top eigenvalues than the mean, so the default scale doubles. The result is judged
+    by its true residual (one full product per right-hand side): ``converged`` means
+    ``residual <= residual_tol``.
 
     Args:
         hvp: ``[k, D] -> H [k, D]``.
@@ -381,7 +391,11 @@ def lissa_inverse_hvp(
         tol: stop when the relative change ``||h_{t+1} - h_t|| / ||h_{t+1}||`` of every row is below ``tol``.
         eigen: a precomputed :class:`EigenEstimate` of ``H`` (else ``eigen_iters`` Lanczos steps are run).
         eigen_iters: Lanczos steps for the eigenvalue estimate.
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when the depth is exhausted before ``tol``.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when the depth is exhausted before ``tol``
+            (or, stochastic, the residual exceeds ``residual_tol``).
+        sampled_hvp: ``(v [k, D], step) -> Ĥ_step v``, an unbiased estimate of ``H v`` (stochastic LiSSA).
+        repeat: independent stochastic runs averaged (stochastic LiSSA only).
+        residual_tol: relative residual accepted from stochastic LiSSA.
 
     Returns:
         ``x`` shaped like ``rhs`` and :class:`SolverDiagnostics` (``details``: ``scale``,
@@ -403,6 +417,12 @@ def lissa_inverse_hvp(
     k, dim = b.shape
     if depth < 1:
         raise ValueError(f"`depth` must be >= 1, got {depth}.")
+    if repeat < 1:
+        raise ValueError(f"`repeat` must be >= 1, got {repeat}.")
+    if repeat > 1 and sampled_hvp is None:
+        raise ValueError(
+            "`repeat` > 1 only makes sense with `sampled_hvp` (stochastic LiSSA); full-batch LiSSA is deterministic."
+        )
     if eigen is None:
         eigen = lanczos_extreme_eigenvalues(hvp, dim, n_iter=eigen_iters, dtype=torch.float64)
     top = eigen.largest
@@ -414,7 +434,7 @@ def lissa_inverse_hvp(
     # Lanczos underestimates the top eigenvalue slightly; leave a margin.
     s_min = 0.5 * (top + damping) * 1.02
     if scale is None:
-        scale = 1.05 * (top + damping)
+        scale = (2.0 if sampled_hvp is not None else 1.05) * (top + damping)
     elif scale <= s_min:
         raise ValueError(
             f"`scale`={scale:g} is too small: the LiSSA recursion converges only if scale > (largest eigenvalue +"
@@ -424,6 +444,11 @@ def lissa_inverse_hvp(
     s = float(scale)
     d = damping / s
     rate = max(abs(1.0 - (eigen.smallest + damping) / s), abs(1.0 - (top + damping) / s))
+
+    if sampled_hvp is not None:
+        return _stochastic_lissa(
+            hvp, sampled_hvp, b, single, damping, s, d, rate, top, eigen, depth, repeat, residual_tol, on_failure
+        )
 
     h = b.clone()
     active = torch.ones(k, dtype=torch.bool, device=b.device)
@@ -466,6 +491,66 @@ def lissa_inverse_hvp(
             f"LiSSA did not converge in depth={depth} steps: relative change {float(change.max()):.3e} > tol={tol:g},"
             f" worst relative residual {diag.residual:.3e} (contraction rate {rate:.6f} with scale={s:.4g}, damping="
             f"{damping:g}). Increase `depth` or `damping`, or use the CG solver.",
+            on_failure,
+        )
+    return (x[0] if single else x), diag
+
+
+def _stochastic_lissa(
+    hvp: HVP,
+    sampled_hvp: Callable[[Tensor, int], Tensor],
+    b: Tensor,
+    single: bool,
+    damping: float,
+    s: float,
+    d: float,
+    rate: float,
+    top: float,
+    eigen: EigenEstimate,
+    depth: int,
+    repeat: int,
+    residual_tol: float,
+    on_failure: OnFailure,
+) -> tuple[Tensor, SolverDiagnostics]:
+    total = torch.zeros_like(b)
+    step = 0
+    bound = 1e6 * float(b.norm()) * s / max(damping + max(eigen.smallest, 0.0), 1e-12 * s)
+    for _ in range(repeat):
+        h = b.clone()
+        for _ in range(depth):
+            h = b + (1.0 - d) * h - sampled_hvp(h, step) / s
+            step += 1
+            if not torch.isfinite(h).all() or float(h.norm()) > bound:
+                raise FloatingPointError(
+                    f"Stochastic LiSSA diverged at step {step} (scale={s:.4g}): a mini-batch Hessian has an eigenvalue"
+                    " above 2*scale - damping or below -damping. Pass a larger `scale` or `damping`, or larger batches."
+                )
+        total += h
+    x = total / (repeat * s)
+    residuals = relative_residual(hvp, x, b, damping)
+    diag = SolverDiagnostics(
+        solver="lissa",
+        damping=damping,
+        residual=float(residuals.max()),
+        iterations=depth * repeat,
+        converged=bool(residuals.max() <= residual_tol),
+        residuals=residuals,
+        details={
+            "scale": s,
+            "recursion_damping": d,
+            "rate": rate,
+            "largest": top,
+            "smallest": eigen.smallest,
+            "stochastic": True,
+            "repeat": repeat,
+            "depth": depth,
+        },
+    )
+    if not diag.converged:
+        _report(
+            f"Stochastic LiSSA ({repeat} x {depth} steps) ended with worst relative residual {diag.residual:.3e} >"
+            f" residual_tol={residual_tol:g} (contraction rate {rate:.6f}, scale={s:.4g}, damping={damping:g})."
+            " Increase `depth` (bias) or `repeat` (variance), use larger batches, or use the CG solver.",
             on_failure,
         )
     return (x[0] if single else x), diag

@@ -126,6 +126,22 @@ def test_iterative_solvers_rank_like_exact(problem, exact_scores, solver, option
     assert d.largest_eigenvalue == pytest.approx(float(torch.linalg.eigvalsh(problem["H"])[-1]), rel=1e-6)
 
 
+def test_stochastic_lissa_over_minibatches(problem, exact_scores):
+    exact, _ = exact_scores
+    inf = InfluenceFunction(
+        problem["model"],
+        problem["train"],
+        solver="lissa",
+        damping=DAMPING,
+        hessian_batch_size=100,
+        solver_options={"stochastic": True, "depth": 400, "repeat": 2, "residual_tol": 0.5},
+    )
+    scores = inf.influence(problem["test"])
+    assert spearman_corrcoef(scores.flatten(), exact.flatten()) >= 0.95
+    d = inf.diagnostics.solver
+    assert d.details["stochastic"] and d.iterations == 800 and 0 < d.residual < 0.5
+
+
 def test_matches_leave_one_out_retraining(problem):
     model = problem["model"]
     xtr, ytr = problem["train"]
@@ -311,3 +327,36 @@ def test_training_gradients_from_store(problem, tmp_path):
     assert (scores - problem["closed"]).norm() / problem["closed"].norm() < 1e-5
     with pytest.raises(MisconfigurationException, match="`store` recorded parameters"):
         InfluenceFunction(model, problem["train"], params=["linear.weight"], store=store)
+
+
+def test_vae_decoder_block_with_bound_loss_and_dataset():
+    """The issue's call shape: a VAE, ``train_loss=vae.per_sample_loss``, ``params=["decoder"]``, a Dataset."""
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence.models import MLPVAE
+
+    torch.manual_seed(0)
+    vae = MLPVAE(input_dim=16, hidden_dim=8, latent_dim=2, influence_draws=2).double()
+    x = torch.rand(40, 16, dtype=torch.float64)
+    data = TensorDataset(x)
+
+    def recon_error(m, b):
+        inputs = b[0] if isinstance(b, (tuple, list)) else b
+        mu, _ = m.encode(inputs)
+        return (torch.sigmoid(m.decode(mu)) - inputs).pow(2).sum(1)
+
+    common = {"train_loss": vae.per_sample_loss, "params": ["decoder"], "damping": 5.0, "batch_size": 16}
+    exact = InfluenceFunction(vae, data, solver="exact", **common)
+    s_exact = exact.influence(TensorDataset(x[:6]), measurement=recon_error)
+    assert s_exact.shape == (6, 40)
+    assert exact.n_params == sum(p.numel() for p in vae.decoder.parameters())
+    # The reparameterisation noise is keyed by sample id: the Hessian and the scores are deterministic.
+    again = InfluenceFunction(vae, data, solver="exact", **common).influence(
+        TensorDataset(x[:6]), measurement=recon_error
+    )
+    assert torch.equal(s_exact, again)
+    cg = InfluenceFunction(vae, data, solver="cg", **common)
+    s_cg = cg.influence(TensorDataset(x[:6]), measurement=recon_error)
+    assert cg.diagnostics.converged
+    assert spearman_corrcoef(s_cg.flatten(), s_exact.flatten()) >= 0.99
+    assert (s_cg - s_exact).norm() / s_exact.norm() < 1e-5

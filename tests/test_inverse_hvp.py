@@ -134,3 +134,24 @@ def test_arnoldi_full_rank_is_exact_and_low_rank_spectrum_is_captured(spd):
     x, diag = arnoldi_inverse_hvp(lambda v: v @ H, b_range, damping=0.1, factors=f)
     assert torch.allclose(x, _reference(H, b_range, 0.1), atol=1e-9)
     assert diag.details["captured_fraction_min"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_stochastic_lissa_with_minibatch_hessians(spd):
+    """H = (A_0 + A_1) / 2; each step uses one A_i (an unbiased estimate), runs are averaged."""
+    g = torch.Generator().manual_seed(5)
+    noise = _matrix(torch.linspace(-0.5, 0.5, D, dtype=torch.float64), seed=7)
+    parts = [spd + noise, spd - noise]
+    b = _rhs(2)
+
+    def sampled(v, step):
+        return v @ parts[int(torch.randint(2, (1,), generator=g))]
+
+    x, diag = lissa_inverse_hvp(lambda v: v @ spd, b, damping=1.0, sampled_hvp=sampled, depth=300, repeat=8)
+    ref = _reference(spd, b, 1.0)
+    assert diag.details["stochastic"] and diag.iterations == 2400
+    assert diag.residual == pytest.approx(float(((x @ spd + x - b).norm(dim=1) / b.norm(dim=1)).max()))
+    assert (x - ref).norm() / ref.norm() < 0.1
+    with pytest.raises(ValueError, match="`repeat`"):
+        lissa_inverse_hvp(lambda v: v @ spd, b, damping=1.0, repeat=2)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        lissa_inverse_hvp(lambda v: v @ spd, b, damping=1.0, sampled_hvp=lambda v, t: 40.0 * v @ spd, depth=500)
