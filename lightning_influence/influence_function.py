@@ -65,6 +65,12 @@ __all__ = ["InfluenceDiagnostics", "InfluenceFunction", "Solver"]
 
 Solver = Literal["exact", "cg", "lissa", "arnoldi"]
 _SOLVERS = ("exact", "cg", "lissa", "arnoldi")
+_SOLVER_OPTIONS = {
+    "exact": {"rcond"},
+    "cg": {"tol", "max_iter", "on_failure"},
+    "lissa": {"scale", "depth", "tol", "on_failure", "stochastic", "repeat", "seed", "residual_tol"},
+    "arnoldi": {"n_iter", "top_k", "seed", "compute_residual"},
+}
 PerSampleFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -288,6 +294,12 @@ class InfluenceFunction:
         self.train_outputs = train_outputs
         self.train_loss_on_outputs = train_loss_on_outputs
         self.solver_options = dict(solver_options or {})
+        unknown = sorted(set(self.solver_options) - _SOLVER_OPTIONS[solver])
+        if unknown:
+            raise MisconfigurationException(
+                f"`solver_options` has keys {unknown} that the {solver!r} solver does not take; it accepts"
+                f" {sorted(_SOLVER_OPTIONS[solver])}."
+            )
         self.eigen_iters = int(eigen_iters)
         self.noise_seed = int(noise_seed)
         self.chunk_size = chunk_size
@@ -309,11 +321,10 @@ class InfluenceFunction:
             raise ValueError("`hessian_data` is empty.")
 
         # Snapshot of the weights: every quantity is taken at this point, even if training continues.
-        named = dict(model.named_parameters())
-        self.params: dict[str, Tensor] = {n: named[n].detach().clone() for n in self.param_names}
         self.state: dict[str, Tensor] = {
             k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]
         }
+        self.params: dict[str, Tensor] = {n: self.state[n] for n in self.param_names}
         self.n_params = sum(p.numel() for p in self.params.values())
         first = next(iter(self.params.values()))
         self.device = first.device

@@ -250,6 +250,8 @@ def test_bad_inputs_raise_clear_errors(problem):
         InfluenceFunction(model, (torch.empty(0, 30, dtype=torch.float64), torch.empty(0, dtype=torch.float64)))
     with pytest.raises(MisconfigurationException, match="`solver`"):
         InfluenceFunction(model, problem["train"], solver="newton")
+    with pytest.raises(MisconfigurationException, match="`solver_options` has keys \\['depth'\\]"):
+        InfluenceFunction(model, problem["train"], solver="cg", solver_options={"depth": 10})
     with pytest.raises(MisconfigurationException, match="`damping`"):
         InfluenceFunction(model, problem["train"], damping=-1.0)
     with pytest.raises(MisconfigurationException, match="`train_loss`"):
