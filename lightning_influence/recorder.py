@@ -229,6 +229,7 @@ class TrajectoryRecorder(pl.Callback):
             noise_seed=self.seed,
             chunk_size=self.chunk_size,
         )
+        self._probe(pl_module)
         header = header_for(
             n_samples=num_samples(self._data, "dataset"),
             param_names=self._names,
@@ -247,7 +248,6 @@ class TrajectoryRecorder(pl.Callback):
             self._writer = GradientStoreWriter(self.dirpath, header, overwrite=self.overwrite)
         except StoreError as err:
             raise MisconfigurationException(str(err)) from err
-        self._probe(pl_module)
 
     def _projection(self, checkpoint: int) -> RandomProjection | None:
         if self._spec is None:

@@ -105,8 +105,11 @@ def test_test_data_forms_agree(exact, digits_run):
     a = exact.tracin(ds)
     b = exact.tracin(DataLoader(ds, batch_size=4))
     c = exact.tracin(batch)
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, c)
+    # Batch composition changes float32 reduction order; scores carry cancellation, so compare
+    # against the score scale.
+    tol = dict(rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(a, c, **tol)
     with pytest.raises(ValueError, match="shuffle"):
         exact.tracin(DataLoader(ds, batch_size=4, shuffle=True))
 
