@@ -154,3 +154,22 @@ def test_cross_loss_influence_predicts_leave_one_out_on_dec():
     assert r.min() >= 0.95, r
     assert pearson_corrcoef(predicted.flatten(), actual.flatten()) >= 0.95
     assert math.isclose(float(predicted.abs().max()), float(actual.abs().max()), rel_tol=0.5)
+
+
+def test_cross_loss_example_runs_end_to_end(tmp_path):
+    """The example on a reduced budget: it trains, scores, retrains and logs to TensorBoard."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "cross_loss_clusters.py"
+    spec = importlib.util.spec_from_file_location("cross_loss_clusters", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(
+        ["--logdir", str(tmp_path), "--n-per-cluster", "15", "--n-test", "6", "--n-loo", "8", "--adam-epochs", "30"]
+    )
+    assert len(summary) == 2
+    for stats in summary.values():
+        assert set(stats) >= {"mean", "std", "frac_ge_0.6", "frac_ge_0.8", "pearson_all"}
+        assert -1.0 <= stats["mean"] <= 1.0 and math.isfinite(stats["std"])
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
