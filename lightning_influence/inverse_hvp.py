@@ -5,14 +5,14 @@ Pure solvers on a symmetric operator ``hvp: [k, D] -> [k, D]`` (see
 explicit matrix. ``damping`` is always the Tikhonov ``lambda`` added to the *mean* Hessian, in
 every solver, so results of different solvers are directly comparable.
 
-=========================  ===========================  ==========================================
-solver                     cost                         use
-=========================  ===========================  ==========================================
-:func:`exact_inverse_hvp`  ``O(D^3)`` once, ``D^2`` mem  blocks up to a few thousand parameters
-:func:`cg_inverse_hvp`     ``~sqrt(kappa)`` HVPs / rhs   positive-definite ``H + lambda I``
-:func:`lissa_inverse_hvp`  ``~kappa`` HVPs / rhs         the classic Neumann-series estimator
-:func:`arnoldi_inverse_hvp` ``n_iter`` HVPs once         millions of parameters (low rank)
-=========================  ===========================  ==========================================
+===========================  ===============================  ======================================
+solver                       cost                             use
+===========================  ===============================  ======================================
+:func:`exact_inverse_hvp`    ``O(D^3)`` once, ``D^2`` memory  blocks up to a few thousand parameters
+:func:`cg_inverse_hvp`       ``~sqrt(kappa)`` HVPs per rhs    positive-definite ``H + lambda I``
+:func:`lissa_inverse_hvp`    ``~kappa`` HVPs per rhs          the classic Neumann-series estimator
+:func:`arnoldi_inverse_hvp`  ``n_iter`` HVPs, once            millions of parameters (low rank)
+===========================  ===============================  ======================================
 
 Each returns ``(solution, SolverDiagnostics)``; the diagnostics always carry the relative residual
 ``||(H + lambda I) x - b|| / ||b||`` (worst over right-hand sides), so a failed solve is visible.

@@ -215,6 +215,16 @@ def test_gauss_newton_equals_hessian_for_logistic_regression(problem, exact_scor
     scores = inf.influence(problem["test"])
     assert (scores - problem["closed"]).norm() / problem["closed"].norm() < 1e-6
     assert inf.diagnostics.curvature == "gauss-newton"
+    explicit = InfluenceFunction(
+        problem["model"],
+        problem["train"],
+        solver="exact",
+        damping=DAMPING,
+        gauss_newton=True,
+        train_outputs=outputs,
+        train_loss_on_outputs=loss_on_outputs,
+    )
+    assert (explicit.influence(problem["test"]) - problem["closed"]).norm() / problem["closed"].norm() < 1e-6
     with pytest.raises(MisconfigurationException, match="train_outputs"):
         InfluenceFunction(problem["model"], problem["train"], gauss_newton=True)
 
