@@ -420,6 +420,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f" influence {t_inf:.2f}s; {n_loo} leave-one-out retrains {t_loo:.1f}s (worst gradient norm {worst:.1e})"
         )
         print(diag.summary())
+        if max(gnorm, worst) > 1e-6:
+            print(
+                f"WARNING: training or leave-one-out retraining stopped short of a stationary point (gradient norm"
+                f" {max(gnorm, worst):.1e}): the ground truth and the influence function's assumptions do not hold;"
+                " with --activation relu the optimum can sit on a kink. The correlations below are not meaningful."
+            )
         print(
             f"per-test-point Pearson: mean {stats['mean']:.3f} std {stats['std']:.3f}"
             f"  >=0.6: {100 * stats['frac_ge_0.6']:.0f}%  >=0.8: {100 * stats['frac_ge_0.8']:.0f}%"
