@@ -36,12 +36,15 @@ __all__ = [
     "SingularHessianError",
     "SolverDiagnostics",
     "SolverNotConvergedError",
+    "SymmetricEigh",
     "arnoldi_factors",
     "arnoldi_inverse_hvp",
     "cg_inverse_hvp",
     "exact_inverse_hvp",
     "lissa_inverse_hvp",
     "relative_residual",
+    "solve_with_eigh",
+    "symmetric_eigh",
 ]
 
 HVP = Callable[[Tensor], Tensor]
