@@ -1,11 +1,19 @@
 """lightning_influence: which training samples a (variational) model learned what from.
 
 Record the checkpoint trajectory with :class:`TrajectoryRecorder` during ``Trainer.fit``, then
-ask :class:`InfluenceAnalysis` for TracIn scores, self-influence and proponents.
+ask :class:`InfluenceAnalysis` for TracIn scores, self-influence and proponents;
+:class:`InfluenceFunction` for (cross-loss) influence functions; :class:`FragilityCheck` whether
+estimates survive real retraining; :class:`RELAX` and :class:`SupervisedVAE` to explain
+representations.
 """
 
 from lightning_influence.analysis import InfluenceAnalysis
+from lightning_influence.clustering import DECClustering, cluster_nll
 from lightning_influence.data import DigitsDataModule, MNISTDataModule
+from lightning_influence.density import kde_loo_influence, knn_loo_influence
+from lightning_influence.fragility import FragilityCheck, FragilityError, FragilityReport
+from lightning_influence.influence_function import InfluenceDiagnostics, InfluenceFunction
+from lightning_influence.inverse_hvp import SingularHessianError, SolverNotConvergedError
 from lightning_influence.models import ConvVAE, MLPVAE, VAEModule
 from lightning_influence.objectives import negative_elbo
 from lightning_influence.projection import ProjectionSpec, RandomProjection
@@ -19,19 +27,30 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvVAE",
+    "DECClustering",
     "DigitsDataModule",
     "Explanation",
+    "FragilityCheck",
+    "FragilityError",
+    "FragilityReport",
     "GradientStore",
     "InfluenceAnalysis",
+    "InfluenceDiagnostics",
+    "InfluenceFunction",
     "MLPVAE",
     "MNISTDataModule",
     "ProjectionSpec",
     "RELAX",
     "RandomProjection",
+    "SingularHessianError",
+    "SolverNotConvergedError",
     "StoreError",
     "SupervisedVAE",
     "TrajectoryRecorder",
     "VAEModule",
+    "cluster_nll",
+    "kde_loo_influence",
+    "knn_loo_influence",
     "negative_elbo",
     "representation_saliency",
     "self_influence_scores",

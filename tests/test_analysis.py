@@ -142,3 +142,15 @@ def test_query_blocks_keep_noise_keys_and_results(exact, digits_run):
     torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
     full = exact.tracin(ds)
     torch.testing.assert_close(v1, torch.topk(full, 5, dim=1).values, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_loss_tracin_on_a_projected_store_ranks_like_exact(exact, digits_run):
+    """The test side of a projected store is projected with the recording's seeds."""
+
+    def latent_norm(module, batch):
+        return module.encode(batch[0])[0].pow(2).sum(dim=1)
+
+    queries = Subset(digits_run.dm.test_set, range(10))
+    projected = InfluenceAnalysis(digits_run.stores["proj"], digits_run.vae)
+    rho = spearman_corrcoef(projected.tracin(queries, measurement=latent_norm).T, exact.tracin(queries, measurement=latent_norm).T)
+    assert rho.min() >= 0.9, f"per-test Spearman min {rho.min():.3f}"

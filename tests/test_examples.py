@@ -27,3 +27,10 @@ def test_vae_tracin_example_runs_and_logs(tmp_path, capsys):
     acc.Reload()
     assert "influence/query_1/opponents" in acc.Tags()["images"]
     assert "train_loss" in acc.Tags()["scalars"]
+
+
+def test_representations_example_runs(tmp_path, capsys):
+    example = _load("representations")
+    out = example.main(["--logdir", str(tmp_path), "--max-epochs", "2", "--n-masks", "64", "--n-samples", "2"])
+    assert isinstance(out, dict) and out
+    assert any(tmp_path.rglob("events.out.tfevents.*"))

@@ -39,8 +39,8 @@ class TwoGroupVAE(MLPVAE):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def brute_force_tracin(vae, store, train_x, test_x, lrs_per_step, steps_per_epoch):
-    """sum_c sum_g eta_{c,g} <grad l(theta_c, z), grad l(theta_c, z')> by a per-sample autograd loop."""
+def brute_force_tracin(vae, store, train_x, test_x, lrs_per_step, steps_per_epoch, measurement=None):
+    """sum_c sum_g eta_{c,g} <grad f(theta_c, z'), grad l(theta_c, z)> by a per-sample autograd loop (f = l by default)."""
     model = copy.deepcopy(vae).eval()
     groups = {"encoder": 0, "decoder": 1}
     total = torch.zeros(len(test_x), len(train_x), dtype=torch.float64)
@@ -52,15 +52,16 @@ def brute_force_tracin(vae, store, train_x, test_x, lrs_per_step, steps_per_epoc
         params = [p for _, p in model.named_parameters()]
         group_of = [groups[n.split(".")[0]] for n, _ in model.named_parameters()]
 
-        def grads(x, stream):
+        def grads(x, stream, fn=None):
             out = []
             for i in range(len(x)):
                 with fixed_noise(torch.tensor([i]), store.noise_seed, stream):
-                    loss = model.per_sample_loss(x[i : i + 1])[0]
-                out.append([g.detach().double().flatten() for g in torch.autograd.grad(loss, params)])
+                    loss = (fn or (lambda m, b: m.per_sample_loss(b)))(model, x[i : i + 1])[0]
+                gs = torch.autograd.grad(loss, params, allow_unused=True)
+                out.append([(torch.zeros_like(p) if g is None else g).detach().double().flatten() for g, p in zip(gs, params)])
             return out
 
-        g_train, g_test = grads(train_x, NoiseStream.TRAIN), grads(test_x, NoiseStream.TEST)
+        g_train, g_test = grads(train_x, NoiseStream.TRAIN), grads(test_x, NoiseStream.TEST, measurement)
         for j, gt in enumerate(g_test):
             for i, gi in enumerate(g_train):
                 total[j, i] += sum(etas[grp] * torch.dot(a, b) for a, b, grp in zip(gt, gi, group_of))
@@ -88,6 +89,14 @@ def test_exact_tracin_equals_a_brute_force_autograd_loop(tmp_path):
     ref = brute_force_tracin(vae, store, data.tensors[0], test_x, lrs_per_step, steps_per_epoch=5)
     rel = (scores.double() - ref).norm() / ref.norm()
     assert rel < 1e-5, f"relative error {rel:.2e}"
+    # Cross-loss TracIn: the test side differentiates another objective (here the latent code's norm).
+    def latent_norm(module, batch):
+        return module.encode(batch)[0].pow(2).sum(dim=1)
+
+    cross = InfluenceAnalysis(store, vae).tracin(test_x, measurement=latent_norm)
+    ref_cross = brute_force_tracin(vae, store, data.tensors[0], test_x, lrs_per_step, 5, measurement=latent_norm)
+    assert (cross.double() - ref_cross).norm() / ref_cross.norm() < 1e-5
+    assert not torch.allclose(cross, scores)
     # The stored eta is the lr credit of the faster group: lr x (steps / steps per epoch).
     assert store.checkpoints[0].lr == pytest.approx(sum(s[0] for s in lrs_per_step[:3]) / 5, rel=1e-12)
 
