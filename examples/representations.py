@@ -31,7 +31,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_influence.data import DigitsDataModule
 from lightning_influence.relax import RELAX
-from lightning_influence.supervised_vae import IndependentClassifier, PlainClassifier, SupervisedVAE, invariance_metrics
+from lightning_influence.invariances import IndependentClassifier, PlainClassifier, invariance_metrics
+from lightning_influence.supervised_vae import SupervisedVAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

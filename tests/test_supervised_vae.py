@@ -17,14 +17,14 @@ from lightning_influence.data import DigitsDataModule
 from lightning_influence.noise import fixed_noise
 from lightning_influence.objectives import negative_elbo
 from lightning_influence.per_sample_gradients import per_sample_gradients
-from lightning_influence.supervised_vae import (
+from lightning_influence.invariances import (
     IndependentClassifier,
     PlainClassifier,
-    SupervisedVAE,
     invariance_attributions,
     invariance_metrics,
     label_preservation,
 )
+from lightning_influence.supervised_vae import SupervisedVAE
 
 EPOCHS = 30
 
