@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Subset
 
-from lightning_influence import DigitsDataModule, InfluenceAnalysis, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, DigitsDataModule, InfluenceAnalysis, TrajectoryRecorder
 
 
 def _trainer(device: str, max_epochs: int, callbacks: list) -> pl.Trainer:
@@ -99,7 +99,9 @@ def main() -> None:
         scoring[name] = statistics.median(times)
 
     n_params = sum(p.numel() for p in vae.parameters())
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}"
+    )
     print(f"model: MLPVAE 64-128-8, {n_params} parameters; {len(dm.train_set)} training samples")
     print("per-sample gradients average 16 ELBO draws (the VAE-TracIn default) unless marked '1 draw'")
     print(f"plain training epoch (median):             {plain_epoch * 1000:8.1f} ms")

@@ -30,8 +30,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_influence.data import DigitsDataModule
-from lightning_influence.relax import RELAX
 from lightning_influence.invariances import IndependentClassifier, PlainClassifier, invariance_metrics
+from lightning_influence.relax import RELAX
 from lightning_influence.supervised_vae import SupervisedVAE
 
 

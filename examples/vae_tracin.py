@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional import spearman_corrcoef
 from tqdm.auto import tqdm
 
-from lightning_influence import DigitsDataModule, InfluenceAnalysis, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, DigitsDataModule, InfluenceAnalysis, TrajectoryRecorder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from lightning_influence.density import kde_loo_influence, knn_loo_influence
 from lightning_influence.fragility import FragilityCheck, FragilityError, FragilityReport
 from lightning_influence.influence_function import InfluenceDiagnostics, InfluenceFunction
 from lightning_influence.inverse_hvp import SingularHessianError, SolverNotConvergedError
-from lightning_influence.models import ConvVAE, MLPVAE, VAEModule
+from lightning_influence.models import MLPVAE, ConvVAE, VAEModule
 from lightning_influence.objectives import negative_elbo
 from lightning_influence.projection import ProjectionSpec, RandomProjection
 from lightning_influence.recorder import TrajectoryRecorder
@@ -26,6 +26,8 @@ from lightning_influence.tracin import self_influence_scores, tracin_scores
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLPVAE",
+    "RELAX",
     "ConvVAE",
     "DECClustering",
     "DigitsDataModule",
@@ -37,10 +39,8 @@ __all__ = [
     "InfluenceAnalysis",
     "InfluenceDiagnostics",
     "InfluenceFunction",
-    "MLPVAE",
     "MNISTDataModule",
     "ProjectionSpec",
-    "RELAX",
     "RandomProjection",
     "SingularHessianError",
     "SolverNotConvergedError",

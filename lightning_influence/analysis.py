@@ -17,7 +17,7 @@ from lightning_influence.isolation import isolated
 from lightning_influence.noise import NoiseStream
 from lightning_influence.per_sample_gradients import LossFn, call_per_sample_loss
 from lightning_influence.store import GradientStore, StoredCheckpoint
-from lightning_influence.tracin import iter_row_blocks, merge_top_k
+from lightning_influence.tracin import iter_row_blocks, merge_top_k, self_influence_scores, tracin_scores
 
 __all__ = ["InfluenceAnalysis"]
 
@@ -174,7 +174,9 @@ class InfluenceAnalysis:
         if measurement is None:
             return self.loss_fn, "loss_fn"
         if not callable(measurement):
-            raise TypeError(f"`measurement` must be callable as measurement(module, batch) -> Tensor[B], got {measurement!r}.")
+            raise TypeError(
+                f"`measurement` must be callable as measurement(module, batch) -> Tensor[B], got {measurement!r}."
+            )
         return measurement, "measurement"
 
     def _iter(self, items: Sequence[Any], desc: str) -> Any:
@@ -208,7 +210,7 @@ class InfluenceAnalysis:
             if out is None:
                 out = torch.zeros(t.shape[0], n, device=self.device)
             for start, stop in iter_row_blocks(n, self.train_block):
-                out[:, start:stop].addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+                out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.lr])
         assert out is not None
         return out.cpu()
 
@@ -242,9 +244,8 @@ class InfluenceAnalysis:
                 self.gradients(data, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data") if unbiased else None
             )
             for start, stop in iter_row_blocks(n, self.train_block):
-                g = self._train_rows(ckpt, start, stop)
-                other = g if second is None else second[start:stop]
-                out[start:stop] += ckpt.lr * (g * other).sum(dim=1)
+                g = [self._train_rows(ckpt, start, stop)]
+                out[start:stop] += self_influence_scores(g, [ckpt.lr], None if second is None else [second[start:stop]])
         return out.cpu()
 
     def top_k(
@@ -264,7 +265,7 @@ class InfluenceAnalysis:
         Returns:
             ``(indices, scores)``, each ``[n_test, k]``, strongest first.
         """
-        (idx, val), = self.ranked(test_data, k, measurement=measurement, largest=(proponents,))
+        ((idx, val),) = self.ranked(test_data, k, measurement=measurement, largest=(proponents,))
         return idx, val
 
     def ranked(
@@ -307,9 +308,8 @@ class InfluenceAnalysis:
             ]
             best: list[tuple[Tensor | None, Tensor | None]] = [(None, None) for _ in largest]
             for start, stop in iter_row_blocks(n, self.train_block):
-                block = torch.zeros(q1 - q0, stop - start, device=self.device)
-                for ckpt, t in zip(self.store.checkpoints, tests):
-                    block.addmm_(t, self._train_rows(ckpt, start, stop).T, alpha=ckpt.lr)
+                ckpts = self.store.checkpoints
+                block = tracin_scores([self._train_rows(c, start, stop) for c in ckpts], tests, [c.lr for c in ckpts])
                 idx = torch.arange(start, stop, device=self.device)
                 best = [merge_top_k(bv, bi, block, idx, k, largest=lg) for (bv, bi), lg in zip(best, largest)]
             for j, (bv, bi) in enumerate(best):

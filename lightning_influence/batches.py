@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 __all__ = [
     "batch_size_of",
     "check_ordered_loader",
-    "gather_samples", "subset", "is_collated_batch", "iterate_batches", "num_samples", "slice_batch", "tensor_leaves"]
+    "gather_samples",
+    "is_collated_batch",
+    "iterate_batches",
+    "num_samples",
+    "slice_batch",
+    "subset",
+    "tensor_leaves",
+]
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -95,7 +102,9 @@ def check_ordered_loader(loader: DataLoader, name: str = "data") -> None:
             " are positions, so pass the Dataset or a DataLoader with shuffle=False and the default sequential sampler."
         )
     if getattr(batch_sampler, "drop_last", False):
-        raise ValueError(f"`{name}` is a DataLoader with drop_last=True, which would lose samples; use drop_last=False.")
+        raise ValueError(
+            f"`{name}` is a DataLoader with drop_last=True, which would lose samples; use drop_last=False."
+        )
 
 
 def num_samples(data: Any, name: str = "data") -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -188,5 +187,3 @@ class MNISTDataModule(_SplitDataModule):
 
     def __repr__(self) -> str:
         return f"MNISTDataModule(root={str(self.root)!r}, batch_size={self.batch_size})"
-
-

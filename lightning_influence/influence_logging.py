@@ -72,7 +72,9 @@ def log_influence(
 
     if train_data is not None:
         writer.add_image(
-            f"{tag}/highest_self_influence", make_grid(_images(train_data, top_self, image_fn), nrow=8, pad_value=1), step
+            f"{tag}/highest_self_influence",
+            make_grid(_images(train_data, top_self, image_fn), nrow=8, pad_value=1),
+            step,
         )
         query_images = as_images(image_fn(queries) if image_fn is not None else batch_inputs(queries))
         for q in range(n_queries):

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_influence.objectives import batch_inputs
-
 from lightning_influence.supervised_vae import Judge, SupervisedVAE, _classifier_head, _eval, _mlp, batch_labels
 
 __all__ = [

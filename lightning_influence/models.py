@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_influence.objectives import Likelihood, batch_inputs, negative_elbo
 
-__all__ = ["ConvVAE", "MLPVAE", "VAEModule"]
+__all__ = ["MLPVAE", "ConvVAE", "VAEModule"]
 
 
 class VAEModule(pl.LightningModule):

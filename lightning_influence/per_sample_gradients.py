@@ -29,7 +29,9 @@ __all__ = [
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
-def resolve_parameter_names(module: nn.Module, params: Sequence[str] | str | None, argname: str = "params") -> list[str]:
+def resolve_parameter_names(
+    module: nn.Module, params: Sequence[str] | str | None, argname: str = "params"
+) -> list[str]:
     """Expand parameter names or module-name prefixes into trainable parameter names.
 
     Args:
@@ -100,7 +102,9 @@ class _LossModule(nn.Module):
 
 def _check_loss_shape(loss: Any, argname: str) -> Tensor:
     if not isinstance(loss, Tensor):
-        raise TypeError(f"`{argname}` must return a Tensor of per-sample losses [B]; it returned {type(loss).__name__}.")
+        raise TypeError(
+            f"`{argname}` must return a Tensor of per-sample losses [B]; it returned {type(loss).__name__}."
+        )
     if loss.dim() != 1 or loss.shape[0] != 1:
         raise ValueError(
             f"`{argname}` must return one loss per sample (a Tensor of shape [B]); for a batch of one sample it"
@@ -196,7 +200,9 @@ def _leaves(batch: Any) -> list[Tensor]:
     return tensor_leaves(batch)
 
 
-def flatten_gradients(grads: Mapping[str, Tensor], names: Sequence[str], scales: Mapping[str, float] | None = None) -> Tensor:
+def flatten_gradients(
+    grads: Mapping[str, Tensor], names: Sequence[str], scales: Mapping[str, float] | None = None
+) -> Tensor:
     """Concatenate per-sample gradients into ``Tensor[B, D]`` in ``names`` order.
 
     Args:

@@ -117,7 +117,9 @@ class TrajectoryRecorder(pl.Callback):
         if every_n_epochs is None and every_n_steps is None:
             every_n_epochs = 1
         if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
-            raise MisconfigurationException(f"`projection_dim` must be None or a positive integer, got {projection_dim!r}.")
+            raise MisconfigurationException(
+                f"`projection_dim` must be None or a positive integer, got {projection_dim!r}."
+            )
         choices = {
             "projection_kind": (projection_kind, ("sjlt", "rademacher", "gaussian")),
             "grad_dtype": (grad_dtype, ("float32", "float16", "bfloat16")),
@@ -440,5 +442,3 @@ class TrajectoryRecorder(pl.Callback):
         self._credit = dict(state_dict.get("credit", {}))
         self._steps = int(state_dict.get("steps", 0))
         self._skipped = int(state_dict.get("skipped", 0))
-
-

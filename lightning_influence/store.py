@@ -208,7 +208,9 @@ class CheckpointWriter:
             raise StoreError(f"Checkpoint {self.index}: metadata lacks {missing_meta}; nothing was listed.")
         if not self._written.all():
             missing = int((~self._written).sum())
-            raise StoreError(f"Checkpoint {self.index}: {missing} of {len(self._written)} sample rows were never written.")
+            raise StoreError(
+                f"Checkpoint {self.index}: {missing} of {len(self._written)} sample rows were never written."
+            )
         self._rows.flush()
         with open(self.tmp / GRADS_FILE, "rb+") as f:
             os.fsync(f.fileno())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -71,5 +70,3 @@ def as_images(x: Tensor) -> Tensor:
     lo = x.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
     hi = x.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
     return ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-
-

@@ -9,12 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import DigitsDataModule, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, DigitsDataModule, TrajectoryRecorder
 
 # The test models are tiny: one intra-op thread is as fast as two on a quiet machine and orders
 # of magnitude faster on a loaded one (OpenMP threads spin against each other).
 torch.set_num_threads(1)
-
 
 
 #: The digits VAE used for the acceptance figures: a Gaussian likelihood keeps the loss tied to

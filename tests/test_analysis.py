@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.functional.classification import binary_auroc
 
-from lightning_influence import InfluenceAnalysis, MLPVAE
+from lightning_influence import MLPVAE, InfluenceAnalysis
 from lightning_influence.batches import gather_samples
 
 
@@ -119,7 +119,9 @@ def test_measurement_equal_to_the_loss_is_matched_tracin(exact, digits_run):
     matched = exact.tracin(ds)
     same = exact.tracin(ds, measurement=lambda m, b: m.per_sample_loss(b))
     torch.testing.assert_close(matched, same)
-    recon_only = exact.tracin(ds, measurement=lambda m, b: m.per_sample_loss(b, n_draws=4) * 0 + m.encode(b[0])[0].pow(2).sum(1))
+    recon_only = exact.tracin(
+        ds, measurement=lambda m, b: m.per_sample_loss(b, n_draws=4) * 0 + m.encode(b[0])[0].pow(2).sum(1)
+    )
     assert not torch.allclose(recon_only, matched)
     with pytest.raises(ValueError, match="measurement"):
         exact.tracin(ds, measurement=lambda m, b: m.per_sample_loss(b).mean())
@@ -152,5 +154,7 @@ def test_cross_loss_tracin_on_a_projected_store_ranks_like_exact(exact, digits_r
 
     queries = Subset(digits_run.dm.test_set, range(10))
     projected = InfluenceAnalysis(digits_run.stores["proj"], digits_run.vae)
-    rho = spearman_corrcoef(projected.tracin(queries, measurement=latent_norm).T, exact.tracin(queries, measurement=latent_norm).T)
+    rho = spearman_corrcoef(
+        projected.tracin(queries, measurement=latent_norm).T, exact.tracin(queries, measurement=latent_norm).T
+    )
     assert rho.min() >= 0.9, f"per-test Spearman min {rho.min():.3f}"

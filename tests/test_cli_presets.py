@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.cli import LightningCLI
 
-from lightning_influence import DigitsDataModule, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, DigitsDataModule, TrajectoryRecorder
 
 PRESETS = sorted((Path(__file__).parents[1] / "callbacks").glob("*.yaml"))
 
@@ -19,9 +19,7 @@ def _no_pytest_argv(monkeypatch):
 
 
 def _cli(args):
-    return LightningCLI(
-        MLPVAE, DigitsDataModule, run=False, args=args, save_config_kwargs={"overwrite": True}
-    )
+    return LightningCLI(MLPVAE, DigitsDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
 
 
 def test_presets_exist():

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
-from lightning_influence import GradientStore, InfluenceAnalysis, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, GradientStore, InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
 
 pytestmark = [

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
-from lightning_influence import GradientStore, InfluenceAnalysis, MLPVAE, TrajectoryRecorder
+from lightning_influence import MLPVAE, GradientStore, InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
 from lightning_influence.noise import NoiseStream, fixed_noise
 
@@ -58,7 +58,9 @@ def brute_force_tracin(vae, store, train_x, test_x, lrs_per_step, steps_per_epoc
                 with fixed_noise(torch.tensor([i]), store.noise_seed, stream):
                     loss = (fn or (lambda m, b: m.per_sample_loss(b)))(model, x[i : i + 1])[0]
                 gs = torch.autograd.grad(loss, params, allow_unused=True)
-                out.append([(torch.zeros_like(p) if g is None else g).detach().double().flatten() for g, p in zip(gs, params)])
+                out.append(
+                    [(torch.zeros_like(p) if g is None else g).detach().double().flatten() for g, p in zip(gs, params)]
+                )
             return out
 
         g_train, g_test = grads(train_x, NoiseStream.TRAIN), grads(test_x, NoiseStream.TEST, measurement)
@@ -89,6 +91,7 @@ def test_exact_tracin_equals_a_brute_force_autograd_loop(tmp_path):
     ref = brute_force_tracin(vae, store, data.tensors[0], test_x, lrs_per_step, steps_per_epoch=5)
     rel = (scores.double() - ref).norm() / ref.norm()
     assert rel < 1e-5, f"relative error {rel:.2e}"
+
     # Cross-loss TracIn: the test side differentiates another objective (here the latent code's norm).
     def latent_norm(module, batch):
         return module.encode(batch)[0].pow(2).sum(dim=1)

@@ -14,9 +14,6 @@ import torch.nn.functional as F
 from torchmetrics.functional import pearson_corrcoef
 
 from lightning_influence.data import DigitsDataModule
-from lightning_influence.noise import fixed_noise
-from lightning_influence.objectives import negative_elbo
-from lightning_influence.per_sample_gradients import per_sample_gradients
 from lightning_influence.invariances import (
     IndependentClassifier,
     PlainClassifier,
@@ -24,6 +21,9 @@ from lightning_influence.invariances import (
     invariance_metrics,
     label_preservation,
 )
+from lightning_influence.noise import fixed_noise
+from lightning_influence.objectives import negative_elbo
+from lightning_influence.per_sample_gradients import per_sample_gradients
 from lightning_influence.supervised_vae import SupervisedVAE
 
 EPOCHS = 30
@@ -155,7 +155,7 @@ def test_per_sample_gradients_work_unchanged() -> None:
     model = SupervisedVAE(hidden_dim=16)
     x, y = torch.rand(3, 64), torch.tensor([4, 5, 6])
     params = {k: v.detach() for k, v in model.named_parameters()}
-    loss_fn = lambda m, b: m.per_sample_loss(b, n_draws=2)  # noqa: E731
+    loss_fn = lambda m, b: m.per_sample_loss(b, n_draws=2)
     grads = per_sample_gradients(model, loss_fn, (x, y), params, sample_ids=torch.tensor([10, 11, 12]), noise_seed=3)
     assert grads["classifier.0.weight"].shape == (3, *model.classifier[0].weight.shape)
     # Sample 1's gradient equals a plain backward of its own loss under the same keyed noise.
@@ -217,7 +217,7 @@ def test_sampling_shapes_determinism_and_modes(trained: dict) -> None:
 
 
 def test_label_preservation_counts() -> None:
-    judge = lambda t: t.flatten(1)[:, 0].round().long()  # noqa: E731
+    judge = lambda t: t.flatten(1)[:, 0].round().long()
     samples = torch.tensor([[[1.0], [1.0], [0.0]], [[0.0], [0.0], [0.0]]])
     assert label_preservation(samples, torch.tensor([1, 0]), judge) == pytest.approx(5 / 6)
     with pytest.raises(ValueError, match="`samples` must be"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Subset
 
-from conftest import quiet_trainer
 from lightning_influence import InfluenceAnalysis
 from lightning_influence.tensorboard import as_images, get_summary_writer
 

@@ -81,8 +81,10 @@ def encode(
     """
     _check_device(encoder, x, argname)
     if autocast:
-        dtype = autocast if isinstance(autocast, torch.dtype) else (
-            torch.float16 if x.device.type == "cuda" else torch.bfloat16
+        dtype = (
+            autocast
+            if isinstance(autocast, torch.dtype)
+            else (torch.float16 if x.device.type == "cuda" else torch.bfloat16)
         )
         ctx: Any = torch.autocast(device_type=x.device.type, dtype=dtype)
     else:
