@@ -27,7 +27,7 @@ import warnings
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_influence.fragility.iris import iris_protocol
+from lightning_influence.fragility.iris import iris_protocol, load_iris_split
 from lightning_influence.fragility.metrics import mean_confidence_interval
 
 #: The paper's raw results (xai_is_fragile @fd7e213, IRIS/figure1_*_selu), mean Spearman +- 1.96 sd/sqrt(n).
@@ -93,6 +93,9 @@ def main() -> None:
             writer.add_scalar("iris/spearman_objective_hessian", r.spearman_objective_hessian, r.seed)
             writer.add_scalar("iris/spearman_float32_inverse", r.spearman_float32_inverse, r.seed)
             writer.add_scalar("iris/model_top_eigenvalue", r.model_top_eigenvalue, r.seed)
+        # Model-free sanity rows: KDE and k-NN, whose leave-one-out influence is exact.
+        train_set, test_set = load_iris_split()
+        results[0].report.add_density_references(train_set.tensors[0], test_set.tensors[0])
         results[0].report.log_to_tensorboard(logger, tag="fragility_first_repeat")
         logger.experiment.flush()
         rows.append(

@@ -9,12 +9,14 @@
 - :mod:`~lightning_influence.fragility.estimates`: exact damped-Hessian influence-function
   estimates of a small parameter block (the reference estimator of the paper).
 - :mod:`~lightning_influence.fragility.diagnostics`: Hessian eigenvalues and damping sweeps.
+- :mod:`~lightning_influence.fragility.references`: KDE and k-NN sanity rows (exact leave-one-out).
 - :mod:`~lightning_influence.fragility.iris`: the paper's Iris task as Lightning objects.
 """
 
 from lightning_influence.fragility.check import FragilityCheck, select_removals
 from lightning_influence.fragility.diagnostics import curvature_diagnostics
 from lightning_influence.fragility.estimates import influence_function_estimates, influence_function_parts
+from lightning_influence.fragility.references import density_references
 from lightning_influence.fragility.report import CurvatureDiagnostics, FragilityReport, RemovalResult, Verdict
 from lightning_influence.fragility.retraining import (
     ArchitectureMismatchError,
@@ -34,6 +36,7 @@ __all__ = [
     "RetrainingDivergedError",
     "Verdict",
     "curvature_diagnostics",
+    "density_references",
     "influence_function_estimates",
     "influence_function_parts",
     "select_removals",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_influence.fragility.metrics import agreement_metrics, mean_confidence_interval, pearson, spearman
 
@@ -158,6 +159,9 @@ class FragilityReport:
         complete: every planned retrain finished.
         runtime_s: wall time of the check; n_fits: Trainer.fit calls.
         config: the check's settings (for the record).
+        references: sanity rows from estimators with exact leave-one-out influence (see
+            :func:`~lightning_influence.fragility.references.density_references`); they must agree
+            perfectly, or the pipeline, not the estimator, is at fault.
     """
 
     retrain: str
@@ -178,6 +182,7 @@ class FragilityReport:
     runtime_s: float = 0.0
     n_fits: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ statistics
     @property
@@ -282,7 +287,22 @@ class FragilityReport:
                         f" {c.dampings} (best at {best:g})",
                     )
                 )
+        if self.references:
+            errors = {name: ref.get("max_abs_error", math.nan) for name, ref in self.references.items()}
+            exact = all(math.isfinite(e) and e <= 1e-8 for e in errors.values())
+            detail = ", ".join(f"{name} max error {_fmt(e, 2)}" for name, e in errors.items())
+            out.append(Verdict("reference", OK if exact else FAIL, f"exact leave-one-out estimators: {detail}"))
         return out
+
+    def add_density_references(
+        self, train: Tensor, queries: Tensor, *, bandwidth: float | None = None, k: int = 5
+    ) -> FragilityReport:
+        """Add KDE and k-NN sanity rows on ``train``/``queries`` inputs (see
+        :func:`~lightning_influence.fragility.references.density_references`); returns ``self``."""
+        from lightning_influence.fragility.references import density_references
+
+        self.references.update(density_references(train, queries, bandwidth=bandwidth, k=k))
+        return self
 
     def summary(self) -> str:
         """Human-readable summary with one verdict per check."""
@@ -312,6 +332,11 @@ class FragilityReport:
         below = [r for r in self.measured if r.above_noise_floor is False]
         if below:
             lines.append(f"  {len(below)} effects are below the noise floor (labelled 'below noise floor').")
+        for name, ref in self.references.items():
+            lines.append(
+                f"  reference {name} (exact leave-one-out): closed form vs refit max error"
+                f" {_fmt(ref.get('max_abs_error'), 2)}, Pearson {_fmt(ref.get('pearson'))}"
+            )
         lines.append("Verdicts:")
         for v in self.verdicts():
             lines.append(f"  [{v.status:4}] {v.check}: {v.detail}")
@@ -350,6 +375,7 @@ class FragilityReport:
         data["metrics"] = _nan(data.get("metrics", {}))
         data["per_seed"] = _nan(data.get("per_seed", []))
         data["control_test_losses"] = _nan(data.get("control_test_losses", []))
+        data["references"] = _nan(data.get("references", {}))
         return cls(**data, removals=removals, curvature=curvature)
 
     # ------------------------------------------------------------------ figures
