@@ -161,6 +161,7 @@ class TrajectoryRecorder(pl.Callback):
         self._skipped = 0
         self._pending: list[tuple[list[float], list[list[int]]]] = []
         self._scale_before: float | None = None
+        self._resumed_checkpoints: int | None = None
         # Resolved at fit start.
         self._writer: GradientStoreWriter | None = None
         self._featurizer: GradientFeaturizer | None = None
@@ -250,6 +251,15 @@ class TrajectoryRecorder(pl.Callback):
             self._writer = GradientStoreWriter(self.dirpath, header, overwrite=self.overwrite)
         except StoreError as err:
             raise MisconfigurationException(str(err)) from err
+        if self._resumed_checkpoints is not None:
+            # Resuming from a Lightning checkpoint: checkpoints recorded after it belong to the
+            # abandoned run (they would be recorded again), so the store rolls back to match.
+            dropped = self._writer.truncate(min(self._resumed_checkpoints, self._writer.n_checkpoints))
+            if dropped:
+                rank_zero_warn(
+                    f"TrajectoryRecorder: resumed from a checkpoint taken before {len(dropped)} recorded checkpoint(s)"
+                    f" (steps {[d['step'] for d in dropped]}); they were dropped and will be recorded again."
+                )
 
     def _projection(self, checkpoint: int) -> RandomProjection | None:
         if self._spec is None:
@@ -434,6 +444,7 @@ class TrajectoryRecorder(pl.Callback):
             "credit": dict(self._credit),
             "steps": self._steps,
             "skipped": self._skipped,
+            "n_checkpoints": self._writer.n_checkpoints if self._writer is not None else 0,
         }
 
     @override
@@ -442,3 +453,4 @@ class TrajectoryRecorder(pl.Callback):
         self._credit = dict(state_dict.get("credit", {}))
         self._steps = int(state_dict.get("steps", 0))
         self._skipped = int(state_dict.get("skipped", 0))
+        self._resumed_checkpoints = int(state_dict.get("n_checkpoints", 0))

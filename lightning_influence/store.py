@@ -165,6 +165,25 @@ class GradientStoreWriter:
     def n_checkpoints(self) -> int:
         return len(self.manifest["checkpoints"])
 
+    def truncate(self, n_checkpoints: int) -> list[dict[str, Any]]:
+        """Keep only the first ``n_checkpoints`` (a resumed run abandons what came after its checkpoint).
+
+        The manifest is replaced atomically first, so a crash in between leaves at worst unlisted
+        directories, which the next :meth:`begin_checkpoint` clears.
+
+        Returns:
+            The manifest entries that were dropped.
+        """
+        if not 0 <= n_checkpoints <= self.n_checkpoints:
+            raise StoreError(f"Cannot truncate {self.n_checkpoints} checkpoints to {n_checkpoints}.")
+        dropped = self.manifest["checkpoints"][n_checkpoints:]
+        if dropped:
+            self.manifest["checkpoints"] = self.manifest["checkpoints"][:n_checkpoints]
+            _write_json_atomic(self.path / MANIFEST, self.manifest)
+            for entry in dropped:
+                shutil.rmtree(self.path / entry["dir"], ignore_errors=True)
+        return dropped
+
     def begin_checkpoint(self) -> CheckpointWriter:
         """Start writing the next checkpoint into a hidden temporary directory."""
         index = self.n_checkpoints

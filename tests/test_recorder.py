@@ -339,3 +339,43 @@ def test_steps_per_epoch_uses_accumulation(tmp_path):
     store = GradientStore(rec.store_path)
     assert [c.entry["optimizer_steps"] for c in store.checkpoints] == [2, 2]
     assert all(c.lr == pytest.approx(0.01 * 2 / math.ceil(4 / 2)) for c in store.checkpoints)
+
+
+def test_resuming_after_a_crash_rolls_the_store_back_and_matches_an_uninterrupted_run(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    loader = DataLoader(small_data(32), batch_size=8)  # in order: resumption is then exact
+
+    class StepNoiseVAE(MLPVAE):
+        # Training noise keyed by the step, not the global RNG (which Lightning does not restore).
+        def training_step(self, batch, batch_idx):
+            with fixed_noise(torch.arange(len(batch[0])), seed=self.global_step, stream=9):
+                return super().training_step(batch, batch_idx)
+
+    def fit(store, callbacks, ckpt_path=None, ckpt_dir=None):
+        pl.seed_everything(0, verbose=False)
+        vae = StepNoiseVAE(input_dim=64, hidden_dim=16, latent_dim=3, lr=0.05, optimizer="sgd", influence_draws=2)
+        rec = TrajectoryRecorder(store, batch_size=16)
+        extra = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1)] if ckpt_dir else []
+        trainer = quiet_trainer(max_epochs=4, callbacks=[rec, *callbacks, *extra], enable_checkpointing=bool(ckpt_dir))
+        trainer.fit(vae, loader, ckpt_path=ckpt_path)
+        return GradientStore(store)
+
+    class Crash(pl.Callback):
+        # Runs after the recorder and before ModelCheckpoint: epoch 2 is recorded but not checkpointed.
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("simulated crash")
+
+    reference = fit(tmp_path / "reference", [])
+    ckpts = tmp_path / "ckpts"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "resumed", [Crash()], ckpt_dir=ckpts)
+    assert len(GradientStore(tmp_path / "resumed")) == 3  # epochs 0, 1, 2 recorded before the crash
+    last = sorted(ckpts.glob("epoch=1*.ckpt"))[-1]
+    with pytest.warns(UserWarning, match=r"dropped and will be recorded again"):
+        resumed = fit(tmp_path / "resumed", [], ckpt_path=str(last), ckpt_dir=ckpts)
+    assert [c.step for c in resumed.checkpoints] == [c.step for c in reference.checkpoints] == [4, 8, 12, 16]
+    for a, b in zip(resumed.checkpoints, reference.checkpoints):
+        assert a.lr == pytest.approx(b.lr)
+        torch.testing.assert_close(a.gradients(), b.gradients())
