@@ -37,12 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--n-queries", type=int, default=4, help="test digits shown with proponents/opponents")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (tiny model: 1 is fastest)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     logdir = Path(args.logdir)
     dm = DigitsDataModule(batch_size=64, seed=args.seed)
