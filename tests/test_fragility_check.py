@@ -22,15 +22,6 @@ from lightning_influence.fragility.retraining import (
 WD = 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny full-batch fits: intra-op threads only add synchronisation (10x slower on a busy 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_convex() -> IrisClassifier:
     return IrisClassifier(depth=0, weight_decay=WD, optimizer="lbfgs")
 

@@ -22,14 +22,6 @@ from lightning_influence.fragility.iris import (
 REPEATS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def with_wd():
     return iris_protocol(depth=1, weight_decay=0.005, repeats=REPEATS, train_epochs=2000, finetune_epochs=300)

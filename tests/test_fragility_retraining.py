@@ -18,14 +18,6 @@ from lightning_influence.fragility.retraining import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tensors():
     gen = torch.Generator().manual_seed(0)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -29,17 +27,6 @@ from lightning_influence.supervised_vae import SupervisedVAE
 EPOCHS = 30
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    # Tiny MLPs: thread synchronisation costs far more than it saves, badly so on a loaded 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _fit(module: pl.LightningModule, dm: DigitsDataModule) -> None:
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
@@ -57,19 +44,18 @@ def _fit(module: pl.LightningModule, dm: DigitsDataModule) -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> dict:
-    with _single_thread():
-        dm = DigitsDataModule(batch_size=64, seed=0)
-        dm.setup("fit")
-        pl.seed_everything(0, verbose=False)
-        model = SupervisedVAE()
-        _fit(model, dm)
-        pl.seed_everything(0, verbose=False)
-        plain = PlainClassifier.like(model)
-        _fit(plain, dm)
-        x_train, y_train = dm.train_set.tensors
-        x_test, y_test = dm.test_set.tensors
-        judge = IndependentClassifier().fit(x_train, y_train)
-        metrics = invariance_metrics(model, x_test, y_test, judge, n_samples=10, plain_classifier=plain)
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    dm.setup("fit")
+    pl.seed_everything(0, verbose=False)
+    model = SupervisedVAE()
+    _fit(model, dm)
+    pl.seed_everything(0, verbose=False)
+    plain = PlainClassifier.like(model)
+    _fit(plain, dm)
+    x_train, y_train = dm.train_set.tensors
+    x_test, y_test = dm.test_set.tensors
+    judge = IndependentClassifier().fit(x_train, y_train)
+    metrics = invariance_metrics(model, x_test, y_test, judge, n_samples=10, plain_classifier=plain)
     return {"model": model, "plain": plain, "judge": judge, "x": x_test, "y": y_test, "metrics": metrics}
 
 
@@ -176,26 +162,25 @@ def test_recorder_and_tracin_use_it_unchanged(tmp_path) -> None:
     x, y = load_digits_tensors()
     train = TensorDataset(x[:200], y[:200])
     test = (x[1000:1010], y[1000:1010])
-    with _single_thread():
-        pl.seed_everything(0, verbose=False)
-        model = SupervisedVAE(hidden_dim=32, influence_draws=4)
-        recorder = TrajectoryRecorder(tmp_path / "store", dataset=train)
-        trainer = pl.Trainer(
-            max_epochs=3,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[recorder],
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True))
-        analysis = InfluenceAnalysis(recorder.store_path, model)
-        scores = analysis.tracin(test)
-        # Cross-loss TracIn on the classification term alone: same-class training digits are proponents.
-        ce = analysis.tracin(test, measurement=lambda m, b: m.loss_terms(b, n_draws=1)["ce"])
+    pl.seed_everything(0, verbose=False)
+    model = SupervisedVAE(hidden_dim=32, influence_draws=4)
+    recorder = TrajectoryRecorder(tmp_path / "store", dataset=train)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True))
+    analysis = InfluenceAnalysis(recorder.store_path, model)
+    scores = analysis.tracin(test)
+    # Cross-loss TracIn on the classification term alone: same-class training digits are proponents.
+    ce = analysis.tracin(test, measurement=lambda m, b: m.loss_terms(b, n_draws=1)["ce"])
     assert scores.shape == (10, 200) and bool(torch.isfinite(scores).all())
     same = y[1000:1010, None] == y[None, :200]
     assert float(ce[same].mean()) > 0 > float(ce[~same].mean())
