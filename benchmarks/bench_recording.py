@@ -23,7 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Subset
 
-from lightning_influence import MLPVAE, DigitsDataModule, InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence import InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence.data import DigitsDataModule
+from lightning_influence.models import MLPVAE
 
 
 def _trainer(device: str, max_epochs: int, callbacks: list) -> pl.Trainer:
@@ -78,7 +80,7 @@ def main() -> None:
     exact = TrajectoryRecorder(root / "exact", every_n_epochs=1, batch_size=256)
     proj = TrajectoryRecorder(root / "proj", every_n_epochs=1, batch_size=256, projection_dim=1024)
     one_draw = TrajectoryRecorder(
-        root / "one_draw", every_n_epochs=1, batch_size=256, loss_fn=lambda m, b: m.per_sample_loss(b, n_draws=1)
+        root / "one_draw", every_n_epochs=1, batch_size=256, train_loss=lambda m, b: m.per_sample_loss(b, n_draws=1)
     )
     vae = MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3)
     _trainer(args.device, args.epochs, [exact, proj, one_draw]).fit(vae, dm)

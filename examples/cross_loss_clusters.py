@@ -47,9 +47,9 @@ from torch.func import functional_call, grad, hessian
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-from lightning_influence.clustering import DECClustering, cluster_nll
-from lightning_influence.influence_function import InfluenceFunction
-from lightning_influence.tensorboard import get_summary_writer
+from lightning_influence.influence.influence_function import InfluenceFunction
+from lightning_influence.reporting.tensorboard import get_summary_writer
+from lightning_influence.representations.clustering import DECClustering, cluster_nll
 
 MEANS = torch.tensor([[0.0, 0.0], [5.0, 5.0], [5.0, -5.0]], dtype=torch.float64)
 

@@ -25,10 +25,11 @@ import time
 import warnings
 
 import torch
+from iris import iris_protocol, load_iris_split
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_influence.fragility.iris import iris_protocol, load_iris_split
 from lightning_influence.fragility.metrics import mean_confidence_interval
+from lightning_influence.reporting.fragility import log_fragility
 
 #: The paper's raw results (xai_is_fragile @fd7e213, IRIS/figure1_*_selu), mean Spearman +- 1.96 sd/sqrt(n).
 PAPER = {
@@ -96,7 +97,7 @@ def main() -> None:
         # Model-free sanity rows: KDE and k-NN, whose leave-one-out influence is exact.
         train_set, test_set = load_iris_split()
         results[0].report.add_density_references(train_set.tensors[0], test_set.tensors[0])
-        results[0].report.log_to_tensorboard(logger, tag="fragility_first_repeat")
+        log_fragility(logger, results[0].report, tag="fragility_first_repeat")
         logger.experiment.flush()
         rows.append(
             (

@@ -1,6 +1,6 @@
 """Explaining representations: a supervised VAE's invariances and RELAX maps of its encoder, in TensorBoard.
 
-Trains a :class:`~lightning_influence.supervised_vae.SupervisedVAE` on scikit-learn's 8x8 digits
+Trains a :class:`~lightning_influence.representations.supervised_vae.SupervisedVAE` on scikit-learn's 8x8 digits
 (no download), then logs:
 
 - ``supervised_vae/invariances``: each test digit, its reconstruction, and samples with ``z_s``
@@ -30,9 +30,17 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_influence.data import DigitsDataModule
-from lightning_influence.invariances import IndependentClassifier, PlainClassifier, invariance_metrics
-from lightning_influence.relax import RELAX
-from lightning_influence.supervised_vae import SupervisedVAE
+from lightning_influence.reporting.relax import log_relax
+from lightning_influence.reporting.representations import log_invariances
+from lightning_influence.representations.invariances import (
+    IndependentClassifier,
+    PlainClassifier,
+    attribution_panel,
+    invariance_grids,
+    invariance_metrics,
+)
+from lightning_influence.representations.relax import RELAX
+from lightning_influence.representations.supervised_vae import SupervisedVAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, x_test, y_test, judge, n_samples=args.n_samples, plain_classifier=plain, seed=args.seed
     )
     shown = torch.cat([x_test[y_test == c][:1] for c in range(10)])  # one test digit per class
-    model.log_to_tensorboard(trainer, shown, n=args.n_samples, y=torch.arange(10), metrics=metrics, seed=args.seed)
+    log_invariances(
+        trainer,
+        invariance_grids(model, shown, n=args.n_samples, seed=args.seed),
+        metrics=metrics,
+        attributions=attribution_panel(model, shown[:1], n=min(args.n_samples, 7), seed=args.seed),
+        label=0,
+    )
 
     # RELAX of the encoder: which pixels the representation, and each of its parts, depends on.
     images = shown.view(-1, 1, 8, 8)
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     for name, enc in encoders.items():
         relax = RELAX(enc, n_masks=args.n_masks, num_cells=args.num_cells, seed=args.seed)
-        relax.log_to_tensorboard(trainer, images, tag=f"relax/{name}", max_images=10)
+        log_relax(trainer, images, relax.explain(images), tag=f"relax/{name}", max_images=10)
 
     metrics["runtime_s"] = time.perf_counter() - start
     logger.experiment.add_scalar("supervised_vae/runtime_s", metrics["runtime_s"], trainer.global_step)

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional import spearman_corrcoef
 from tqdm.auto import tqdm
 
-from lightning_influence import MLPVAE, DigitsDataModule, InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence import InfluenceAnalysis, TrajectoryRecorder, log_influence
+from lightning_influence.data import DigitsDataModule
+from lightning_influence.models import MLPVAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,19 +89,21 @@ def main(argv: list[str] | None = None) -> dict:
                 for b in tqdm(DataLoader(dm.train_set, batch_size=512), desc="losses", leave=False)
             ]
         )
-    out = analysis.log_to_tensorboard(trainer, dm.test_set, k=8, n_queries=args.n_queries)
-    rho = spearman_corrcoef(out["self_influence"], loss).item()
+    queries = Subset(dm.test_set, range(args.n_queries))
+    out = analysis.summary(queries, k=8)
+    log_influence(trainer, out, queries, train_data=dm.train_set)
+    rho = spearman_corrcoef(out.self_influence, loss).item()
 
     labels = dm.train_set.tensors[1]
     test_labels = dm.test_set.tensors[1][: args.n_queries]
-    same_prop = (labels[out["proponents"]] == test_labels[:, None]).float().mean().item()
-    same_opp = (labels[out["opponents"]] == test_labels[:, None]).float().mean().item()
+    same_prop = (labels[out.proponents.indices] == test_labels[:, None]).float().mean().item()
+    same_opp = (labels[out.opponents.indices] == test_labels[:, None]).float().mean().item()
 
     print(f"self-proponent rate (first 128 training digits): {self_rate:.3f}   (paper: > 0.99)")
     print(f"Spearman(self-influence, per-sample loss):        {rho:.3f}")
     print(f"proponents sharing the query's label:             {same_prop:.2f}   (chance ~0.10)")
     print(f"opponents sharing the query's label:              {same_opp:.2f}")
-    top = torch.argsort(out["self_influence"], descending=True)[:10].tolist()
+    top = torch.argsort(out.self_influence, descending=True)[:10].tolist()
     print(f"highest self-influence training digits (ids):     {top}")
     print(f"finished in {time.perf_counter() - t_start:.1f}s (training + recording {t_fit:.1f}s)")
     print(f"TensorBoard logs: {logger.log_dir}\n  tensorboard --logdir {logdir}")

@@ -1,58 +1,45 @@
 """lightning_influence: which training samples a (variational) model learned what from.
 
-Record the checkpoint trajectory with :class:`TrajectoryRecorder` during ``Trainer.fit``, then
-ask :class:`InfluenceAnalysis` for TracIn scores, self-influence and proponents;
-:class:`InfluenceFunction` for (cross-loss) influence functions; :class:`FragilityCheck` whether
-estimates survive real retraining; :class:`RELAX` and :class:`SupervisedVAE` to explain
-representations.
+The entry points, in pipeline order:
+
+- record: :class:`TrajectoryRecorder`, a callback for ``Trainer.fit``; your model draws its
+  reparameterisation noise with :func:`standard_normal` and may use :func:`negative_elbo`;
+- store: :class:`GradientStore`, the recorded trajectory on disk;
+- score: :class:`InfluenceAnalysis` (TracIn, self-influence, proponents) and
+  :class:`InfluenceFunction` (cross-loss influence functions);
+- check: :class:`FragilityCheck`, whether estimates survive real retraining;
+- explain representations: :class:`RELAX` and :class:`SupervisedVAE`;
+- report: :func:`log_influence` to TensorBoard.
+
+Everything else lives in its subpackage: ``gradients`` (the :class:`PerSampleGradientEngine` seam,
+projection, precision, noise), ``trajectory``, ``influence``, ``fragility``, ``representations``,
+``models``, ``data``, ``reporting``, ``errors``.
 """
 
-from lightning_influence.analysis import InfluenceAnalysis
-from lightning_influence.clustering import DECClustering, cluster_nll
-from lightning_influence.data import DigitsDataModule, MNISTDataModule
-from lightning_influence.density import kde_loo_influence, knn_loo_influence
-from lightning_influence.fragility import FragilityCheck, FragilityError, FragilityReport
-from lightning_influence.influence_function import InfluenceDiagnostics, InfluenceFunction
-from lightning_influence.inverse_hvp import SingularHessianError, SolverNotConvergedError
-from lightning_influence.models import MLPVAE, ConvVAE, VAEModule
-from lightning_influence.objectives import negative_elbo
-from lightning_influence.projection import ProjectionSpec, RandomProjection
-from lightning_influence.recorder import TrajectoryRecorder
-from lightning_influence.relax import RELAX, Explanation, representation_saliency
-from lightning_influence.store import GradientStore, StoreError
-from lightning_influence.supervised_vae import SupervisedVAE
-from lightning_influence.tracin import self_influence_scores, tracin_scores
+from lightning_influence.fragility.check import FragilityCheck
+from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.noise import standard_normal
+from lightning_influence.influence.influence_function import InfluenceFunction
+from lightning_influence.models.objectives import negative_elbo
+from lightning_influence.reporting.influence import log_influence
+from lightning_influence.representations.relax.explainer import RELAX
+from lightning_influence.representations.supervised_vae import SupervisedVAE
+from lightning_influence.trajectory.analysis import InfluenceAnalysis
+from lightning_influence.trajectory.recorder import TrajectoryRecorder
+from lightning_influence.trajectory.store import GradientStore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLPVAE",
     "RELAX",
-    "ConvVAE",
-    "DECClustering",
-    "DigitsDataModule",
-    "Explanation",
     "FragilityCheck",
-    "FragilityError",
-    "FragilityReport",
     "GradientStore",
     "InfluenceAnalysis",
-    "InfluenceDiagnostics",
     "InfluenceFunction",
-    "MNISTDataModule",
-    "ProjectionSpec",
-    "RandomProjection",
-    "SingularHessianError",
-    "SolverNotConvergedError",
-    "StoreError",
+    "PerSampleGradientEngine",
     "SupervisedVAE",
     "TrajectoryRecorder",
-    "VAEModule",
-    "cluster_nll",
-    "kde_loo_influence",
-    "knn_loo_influence",
+    "log_influence",
     "negative_elbo",
-    "representation_saliency",
-    "self_influence_scores",
-    "tracin_scores",
+    "standard_normal",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import MLPVAE, DigitsDataModule, TrajectoryRecorder
+from lightning_influence import TrajectoryRecorder
+from lightning_influence.data import DigitsDataModule
+from lightning_influence.models import MLPVAE
+
+# The Iris protocol of the fragility paper is an example, not library code; its tests import it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 # The test models are tiny: one intra-op thread is as fast as two on a quiet machine and orders
 # of magnitude faster on a loaded one (OpenMP threads spin against each other).

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.cli import LightningCLI
 
-from lightning_influence import MLPVAE, DigitsDataModule, TrajectoryRecorder
+from lightning_influence import TrajectoryRecorder
+from lightning_influence.data.datamodules import DigitsDataModule
+from lightning_influence.models.vae import MLPVAE
 
 PRESETS = sorted((Path(__file__).parents[1] / "callbacks").glob("*.yaml"))
 

@@ -11,8 +11,9 @@ import torch
 from conftest import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import MLPVAE, GradientStore, InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence import GradientStore, InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
+from lightning_influence.models.vae import MLPVAE
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,7 +10,7 @@
   estimates of a small parameter block (the reference estimator of the paper).
 - :mod:`~lightning_influence.fragility.diagnostics`: Hessian eigenvalues and damping sweeps.
 - :mod:`~lightning_influence.fragility.references`: KDE and k-NN sanity rows (exact leave-one-out).
-- :mod:`~lightning_influence.fragility.iris`: the paper's Iris task as Lightning objects.
+- :mod:`~iris`: the paper's Iris task as Lightning objects.
 """
 
 from lightning_influence.fragility.check import FragilityCheck, select_removals
@@ -18,22 +18,14 @@ from lightning_influence.fragility.diagnostics import curvature_diagnostics
 from lightning_influence.fragility.estimates import influence_function_estimates, influence_function_parts
 from lightning_influence.fragility.references import density_references
 from lightning_influence.fragility.report import CurvatureDiagnostics, FragilityReport, RemovalResult, Verdict
-from lightning_influence.fragility.retraining import (
-    ArchitectureMismatchError,
-    FragilityError,
-    Retrainer,
-    RetrainingDivergedError,
-)
+from lightning_influence.fragility.retraining import Retrainer
 
 __all__ = [
-    "ArchitectureMismatchError",
     "CurvatureDiagnostics",
     "FragilityCheck",
-    "FragilityError",
     "FragilityReport",
     "RemovalResult",
     "Retrainer",
-    "RetrainingDivergedError",
     "Verdict",
     "curvature_diagnostics",
     "density_references",

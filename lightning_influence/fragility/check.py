@@ -24,14 +24,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_influence.errors import ConfigurationError, FragilityError
 from lightning_influence.fragility.diagnostics import DEFAULT_DAMPINGS, curvature_diagnostics
 from lightning_influence.fragility.report import FragilityReport, RemovalResult
 from lightning_influence.fragility.retraining import (
-    FragilityError,
     Retrainer,
     TestLossTrajectory,
     architecture_signature,
@@ -39,7 +38,7 @@ from lightning_influence.fragility.retraining import (
     evaluate_loss,
     resolve_training_data,
 )
-from lightning_influence.per_sample_gradients import LossFn
+from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 
 __all__ = ["FragilityCheck", "select_removals"]
 
@@ -148,8 +147,12 @@ class FragilityCheck:
         seeds: number of retraining seeds (``0..seeds-1``) or explicit seeds. At least 2 are
             needed to measure the noise floor.
         selection: which samples to remove; see :func:`select_removals`.
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample loss used for the test
-            measurement and the curvature (default: the model's ``per_sample_loss(batch)``).
+        train_loss: ``train_loss(module, batch) -> Tensor[B]``, the per-sample training loss: the
+            curvature of the diagnostics (default: the model's ``per_sample_loss(batch)``).
+        measurement: ``measurement(module, batch) -> Tensor[B]``, what the estimates predict the
+            change of: its mean over the test data, before and after each retrain (default:
+            ``train_loss``, matched influence). Keep it apart from ``train_loss`` for cross-loss
+            estimates, as with :class:`~lightning_influence.InfluenceFunction`.
         finetune_params: warm start only: parameter names or module prefixes to fine-tune (the
             paper fine-tunes the top layer); default all.
         curvature_params: a parameter block for curvature diagnostics (extreme Hessian
@@ -165,7 +168,7 @@ class FragilityCheck:
         verbose: log progress (one line per removal) with ``rank_zero_info``.
 
     Raises:
-        MisconfigurationException / ValueError: on invalid arguments, naming the argument.
+        ConfigurationError: on invalid arguments, naming the argument.
     """
 
     def __init__(
@@ -178,7 +181,8 @@ class FragilityCheck:
         n_removals: int = 40,
         seeds: int | Sequence[int] = 3,
         selection: Selection = "abs",
-        loss_fn: LossFn | None = None,
+        train_loss: PerSampleLoss | None = None,
+        measurement: PerSampleLoss | None = None,
         finetune_params: Sequence[str] | str | None = None,
         curvature_params: Sequence[str] | str | None = None,
         dampings: Sequence[float] = DEFAULT_DAMPINGS,
@@ -190,50 +194,47 @@ class FragilityCheck:
         verbose: bool = True,
     ) -> None:
         if not callable(make_model):
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 f"`make_model` must be a callable returning a LightningModule, got {make_model!r}."
             )
         if not isinstance(datamodule, (pl.LightningDataModule, DataLoader, Dataset)):
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 "`datamodule` must be a LightningDataModule, a DataLoader or a Dataset of training samples;"
                 f" got {type(datamodule).__name__}."
             )
         if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 f"`trainer_kwargs` must be a dict of Trainer arguments, got {type(trainer_kwargs).__name__}."
             )
         if retrain not in ("warm_start", "scratch"):
-            raise MisconfigurationException(f"`retrain` must be 'warm_start' or 'scratch', got {retrain!r}.")
+            raise ConfigurationError(f"`retrain` must be 'warm_start' or 'scratch', got {retrain!r}.")
         if removal != "single" and not (isinstance(removal, int) and not isinstance(removal, bool) and removal >= 1):
-            raise MisconfigurationException(f"`removal` must be 'single' or a group size >= 1, got {removal!r}.")
+            raise ConfigurationError(f"`removal` must be 'single' or a group size >= 1, got {removal!r}.")
         if isinstance(n_removals, bool) or not isinstance(n_removals, int) or n_removals < 1:
-            raise MisconfigurationException(f"`n_removals` must be a positive integer, got {n_removals!r}.")
+            raise ConfigurationError(f"`n_removals` must be a positive integer, got {n_removals!r}.")
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             if seeds < 1:
-                raise MisconfigurationException(f"`seeds` must be >= 1 (or a list of seeds), got {seeds}.")
+                raise ConfigurationError(f"`seeds` must be >= 1 (or a list of seeds), got {seeds}.")
             seed_list = list(range(seeds))
         else:
             seed_list = [int(s) for s in seeds]
             if not seed_list or len(set(seed_list)) != len(seed_list):
-                raise MisconfigurationException(
-                    f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}."
-                )
+                raise ConfigurationError(f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}.")
         if selection not in _SELECTIONS:
-            raise MisconfigurationException(f"`selection` must be one of {_SELECTIONS}, got {selection!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                f"`loss_fn` must be callable (module, batch) -> Tensor[B], got {loss_fn!r}."
-            )
+            raise ConfigurationError(f"`selection` must be one of {_SELECTIONS}, got {selection!r}.")
+        for name, fn in (("train_loss", train_loss), ("measurement", measurement)):
+            if fn is not None and not callable(fn):
+                raise ConfigurationError(
+                    f"`{name}` must be callable as {name}(module, batch) -> Tensor[B], got {fn!r}."
+                )
         if finetune_params is not None and retrain == "scratch":
-            raise MisconfigurationException("`finetune_params` only applies to retrain='warm_start'.")
+            raise ConfigurationError("`finetune_params` only applies to retrain='warm_start'.")
         if any((not math.isfinite(d)) or d < 0 for d in dampings):
-            raise MisconfigurationException(f"`dampings` must be finite and >= 0, got {list(dampings)}.")
+            raise ConfigurationError(f"`dampings` must be finite and >= 0, got {list(dampings)}.")
         if not (math.isfinite(noise_threshold) and noise_threshold > 0):
-            raise MisconfigurationException(f"`noise_threshold` must be > 0, got {noise_threshold!r}.")
+            raise ConfigurationError(f"`noise_threshold` must be > 0, got {noise_threshold!r}.")
         if trajectory_every_n_epochs is not None and trajectory_every_n_epochs < 1:
-            raise MisconfigurationException(
-                f"`trajectory_every_n_epochs` must be >= 1, got {trajectory_every_n_epochs}."
-            )
+            raise ConfigurationError(f"`trajectory_every_n_epochs` must be >= 1, got {trajectory_every_n_epochs}.")
         if len(seed_list) < 2:
             rank_zero_warn("`seeds` has one seed: the retraining noise floor cannot be measured (use seeds >= 2).")
         self.make_model = make_model
@@ -244,7 +245,8 @@ class FragilityCheck:
         self.n_removals = n_removals
         self.seeds = seed_list
         self.selection = selection
-        self.loss_fn = loss_fn
+        self.train_loss = train_loss
+        self.measurement = measurement
         self.finetune_params = finetune_params
         self.curvature_params = curvature_params
         self.dampings = [float(d) for d in dampings]
@@ -315,16 +317,11 @@ class FragilityCheck:
             raise ValueError("`indices` is empty.")
         return groups
 
-    def _resolve_loss(self, model: nn.Module | None) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
+    def _resolve_losses(self, model: nn.Module | None) -> tuple[PerSampleLoss, PerSampleLoss]:
         probe = model if model is not None else self.make_model()
-        if hasattr(probe, "per_sample_loss") and callable(probe.per_sample_loss):
-            return lambda module, batch: module.per_sample_loss(batch)
-        raise MisconfigurationException(
-            f"`loss_fn` is needed: {type(probe).__name__} has no `per_sample_loss(batch)`; pass"
-            " loss_fn=lambda module, batch: <Tensor[B] of per-sample losses>."
-        )
+        train_loss = resolve_loss(self.train_loss, probe, argname="train_loss")
+        measurement = train_loss if self.measurement is None else resolve_loss(self.measurement, probe, "measurement")
+        return train_loss, measurement
 
     # ------------------------------------------------------------------ the check
     def run(
@@ -340,7 +337,7 @@ class FragilityCheck:
             estimates: one score per training sample (dataset order); positive = removing it is
                 predicted to raise the test loss. Any estimator: TracIn, influence functions, ...
             test_data: the test sample(s) (Dataset, DataLoader or collated batch); the
-                measurement is their mean ``loss_fn``.
+                measurement is their mean ``measurement``.
             model: the trained model the scores belong to. Required for warm start and for
                 curvature diagnostics; with scratch retraining it only provides the reference loss.
             indices: explicit removals instead of ``selection``: training positions (single) or
@@ -360,13 +357,13 @@ class FragilityCheck:
         n_train = len(dataset)  # type: ignore[arg-type]
         est = self._as_estimates(estimates, n_train)
         if self.retrain == "warm_start" and model is None:
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 "`model` (the trained model the estimates belong to) is required for retrain='warm_start'."
             )
         if self.curvature_params is not None and model is None:
-            raise MisconfigurationException("`model` is required for curvature diagnostics (`curvature_params`).")
+            raise ConfigurationError("`model` is required for curvature diagnostics (`curvature_params`).")
         if model is not None and not isinstance(model, pl.LightningModule):
-            raise MisconfigurationException(f"`model` must be a LightningModule, got {type(model).__name__}.")
+            raise ConfigurationError(f"`model` must be a LightningModule, got {type(model).__name__}.")
         if indices is not None:
             groups = self._given_groups(indices, n_train)
         else:
@@ -374,7 +371,7 @@ class FragilityCheck:
             groups = select_removals(est, self.n_removals, size, self.selection, self.selection_seed)
         if len(groups) < 3:
             rank_zero_warn(f"Only {len(groups)} removals: correlations need at least 3.")
-        loss_fn = self._resolve_loss(model)
+        train_loss, measurement = self._resolve_losses(model)
 
         report = FragilityReport(
             retrain=self.retrain,
@@ -389,7 +386,7 @@ class FragilityCheck:
         self.last_report = report
 
         def measure(m: nn.Module) -> float:
-            return evaluate_loss(m, loss_fn, test_data, seed=self.measurement_seed)
+            return evaluate_loss(m, measurement, test_data, seed=self.measurement_seed)
 
         retrainer: Retrainer | None = None
         try:
@@ -406,10 +403,11 @@ class FragilityCheck:
                 try:
                     report.curvature = curvature_diagnostics(
                         model,
-                        loss_fn,
+                        train_loss,
                         dataset,
                         test_data,
                         self.curvature_params,
+                        measurement=measurement,
                         removal_groups=[g for g, _ in groups],
                         dampings=self.dampings,
                     )

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_influence.curvature import flat_hvp, lanczos_extreme_eigenvalues, mean_loss_function
 from lightning_influence.fragility.estimates import _to_dtype, collate_all, influence_function_parts
 from lightning_influence.fragility.report import CurvatureDiagnostics
-from lightning_influence.per_sample_gradients import LossFn, resolve_parameter_names
+from lightning_influence.gradients.losses import PerSampleLoss
+from lightning_influence.gradients.parameters import resolve_parameter_names
+from lightning_influence.influence.curvature import flat_hvp, lanczos_extreme_eigenvalues, mean_loss_function
 
 __all__ = ["DEFAULT_DAMPINGS", "curvature_diagnostics"]
 
@@ -32,7 +33,7 @@ DEFAULT_DAMPINGS: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def curvature_diagnostics(
     module: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: PerSampleLoss,
     train_data: Any,
     test_data: Any,
     params: Sequence[str] | str | None,
@@ -42,6 +43,8 @@ def curvature_diagnostics(
     seed: int = 0,
     exact_max_dim: int = 2000,
     batch_size: int = 256,
+    *,
+    measurement: PerSampleLoss | None = None,
 ) -> CurvatureDiagnostics:
     """Extreme Hessian eigenvalues of a parameter block and a damping sweep of influence estimates.
 
@@ -58,6 +61,7 @@ def curvature_diagnostics(
         seed: Lanczos start vector seed.
         exact_max_dim: largest block for which the exact Hessian, full spectrum and sweep are computed.
         batch_size: rows per Hessian-vector-product batch.
+        measurement: the per-sample test objective of the sweep (default: ``loss_fn``).
 
     Returns:
         A :class:`CurvatureDiagnostics` (the sweep's agreement with retraining is filled in by
@@ -84,7 +88,7 @@ def curvature_diagnostics(
     if dim > exact_max_dim:
         diag.note = f"block of {dim} > exact_max_dim={exact_max_dim} parameters: no exact spectrum or damping sweep"
         return diag
-    parts = influence_function_parts(module, loss_fn, train, test_data, names, batch_size)
+    parts = influence_function_parts(module, loss_fn, train, test_data, names, batch_size, measurement=measurement)
     diag.spectrum = [float(x) for x in torch.linalg.eigvalsh(parts.hessian)]
     if removal_groups:
         scores = parts.scores(list(dampings))  # [K, N]

@@ -35,14 +35,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_influence.batches import iterate_batches, num_samples
-from lightning_influence.curvature import exact_hessian, mean_loss_function
-from lightning_influence.per_sample_gradients import (
-    LossFn,
-    flatten_gradients,
-    per_sample_gradients,
-    resolve_parameter_names,
-)
+from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.featurizer import GradientFeaturizer
+from lightning_influence.gradients.losses import PerSampleLoss
+from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
+from lightning_influence.influence.curvature import exact_hessian, mean_loss_function
+from lightning_influence.influence.inverse_hvp import solve_with_eigh, symmetric_eigh
 
 __all__ = [
     "InfluenceFunctionParts",
@@ -102,18 +101,13 @@ def damped_inverse_scores(
     dampings = [float(damping)] if single else [float(x) for x in damping]  # type: ignore[union-attr]
     if any(not math.isfinite(x) or x < 0 for x in dampings):
         raise ValueError(f"`damping` must be finite and >= 0, got {dampings}.")
-    h = hessian.to(torch.float64)
-    if not torch.isfinite(h).all():
-        raise FloatingPointError("The Hessian contains inf/NaN; the model or the loss is numerically broken.")
-    evals, evecs = torch.linalg.eigh(0.5 * (h + h.T))
-    a = train_grads.to(torch.float64) @ evecs  # [N, D] in the eigenbasis
-    b = test_grad.to(torch.float64) @ evecs  # [D]
+    eig = symmetric_eigh(hessian.to(torch.float64))
+    g = train_grads.to(torch.float64)
+    b = test_grad.to(torch.float64).unsqueeze(0)
     rows = []
     for lam in dampings:
-        shifted = evals + lam
-        cutoff = rcond * float(shifted.abs().max().clamp_min(1e-300))
-        inv = torch.where(shifted.abs() > cutoff, 1.0 / shifted, torch.zeros_like(shifted))
-        rows.append((a * (b * inv)).sum(dim=1) / n)
+        x, _ = solve_with_eigh(eig, b, lam, rcond=rcond, pseudo_inverse=True)
+        rows.append((g @ x[0]) / n)
     out = torch.stack(rows)
     return out[0] if single else out
 
@@ -160,22 +154,28 @@ class InfluenceFunctionParts:
 
 def influence_function_parts(
     module: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: PerSampleLoss,
     train_data: Any,
     test_data: Any,
     params: Sequence[str] | str | None = None,
     batch_size: int = 256,
+    *,
+    measurement: PerSampleLoss | None = None,
+    engine: PerSampleGradientEngine | None = None,
 ) -> InfluenceFunctionParts:
     """Exact Hessian, per-sample training gradients and test gradient of a parameter block (float64).
 
     Args:
         module: the trained model (copied, never modified).
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss (also used
-            for the test loss).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``, the per-sample training loss (Hessian and
+            training gradients).
         train_data: the training set (Dataset, non-shuffling DataLoader or collated batch).
         test_data: the test sample(s); the measurement is their mean loss.
         params: parameter names or module prefixes of the block (default: all trainable).
         batch_size: rows per batch for the Hessian products and gradients.
+        measurement: the per-sample test objective; its mean over ``test_data`` is what the
+            scores predict the change of (default: ``loss_fn``).
+        engine: the per-sample gradient engine (default: the ``torch.func`` one).
     """
     names = resolve_parameter_names(module, params)
     m64 = copy.deepcopy(module).to(torch.float64).eval()
@@ -190,16 +190,17 @@ def influence_function_parts(
     test = _to_dtype(collate_all(test_data, "test_data"), torch.float64)
     n = num_samples(train, "train_data")
     hessian = exact_hessian(mean_loss_function(m64, loss_fn, train, names, batch_size=batch_size), values)
-    grads = []
-    for ids, batch in iterate_batches(train, batch_size, name="train_data"):
-        g = per_sample_gradients(m64, loss_fn, batch, values, sample_ids=ids)
-        grads.append(flatten_gradients(g, names))
-    train_grads = torch.cat(grads)
-    test_grads = []
-    for ids, batch in iterate_batches(test, batch_size, name="test_data"):
-        g = per_sample_gradients(m64, loss_fn, batch, values, sample_ids=ids)
-        test_grads.append(flatten_gradients(g, names))
-    test_grad = torch.cat(test_grads).mean(dim=0)
+    featurizer = GradientFeaturizer(m64, loss_fn, names, engine=engine, out_dtype=None)
+    state = module_state(m64, upcast=False)
+
+    def rows(f: GradientFeaturizer, data: Any, name: str) -> Tensor:
+        return torch.cat([f.rows(b, ids, state)[0] for ids, b in iterate_batches(data, batch_size, name=name)])
+
+    train_grads = rows(featurizer, train, "train_data")
+    test_featurizer = GradientFeaturizer(
+        m64, measurement or loss_fn, names, engine=engine, out_dtype=None, argname="measurement"
+    )
+    test_grad = rows(test_featurizer, test, "test_data").mean(dim=0)
     for what, t in (("Hessian", hessian), ("training gradients", train_grads), ("test gradient", test_grad)):
         if not torch.isfinite(t).all():
             raise FloatingPointError(f"The {what} of the block {names} contain inf/NaN.")
@@ -208,12 +209,15 @@ def influence_function_parts(
 
 def influence_function_estimates(
     module: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: PerSampleLoss,
     train_data: Any,
     test_data: Any,
     params: Sequence[str] | str | None = None,
     damping: float = 0.0,
     batch_size: int = 256,
+    *,
+    measurement: PerSampleLoss | None = None,
+    engine: PerSampleGradientEngine | None = None,
 ) -> Tensor:
     """Influence-function scores ``(1/n) g_test^T (H + damping I)^+ g_i`` for every training sample.
 
@@ -225,6 +229,8 @@ def influence_function_estimates(
         params: the parameter block (names or module prefixes; default all trainable).
         damping: ``lambda >= 0``; include the training objective's weight decay here.
         batch_size: rows per batch.
+        measurement: the per-sample test objective (default: ``loss_fn``).
+        engine: the per-sample gradient engine (default: the ``torch.func`` one).
 
     Returns:
         ``Tensor[N]`` (float64); positive = removing the sample is predicted to raise the test loss.
@@ -238,7 +244,9 @@ def influence_function_estimates(
         >>> influence_function_estimates(lin, loss, (x, y), (x[:1], y[:1]), damping=0.1).shape
         torch.Size([20])
     """
-    parts = influence_function_parts(module, loss_fn, train_data, test_data, params, batch_size)
+    parts = influence_function_parts(
+        module, loss_fn, train_data, test_data, params, batch_size, measurement=measurement, engine=engine
+    )
     if damping == 0.0:
         evals = torch.linalg.eigvalsh(parts.hessian)
         if float(evals[0]) < -DEFAULT_RCOND * float(evals.abs().max()):

@@ -14,13 +14,13 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_influence.density import (
+from lightning_influence.fragility.metrics import agreement_metrics
+from lightning_influence.influence.density import (
     kde_loo_influence,
     kde_loo_influence_bruteforce,
     knn_loo_influence,
     knn_loo_influence_bruteforce,
 )
-from lightning_influence.fragility.metrics import agreement_metrics
 
 __all__ = ["density_references", "scott_bandwidth"]
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.fragility.metrics import agreement_metrics, mean_confidence_interval, pearson, spearman
+from lightning_influence.fragility.references import density_references
 
 __all__ = ["CurvatureDiagnostics", "FragilityReport", "RemovalResult", "Verdict"]
 
@@ -129,7 +130,7 @@ def _nan(x: Any) -> Any:
     return x
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
+def format_value(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
@@ -242,15 +243,15 @@ class FragilityReport:
             status = OK if worst >= 0.8 else WARN if worst >= 0.5 else FAIL
             ci = ""
             if math.isfinite(m.get("spearman_low", math.nan)):
-                ci = f" (bootstrap 95% CI of Spearman [{_fmt(m['spearman_low'])}, {_fmt(m['spearman_high'])}])"
-            out.append(Verdict("agreement", status, f"Pearson {_fmt(r)}, Spearman {_fmt(rho)}{ci}"))
+                ci = f" (bootstrap 95% CI of Spearman [{format_value(m['spearman_low'])}, {format_value(m['spearman_high'])}])"
+            out.append(Verdict("agreement", status, f"Pearson {format_value(r)}, Spearman {format_value(rho)}{ci}"))
         sa = m.get("sign_agreement", math.nan)
         if math.isfinite(sa):
             out.append(Verdict("sign", OK if sa >= 0.8 else WARN if sa >= 0.6 else FAIL, f"{sa:.0%} of signs agree"))
         s = m.get("slope", math.nan)
         if math.isfinite(s):
             status = OK if 0.5 <= s <= 2.0 else WARN if 0.2 <= s <= 5.0 else FAIL
-            out.append(Verdict("scale", status, f"actual ~= {_fmt(s)} x predicted (1 = right scale)"))
+            out.append(Verdict("scale", status, f"actual ~= {format_value(s)} x predicted (1 = right scale)"))
         else:
             out.append(Verdict("scale", NA, "slope undefined"))
         if self.noise_floor is None:
@@ -258,7 +259,7 @@ class FragilityReport:
         else:
             f = m.get("fraction_above_noise_floor", math.nan)
             status = OK if f >= 0.8 else WARN if f >= 0.5 else FAIL
-            detail = f"{f:.0%} of effects exceed the retraining noise floor {_fmt(self.noise_floor)}"
+            detail = f"{f:.0%} of effects exceed the retraining noise floor {format_value(self.noise_floor)}"
             if self.noise_floor == 0.0:
                 detail += " (retraining is deterministic)"
             out.append(Verdict("noise floor", status, detail))
@@ -272,7 +273,7 @@ class FragilityReport:
                 status, detail = WARN, "Lanczos did not converge"
             else:
                 status, detail = OK, "positive semi-definite"
-            detail += f"; eigenvalues [{_fmt(c.smallest)}, {_fmt(c.largest)}] over {c.dim} parameters"
+            detail += f"; eigenvalues [{format_value(c.smallest)}, {format_value(c.largest)}] over {c.dim} parameters"
             out.append(Verdict("curvature", status, detail))
             finite = [x for x in c.damping_spearman if math.isfinite(x)]
             if finite:
@@ -283,14 +284,14 @@ class FragilityReport:
                     Verdict(
                         "damping",
                         status,
-                        f"Spearman ranges over {_fmt(min(finite))}..{_fmt(max(finite))} across dampings"
+                        f"Spearman ranges over {format_value(min(finite))}..{format_value(max(finite))} across dampings"
                         f" {c.dampings} (best at {best:g})",
                     )
                 )
         if self.references:
             errors = {name: ref.get("max_abs_error", math.nan) for name, ref in self.references.items()}
             exact = all(math.isfinite(e) and e <= 1e-8 for e in errors.values())
-            detail = ", ".join(f"{name} max error {_fmt(e, 2)}" for name, e in errors.items())
+            detail = ", ".join(f"{name} max error {format_value(e, 2)}" for name, e in errors.items())
             out.append(Verdict("reference", OK if exact else FAIL, f"exact leave-one-out estimators: {detail}"))
         return out
 
@@ -299,8 +300,6 @@ class FragilityReport:
     ) -> FragilityReport:
         """Add KDE and k-NN sanity rows on ``train``/``queries`` inputs (see
         :func:`~lightning_influence.fragility.references.density_references`); returns ``self``."""
-        from lightning_influence.fragility.references import density_references
-
         self.references.update(density_references(train, queries, bandwidth=bandwidth, k=k))
         return self
 
@@ -314,20 +313,20 @@ class FragilityReport:
                 f" '{self.selection}'), retrain={self.retrain}, seeds={self.seeds}, n_train={self.n_train}"
             ),
             (
-                f"  reference test loss {_fmt(self.reference_test_loss, 4)}; control (no removal) per seed"
-                f" {[round(x, 6) for x in self.control_test_losses]}; drift {_fmt(self.control_drift)}"
+                f"  reference test loss {format_value(self.reference_test_loss, 4)}; control (no removal) per seed"
+                f" {[round(x, 6) for x in self.control_test_losses]}; drift {format_value(self.control_drift)}"
             ),
-            f"  noise floor (sd of control test loss over seeds): {_fmt(self.noise_floor)}",
+            f"  noise floor (sd of control test loss over seeds): {format_value(self.noise_floor)}",
             (
-                f"  Pearson {_fmt(m.get('pearson'))}  Spearman {_fmt(m.get('spearman'))}  sign agreement"
-                f" {_fmt(m.get('sign_agreement'))}  slope {_fmt(m.get('slope'))}  above noise"
-                f" {_fmt(m.get('fraction_above_noise_floor'))}"
+                f"  Pearson {format_value(m.get('pearson'))}  Spearman {format_value(m.get('spearman'))}  sign agreement"
+                f" {format_value(m.get('sign_agreement'))}  slope {format_value(m.get('slope'))}  above noise"
+                f" {format_value(m.get('fraction_above_noise_floor'))}"
             ),
         ]
         if len(self.per_seed) >= 2:
             lines.append(
-                f"  per-seed Spearman 95% CI [{_fmt(m.get('spearman_seed_ci_low'))}, {_fmt(m.get('spearman_seed_ci_high'))}],"
-                f" Pearson [{_fmt(m.get('pearson_seed_ci_low'))}, {_fmt(m.get('pearson_seed_ci_high'))}]"
+                f"  per-seed Spearman 95% CI [{format_value(m.get('spearman_seed_ci_low'))}, {format_value(m.get('spearman_seed_ci_high'))}],"
+                f" Pearson [{format_value(m.get('pearson_seed_ci_low'))}, {format_value(m.get('pearson_seed_ci_high'))}]"
             )
         below = [r for r in self.measured if r.above_noise_floor is False]
         if below:
@@ -335,7 +334,7 @@ class FragilityReport:
         for name, ref in self.references.items():
             lines.append(
                 f"  reference {name} (exact leave-one-out): closed form vs refit max error"
-                f" {_fmt(ref.get('max_abs_error'), 2)}, Pearson {_fmt(ref.get('pearson'))}"
+                f" {format_value(ref.get('max_abs_error'), 2)}, Pearson {format_value(ref.get('pearson'))}"
             )
         lines.append("Verdicts:")
         for v in self.verdicts():
@@ -377,97 +376,3 @@ class FragilityReport:
         data["control_test_losses"] = _nan(data.get("control_test_losses", []))
         data["references"] = _nan(data.get("references", {}))
         return cls(**data, removals=removals, curvature=curvature)
-
-    # ------------------------------------------------------------------ figures
-    def figures(self) -> dict[str, Any]:
-        """Matplotlib figures: ``scatter`` (predicted vs actual with the noise band), and when available
-        ``eigenvalues``, ``damping`` and ``trajectories``."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        figs: dict[str, Any] = {}
-        done = self.measured
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        if done:
-            pred = [r.predicted for r in done]
-            act = [r.mean_actual for r in done]
-            err = [r.std_actual if math.isfinite(r.std_actual) else 0.0 for r in done]
-            colors = ["tab:blue" if r.above_noise_floor is not False else "tab:gray" for r in done]
-            ax.errorbar(pred, act, yerr=err, fmt="none", ecolor="lightgray", zorder=1)
-            ax.scatter(pred, act, c=colors, s=18, zorder=2)
-            lo, hi = min(pred + act), max(pred + act)
-            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="actual = predicted")
-            if self.noise_floor is not None:
-                band = self.noise_threshold * self.noise_floor
-                ax.axhspan(-band, band, color="tab:red", alpha=0.12, label=f"noise floor +-{band:.2g}")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("predicted change of test loss")
-        ax.set_ylabel("actual change (retrained)")
-        m = self.metrics
-        ax.set_title(f"Pearson {_fmt(m.get('pearson'))}, Spearman {_fmt(m.get('spearman'))}", fontsize=9)
-        fig.tight_layout()
-        figs["scatter"] = fig
-        c = self.curvature
-        if c is not None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            if c.spectrum:
-                ax.plot(range(len(c.spectrum)), c.spectrum, "o-", ms=3)
-                ax.set_xlabel("index (ascending)")
-                ax.set_yscale("symlog", linthresh=max(1e-6, abs(c.largest) * 1e-4))
-            else:
-                ax.bar(["smallest", "largest"], [c.smallest, c.largest])
-            ax.axhline(0.0, color="k", lw=0.6)
-            ax.set_ylabel("Hessian eigenvalue")
-            ax.set_title(f"block of {c.dim} parameters" + (" (negative curvature)" if c.negative_curvature else ""))
-            fig.tight_layout()
-            figs["eigenvalues"] = fig
-            if c.dampings and c.damping_spearman:
-                fig, ax = plt.subplots(figsize=(5, 3.5))
-                xs = [d if d > 0 else min([x for x in c.dampings if x > 0] or [1.0]) / 10 for d in c.dampings]
-                ax.semilogx(xs, c.damping_pearson, "o-", label="Pearson")
-                ax.semilogx(xs, c.damping_spearman, "s-", label="Spearman")
-                ax.set_xlabel("damping lambda (0 plotted one decade below the smallest)")
-                ax.set_ylabel("agreement with retraining")
-                ax.legend(fontsize=7)
-                fig.tight_layout()
-                figs["damping"] = fig
-        traj = [r for r in self.removals if r.trajectory_losses]
-        if traj:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for r in traj[:20]:
-                ax.plot(r.trajectory_epochs, r.trajectory_losses, lw=0.8)
-            ax.set_xlabel("retraining epoch")
-            ax.set_ylabel("test loss")
-            ax.set_title("test loss while retraining (damped = settled)")
-            fig.tight_layout()
-            figs["trajectories"] = fig
-        return figs
-
-    def log_to_tensorboard(self, trainer_or_logger: Any, tag: str = "fragility", step: int | None = None) -> None:
-        """Write the figures, the summary text and the headline scalars to TensorBoard.
-
-        Args:
-            trainer_or_logger: a Trainer with a TensorBoardLogger, a TensorBoardLogger or a SummaryWriter.
-            tag: prefix of every entry.
-            step: global step (default: the Trainer's, else 0).
-        """
-        import matplotlib.pyplot as plt
-
-        from lightning_influence.tensorboard import get_summary_writer, writer_step
-
-        writer = get_summary_writer(trainer_or_logger)
-        step = writer_step(trainer_or_logger) if step is None else step
-        for name, fig in self.figures().items():
-            writer.add_figure(f"{tag}/{name}", fig, global_step=step, close=True)
-            plt.close(fig)
-        text = "    " + self.summary().replace("\n", "\n    ")  # indented = preformatted in TensorBoard markdown
-        writer.add_text(f"{tag}/summary", text, global_step=step)
-        for key in ("pearson", "spearman", "sign_agreement", "slope", "fraction_above_noise_floor"):
-            value = self.metrics.get(key, math.nan)
-            if math.isfinite(value):
-                writer.add_scalar(f"{tag}/{key}", value, global_step=step)
-        if self.noise_floor is not None:
-            writer.add_scalar(f"{tag}/noise_floor", self.noise_floor, global_step=step)
-        writer.flush()

@@ -20,19 +20,25 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import move_data_to_device
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset, default_collate
 from typing_extensions import override
 
-from lightning_influence.batches import iterate_batches, num_samples
-from lightning_influence.per_sample_gradients import LossFn, resolve_parameter_names
+from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.errors import (
+    ArchitectureMismatchError,
+    ConfigurationError,
+    FragilityError,
+    RetrainingDivergedError,
+)
+from lightning_influence.gradients.losses import PerSampleLoss, check_per_sample_loss
+from lightning_influence.gradients.parameters import resolve_parameter_names
+from lightning_influence.utils.modes import eval_mode, module_device
 
 __all__ = [
-    "ArchitectureMismatchError",
-    "FragilityError",
     "Retrainer",
-    "RetrainingDivergedError",
     "TestLossTrajectory",
     "architecture_signature",
     "evaluate_loss",
@@ -50,27 +56,6 @@ FORCED_TRAINER_KWARGS: dict[str, Any] = {
 }
 #: Defaults the user may override: no validation loop (only the training objective matters).
 DEFAULT_TRAINER_KWARGS: dict[str, Any] = {"num_sanity_val_steps": 0, "limit_val_batches": 0}
-
-
-class FragilityError(RuntimeError):
-    """A fragility check could not finish.
-
-    Attributes:
-        report: the partial :class:`~lightning_influence.fragility.report.FragilityReport` with
-            every result measured before the failure (set by ``FragilityCheck.run``).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.report: Any = None
-
-
-class ArchitectureMismatchError(FragilityError):
-    """``make_model`` built a model whose parameters differ (names or shapes) from the reference."""
-
-
-class RetrainingDivergedError(FragilityError):
-    """A retrain ended with inf/NaN weights or test loss, or the fit itself raised."""
 
 
 def architecture_signature(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -107,7 +92,7 @@ def resolve_training_data(datamodule: Any) -> tuple[Dataset, dict[str, Any]]:
         datamodule.setup("fit")
         loader = datamodule.train_dataloader()
         if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 f"`datamodule.train_dataloader()` must return one torch DataLoader, got {type(loader).__name__}."
             )
     elif isinstance(datamodule, DataLoader):
@@ -116,12 +101,12 @@ def resolve_training_data(datamodule: Any) -> tuple[Dataset, dict[str, Any]]:
         n = len(datamodule)  # type: ignore[arg-type]
         return datamodule, {"batch_size": n, "shuffle": False, "collate_fn": None, "drop_last": False, "num_workers": 0}
     else:
-        raise MisconfigurationException(
+        raise ConfigurationError(
             "`datamodule` must be a LightningDataModule, a DataLoader or a sized Dataset of training samples;"
             f" got {type(datamodule).__name__}."
         )
     if loader.batch_size is None:
-        raise MisconfigurationException(
+        raise ConfigurationError(
             "`datamodule`'s training DataLoader uses a batch_sampler; removal needs a loader built with"
             " `batch_size` (and optionally `shuffle`)."
         )
@@ -148,42 +133,21 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def evaluate_loss(module: nn.Module, loss_fn: LossFn, data: Any, batch_size: int = 1024, seed: int = 0) -> float:
+def evaluate_loss(module: nn.Module, loss_fn: PerSampleLoss, data: Any, batch_size: int = 1024, seed: int = 0) -> float:
     """Mean per-sample loss of ``module`` on ``data`` (eval mode, no grad).
 
     The global RNG is forked and seeded so that a stochastic loss (a VAE's ELBO) draws the same
     noise for every model compared: differences between models are then not sampling noise.
     """
-    was_training = module.training
-    module.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for _, batch in iterate_batches(data, batch_size, name="test_data"):
-                batch = _to_device(batch, _device_of(module))
-                losses = loss_fn(module, batch)
-                if not isinstance(losses, Tensor) or losses.dim() != 1:
-                    raise ValueError(
-                        "`loss_fn` must return one loss per sample (Tensor[B]); it returned"
-                        f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}."
-                    )
-                total += float(losses.double().sum())
-                count += losses.shape[0]
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for ids, batch in iterate_batches(data, batch_size, name="test_data"):
+            losses = loss_fn(module, move_data_to_device(batch, module_device(module)))
+            check_per_sample_loss(losses, int(ids.shape[0]), "loss_fn")
+            total += float(losses.double().sum())
+            count += losses.shape[0]
     return total / max(count, 1)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
 
 
 class TestLossTrajectory(Callback):
@@ -245,7 +209,7 @@ class Retrainer:
         if mode not in ("warm_start", "scratch"):
             raise ValueError(f"`retrain` must be 'warm_start' or 'scratch', got {mode!r}.")
         if mode == "warm_start" and reference_state is None:
-            raise MisconfigurationException("Warm-start retraining needs the trained model's weights (`model`).")
+            raise ConfigurationError("Warm-start retraining needs the trained model's weights (`model`).")
         self.make_model = make_model
         self.dataset = dataset
         self.n = num_samples(dataset, "datamodule")
@@ -264,7 +228,7 @@ class Retrainer:
         pl.seed_everything(seed, workers=True, verbose=False)
         model = self.make_model()
         if not isinstance(model, pl.LightningModule):
-            raise MisconfigurationException(
+            raise ConfigurationError(
                 f"`make_model` must return a pytorch_lightning.LightningModule, got {type(model).__name__}."
             )
         sig = architecture_signature(model)

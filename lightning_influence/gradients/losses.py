@@ -1,0 +1,109 @@
+"""Per-sample losses: the one type, the one default, the one shape check.
+
+A per-sample loss is ``fn(module, batch) -> Tensor[B]``: one value per sample, never reduced.
+The facades call it ``train_loss`` (the objective that trained the weights: curvature, training
+gradients) or ``measurement`` (the question asked of a test sample); the pure functions take
+either as ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_influence.errors import ConfigurationError
+
+__all__ = ["ModuleCall", "PerSampleLoss", "call_per_sample_loss", "check_per_sample_loss", "resolve_loss"]
+
+#: ``loss_fn(module, batch) -> Tensor[B]``: one loss value per sample in the batch.
+PerSampleLoss = Callable[[nn.Module, Any], Tensor]
+
+
+def call_per_sample_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The default per-sample loss: ``module.per_sample_loss(batch)``."""
+    return module.per_sample_loss(batch)  # type: ignore[operator]
+
+
+class ModuleCall(nn.Module):
+    """Lets ``torch.func.functional_call`` evaluate ``fn(module, *args)`` with substituted weights.
+
+    The wrapped module's parameters and buffers appear under the prefix ``"m."``.
+    """
+
+    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.m = module
+        self._fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self._fn(self.m, *args)
+
+
+class _UnboundMethod:
+    """``model.method`` turned into ``fn(module, batch)`` so ``functional_call`` can substitute weights."""
+
+    def __init__(self, func: Callable[..., Tensor]) -> None:
+        self.func = func
+        self.__name__ = getattr(func, "__name__", "loss")
+        self.__qualname__ = getattr(func, "__qualname__", self.__name__)
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        return self.func(module, batch)
+
+
+def resolve_loss(loss: Any, model: nn.Module, argname: str = "train_loss") -> PerSampleLoss:
+    """The per-sample loss a facade differentiates: ``loss``, or ``model.per_sample_loss`` when ``None``.
+
+    A bound method of ``model`` taking only the batch (``model.per_sample_loss``) is accepted too:
+    it is called on the module ``functional_call`` hands over, so the substituted weights are used.
+
+    Raises:
+        ConfigurationError: if ``loss`` is not callable, or is ``None`` and ``model`` has no
+            ``per_sample_loss(batch)`` method.
+    """
+    if loss is None:
+        if not callable(getattr(model, "per_sample_loss", None)):
+            raise ConfigurationError(
+                f"`{argname}` was not given and {type(model).__name__} has no `per_sample_loss(batch)` method;"
+                f" pass {argname}=lambda module, batch: <Tensor[B] of per-sample losses>."
+            )
+        return call_per_sample_loss
+    if not callable(loss):
+        raise ConfigurationError(
+            f"`{argname}` must be callable as {argname}(module, batch) -> Tensor[B], got {loss!r}."
+        )
+    if inspect.ismethod(loss) and loss.__self__ is model:
+        return _UnboundMethod(loss.__func__)
+    return loss
+
+
+def check_per_sample_loss(
+    loss: Any, batch_size: int, argname: str = "loss_fn", what: str = "loss", per: str = "sample"
+) -> Tensor:
+    """``loss`` if it is a ``Tensor[batch_size]``; otherwise a ``TypeError``/``ValueError`` naming ``argname``.
+
+    Args:
+        loss: what the user's function returned.
+        batch_size: the number of samples it was given.
+        argname: the function's argument name, for the message.
+        what, per: the message says "one {what} per {per}".
+
+    Example:
+        >>> import torch
+        >>> check_per_sample_loss(torch.zeros(3), 3).shape
+        torch.Size([3])
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"`{argname}` must return a Tensor of shape [B] (one {what} per {per}); it returned {type(loss).__name__}."
+        )
+    if loss.dim() != 1 or loss.shape[0] != batch_size:
+        raise ValueError(
+            f"`{argname}` must return one {what} per {per}, a Tensor of shape [B] = [{batch_size}] for this batch;"
+            f" it returned shape {tuple(loss.shape)}. Did it reduce the batch with .mean() or .sum(), or keep a"
+            " feature dimension?"
+        )
+    return loss

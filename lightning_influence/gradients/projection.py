@@ -1,0 +1,204 @@
+"""Seeded random projections of per-sample gradients, applied block by block.
+
+A dense ``D x k`` Johnson-Lindenstrauss matrix is never built: each parameter tensor's block of
+the matrix is regenerated from ``(seed, parameter name, block index)`` when needed, in blocks of
+at most ``block_elements`` entries. The same spec therefore projects training gradients during
+``fit`` and test gradients after it, on any device, without storing the matrix.
+
+Kinds:
+
+- ``"sjlt"`` (default): a sparse JL transform; every input coordinate lands in ``nnz`` output
+  buckets with random signs ``+-1/sqrt(nnz)``. Cost ``O(B * D * nnz)``, memory ``O(D * nnz)``
+  integers (cached up to ``cache_bytes``).
+- ``"rademacher"`` / ``"gaussian"``: dense entries ``+-1/sqrt(k)`` or ``N(0, 1/k)``, generated
+  block by block (``O(B * D * k)``).
+
+All kinds satisfy :math:`\\mathbb E[\\langle Pa, Pb\\rangle] = \\langle a, b\\rangle`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_influence.gradients.engine import LayerFactors, PerSampleGradients, dense_gradient
+
+__all__ = ["ProjectionSpec", "RandomProjection"]
+
+ProjectionKind = Literal["sjlt", "rademacher", "gaussian"]
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """Everything needed to rebuild a projection: recorded in the store manifest.
+
+    Args:
+        dim: output dimension ``k``.
+        seed: base seed.
+        kind: ``"sjlt"``, ``"rademacher"`` or ``"gaussian"``.
+        nnz: non-zeros per input coordinate (``"sjlt"`` only).
+        per_checkpoint: draw an independent projection for every checkpoint (its index joins the
+            seed). Projection errors then average out over the trajectory instead of adding up
+            coherently (consecutive checkpoints have similar gradients): on the digits VAE at
+            ``k = 1024`` the worst per-query Spearman against exact TracIn rose from 0.91 to 0.98.
+        block_elements: largest matrix block generated at once (dense kinds); for the sparse
+            kind, ``block_elements / nnz`` coordinates share a generator and each ``index_add``
+            touches at most ``block_elements`` gradient entries.
+    """
+
+    dim: int
+    seed: int = 0
+    kind: ProjectionKind = "sjlt"
+    nnz: int = 4
+    per_checkpoint: bool = True
+    block_elements: int = 1 << 22
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"`projection_dim` must be a positive integer, got {self.dim!r}.")
+        if self.kind not in ("sjlt", "rademacher", "gaussian"):
+            raise ValueError(f"`projection_kind` must be 'sjlt', 'rademacher' or 'gaussian', got {self.kind!r}.")
+        if self.kind == "sjlt" and not 1 <= self.nnz <= self.dim:
+            raise ValueError(f"`nnz` must be in [1, projection_dim], got {self.nnz}.")
+        if self.block_elements < 1:
+            raise ValueError(f"`block_elements` must be >= 1, got {self.block_elements}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProjectionSpec:
+        return cls(**dict(d))
+
+
+def _block_seed(seed: int, name: str, block: int, checkpoint: int) -> int:
+    # SeedSequence mixes the keys well; the CRC makes the stream independent of which other
+    # parameters are tracked.
+    keys = [seed, zlib.crc32(name.encode()), block, checkpoint]
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RandomProjection:
+    """Projects per-sample gradients ``{name: [B, *shape]}`` (or flat ``[B, D]``) to ``[B, k]``.
+
+    Args:
+        spec: the projection spec.
+        param_names: parameter names, in the order of the flat layout.
+        param_numels: number of elements of each parameter.
+        checkpoint: index of the checkpoint this projection serves (ignored unless
+            ``spec.per_checkpoint``).
+        cache_bytes: cache the sparse transform's indices up to this size.
+
+    Example:
+        >>> import torch
+        >>> proj = RandomProjection(ProjectionSpec(dim=256, seed=1), ["w"], [1000])
+        >>> a, b = torch.randn(1, 1000), torch.randn(1, 1000)
+        >>> pa, pb = proj.project_flat(a), proj.project_flat(b)
+        >>> pa.shape
+        torch.Size([1, 256])
+        >>> bool(torch.allclose(proj.project_flat(a), pa))
+        True
+    """
+
+    def __init__(
+        self,
+        spec: ProjectionSpec,
+        param_names: Sequence[str],
+        param_numels: Sequence[int],
+        checkpoint: int = 0,
+        cache_bytes: int = 256 << 20,
+    ) -> None:
+        if len(param_names) != len(param_numels):
+            raise ValueError("`param_names` and `param_numels` must have the same length.")
+        self.spec = spec
+        self.param_names = list(param_names)
+        self.param_numels = [int(n) for n in param_numels]
+        self.checkpoint = int(checkpoint) if spec.per_checkpoint else 0
+        self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        self._cache_left = cache_bytes
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def input_dim(self) -> int:
+        return sum(self.param_numels)
+
+    def project(self, grads: PerSampleGradients, scales: Mapping[str, float] | None = None) -> Tensor:
+        """Project per-parameter per-sample gradients; ``scales`` multiply each parameter's block.
+
+        Args:
+            grads: name -> dense ``[B, *shape]`` gradients or
+                :class:`~lightning_influence.gradients.engine.LayerFactors` (expanded one
+                parameter at a time: these kinds act on the flat gradient).
+            scales: optional per-parameter multipliers.
+        """
+        first = grads[self.param_names[0]]
+        batch = first.batch_size if isinstance(first, LayerFactors) else first.shape[0]
+        device = first.output_grads.device if isinstance(first, LayerFactors) else first.device
+        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
+        for name, numel in zip(self.param_names, self.param_numels):
+            g = dense_gradient(grads[name]).reshape(batch, numel).float()
+            scale = 1.0 if scales is None else float(scales.get(name, 1.0))
+            if scale == 0.0:
+                continue
+            self._accumulate(out, g if scale == 1.0 else g * scale, name)
+        return out
+
+    def project_flat(self, flat: Tensor) -> Tensor:
+        """Project a flat ``[B, D]`` gradient laid out in ``param_names`` order."""
+        if flat.shape[1] != self.input_dim:
+            raise ValueError(f"Expected gradients with {self.input_dim} columns, got {flat.shape[1]}.")
+        parts = dict(zip(self.param_names, flat.split(self.param_numels, dim=1)))
+        return self.project(parts)
+
+    def _accumulate(self, out: Tensor, g: Tensor, name: str) -> None:
+        # Generator blocks have a fixed number of coordinates (never dependent on the batch
+        # size), so the same coordinate always meets the same random entries.
+        numel, batch = g.shape[1], max(1, g.shape[0])
+        if self.spec.kind == "sjlt":
+            rows = max(1, self.spec.block_elements // self.spec.nnz)
+            step = max(1, self.spec.block_elements // batch)
+            for block, start in enumerate(range(0, numel, rows)):
+                stop = min(start + rows, numel)
+                idx, sign = self._sjlt_block(name, block, stop - start, g.device)
+                for s0 in range(start, stop, step):
+                    s1 = min(s0 + step, stop)
+                    gb = g[:, s0:s1]
+                    for s in range(self.spec.nnz):
+                        out.index_add_(1, idx[s0 - start : s1 - start, s], gb * sign[s0 - start : s1 - start, s])
+        else:
+            rows = max(1, self.spec.block_elements // self.dim)
+            for block, start in enumerate(range(0, numel, rows)):
+                stop = min(start + rows, numel)
+                gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, name, block, self.checkpoint))
+                if self.spec.kind == "gaussian":
+                    m = torch.randn(stop - start, self.dim, generator=gen)
+                else:
+                    m = torch.randint(0, 2, (stop - start, self.dim), generator=gen).float().mul_(2).sub_(1)
+                m = m.to(g.device).mul_(1.0 / math.sqrt(self.dim))
+                out.addmm_(g[:, start:stop], m)
+
+    def _sjlt_block(self, name: str, block: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (name, block)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0].device == device:
+            return cached
+        gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, name, block, self.checkpoint))
+        idx = torch.randint(0, self.dim, (rows, self.spec.nnz), generator=gen)
+        sign = torch.randint(0, 2, (rows, self.spec.nnz), generator=gen).float().mul_(2).sub_(1)
+        sign.mul_(1.0 / math.sqrt(self.spec.nnz))
+        idx, sign = idx.to(device), sign.to(device)
+        cost = idx.numel() * 8 + sign.numel() * 4
+        if cost <= self._cache_left:
+            self._cache[key] = (idx, sign)
+            self._cache_left -= cost
+        return idx, sign

@@ -1,0 +1,387 @@
+"""Post-fit analysis of a recorded trajectory: a facade over the pure functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
+from lightning_influence.gradients.noise import NoiseStream
+from lightning_influence.gradients.vmap import VmapEngine
+from lightning_influence.trajectory.store import GradientStore, StoredCheckpoint
+from lightning_influence.trajectory.tracin import (
+    TopK,
+    iter_row_blocks,
+    merge_top_k,
+    self_influence_scores,
+    tracin_scores,
+)
+from lightning_influence.utils.modes import isolated, module_device
+
+__all__ = ["InfluenceAnalysis", "InfluenceSummary"]
+
+
+class InfluenceAnalysis:
+    """TracIn / VAE-TracIn scores, self-influence and proponents from a recorded store.
+
+    Test gradients are computed at every stored checkpoint's weights, with the same numerics,
+    projection and per-parameter scales as the recorded training gradients, and with
+    reparameterisation noise from an independent stream keyed by the test sample's position.
+
+    Sign convention: a positive score means the training sample is a proponent of the test
+    sample (training on it lowered the test loss; removing it is predicted to raise it).
+
+    Args:
+        store: a :class:`~lightning_influence.GradientStore` or its path.
+        model: a module with the recorded architecture (its weights are not used or changed;
+            each checkpoint's weights come from the store).
+        train_loss: ``train_loss(module, batch) -> Tensor[B]``, the loss the store recorded, used
+            for test gradients of matched TracIn (default: ``model.per_sample_loss``).
+        train_data: the recorded dataset (needed only for images in TensorBoard and for the
+            unbiased self-influence).
+        device: where to compute (default: the model's device).
+        batch_size: test samples per gradient batch.
+        train_block: training rows read from the store at once (bounds memory).
+        chunk_size: samples per ``vmap`` chunk of the default engine.
+        engine: the per-sample gradient engine for test gradients (default:
+            ``VmapEngine(chunk_size)``); any engine gives the same rows.
+        progress: show progress bars over checkpoints.
+
+    Raises:
+        ValueError: if ``model``'s parameters do not match the store's.
+
+    Example::
+
+        analysis = InfluenceAnalysis(recorder.store_path, vae)
+        scores = analysis.tracin(test_set)            # Tensor[n_test, n_train]
+        idx, val = analysis.top_k(test_set, k=10)     # strongest proponents per test sample
+    """
+
+    def __init__(
+        self,
+        store: GradientStore | str | os.PathLike,
+        model: nn.Module,
+        train_loss: PerSampleLoss | None = None,
+        *,
+        train_data: Any = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 256,
+        train_block: int = 4096,
+        chunk_size: int | None = None,
+        engine: PerSampleGradientEngine | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.store = store if isinstance(store, GradientStore) else GradientStore(store)
+        if not self.store.checkpoints:
+            raise ValueError(f"The store at {str(self.store.path)!r} has no checkpoints yet.")
+        self._check_model(model)
+        self.train_loss = resolve_loss(train_loss, model, argname="train_loss")
+        for name, value in (("batch_size", batch_size), ("train_block", train_block)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if train_data is not None and num_samples(train_data, "train_data") != self.store.n_samples:
+            raise ValueError(
+                f"`train_data` has {num_samples(train_data, 'train_data')} samples but the store recorded"
+                f" {self.store.n_samples}; pass the dataset the recorder iterated."
+            )
+        self.model = model
+        self.train_data = train_data
+        self.device = torch.device(device) if device is not None else module_device(model)
+        self.batch_size = batch_size
+        self.train_block = train_block
+        self.engine: PerSampleGradientEngine = engine if engine is not None else VmapEngine(chunk_size)
+        self.progress = progress
+        _warn_nonfinite(self.store)
+
+    def _check_model(self, model: nn.Module) -> None:
+        named = dict(model.named_parameters())
+        missing = [n for n in self.store.param_names if n not in named]
+        wrong = [
+            f"{n}: model {tuple(named[n].shape)} vs store {self.store.param_shapes[n]}"
+            for n in self.store.param_names
+            if n in named and tuple(named[n].shape) != tuple(self.store.param_shapes[n])
+        ]
+        if missing or wrong:
+            parts = []
+            if missing:
+                parts.append(f"parameters missing from the model: {missing[:6]}")
+            if wrong:
+                parts.append(f"shape mismatches: {wrong[:6]}")
+            raise ValueError(
+                f"`model` ({type(model).__name__}) does not match the store at {str(self.store.path)!r}: "
+                + "; ".join(parts)
+            )
+
+    @property
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        return self.store.checkpoints
+
+    def _featurizer(self, fn: PerSampleLoss, argname: str) -> GradientFeaturizer:
+        return GradientFeaturizer(
+            self.model,
+            fn,
+            self.store.param_names,
+            engine=self.engine,
+            precision=self.store.precision,
+            noise_seed=self.store.noise_seed,
+            argname=argname,
+        )
+
+    def gradients(
+        self,
+        data: Any,
+        checkpoint: StoredCheckpoint | int,
+        loss_fn: PerSampleLoss | None = None,
+        *,
+        stream: int = NoiseStream.TEST,
+        argname: str = "train_loss",
+        name: str = "test_data",
+        id_offset: int = 0,
+    ) -> Tensor:
+        """Gradient rows ``[n, dim]`` (fp32, on ``device``) of ``data`` at one checkpoint's weights.
+
+        Rows are laid out like the stored training rows (same projection and scales), so
+        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta``. A sample's
+        noise is keyed by ``id_offset`` + its position in ``data``.
+
+        Raises:
+            FloatingPointError: if a row is non-finite.
+        """
+        ckpt = self.store.checkpoints[checkpoint] if isinstance(checkpoint, int) else checkpoint
+        featurizer = self._featurizer(loss_fn or self.train_loss, argname)
+        projection = self.store.projector(ckpt.index)
+        out = []
+        with isolated(self.model):
+            state = cast_state(ckpt.state(), self.store.precision, self.device)
+            for ids, batch in iterate_batches(data, self.batch_size, name=name):
+                ids = ids + id_offset
+                batch = move_data_to_device(batch, self.device)
+                rows, bad = featurizer.rows(
+                    batch, ids, state, projection=projection, stream=stream, param_scales=ckpt.param_scales
+                )
+                if bad.any():
+                    raise FloatingPointError(
+                        f"Non-finite gradients for {int(bad.sum())} sample(s) of `{name}` at checkpoint {ckpt.index}"
+                        f" (ids {ids[bad.cpu()][:10].tolist()})."
+                    )
+                out.append(rows)
+        return torch.cat(out)
+
+    def _test_loss(self, measurement: PerSampleLoss | None) -> tuple[PerSampleLoss, str]:
+        if measurement is None:
+            return self.train_loss, "train_loss"
+        if not callable(measurement):
+            raise TypeError(
+                f"`measurement` must be callable as measurement(module, batch) -> Tensor[B], got {measurement!r}."
+            )
+        return measurement, "measurement"
+
+    def _iter(self, items: Sequence[Any], desc: str) -> Any:
+        return tqdm(items, desc=desc, leave=False) if self.progress else items
+
+    def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor:
+        return ckpt.gradients()[start:stop].to(self.device).float()
+
+    def tracin(self, test_data: Any, measurement: PerSampleLoss | None = None) -> Tensor:
+        """TracIn scores of every (test, training) pair.
+
+        .. math:: S_{jz} = \\sum_c \\eta_c \\langle \\nabla f(\\theta_c, z'_j), \\nabla \\ell(\\theta_c, z) \\rangle
+
+        With ``measurement`` (``f(module, batch) -> Tensor[B]``) this is cross-loss TracIn: the
+        test side differentiates the measurement instead of the training loss, at each
+        checkpoint, with the same projection as the stored training gradients.
+
+        Args:
+            test_data: a Dataset, DataLoader or collated batch.
+            measurement: optional per-test-sample objective; default: ``train_loss``.
+
+        Returns:
+            ``Tensor[n_test, n_train]`` (fp32, CPU). Training samples whose gradient was non-finite
+            (``nonfinite="skip"``) score NaN.
+        """
+        fn, argname = self._test_loss(measurement)
+        n = self.store.n_samples
+        out: Tensor | None = None
+        for ckpt in self._iter(self.store.checkpoints, "TracIn"):
+            t = self.gradients(test_data, ckpt, fn, argname=argname)
+            if out is None:
+                out = torch.zeros(t.shape[0], n, device=self.device)
+            for start, stop in iter_row_blocks(n, self.train_block):
+                out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.lr])
+        assert out is not None
+        return out.cpu()
+
+    def self_influence(self, unbiased: bool = False, train_data: Any = None) -> Tensor:
+        """Self-influence of every training sample: ``sum_c eta_c <g_c(z), g_c(z)>``.
+
+        High self-influence marks samples the model finds surprising: outliers, hard or
+        mislabelled data. With a Monte-Carlo loss the squared norm is biased upward by the
+        variance of the gradient estimate (see
+        :func:`~lightning_influence.trajectory.tracin.self_influence_scores`); ``unbiased=True`` pairs the
+        stored gradient with one from an independent draw set, recomputed at each checkpoint.
+
+        Args:
+            unbiased: use ``sum_c eta_c <g1_c, g2_c>`` with independent noise.
+            train_data: the recorded dataset (needed for ``unbiased``; default: the one given
+                at construction).
+
+        Returns:
+            ``Tensor[n_train]`` (fp32, CPU).
+        """
+        n = self.store.n_samples
+        out = torch.zeros(n, device=self.device)
+        if unbiased:
+            data = train_data if train_data is not None else self.train_data
+            if data is None:
+                raise ValueError("`train_data` is needed for unbiased self-influence (to draw a second gradient).")
+            if num_samples(data, "train_data") != n:
+                raise ValueError(f"`train_data` has {num_samples(data, 'train_data')} samples; the store has {n}.")
+        for ckpt in self._iter(self.store.checkpoints, "self-influence"):
+            second = (
+                self.gradients(data, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data") if unbiased else None
+            )
+            for start, stop in iter_row_blocks(n, self.train_block):
+                g = [self._train_rows(ckpt, start, stop)]
+                out[start:stop] += self_influence_scores(g, [ckpt.lr], None if second is None else [second[start:stop]])
+        return out.cpu()
+
+    def top_k(
+        self, test_data: Any, k: int = 10, proponents: bool = True, measurement: PerSampleLoss | None = None
+    ) -> TopK:
+        """The ``k`` strongest proponents (or opponents) of each test sample.
+
+        Scores are computed block by block over the training rows and merged, so memory grows
+        with ``n_test x (k + train_block)``, not with ``n_test x n_train``.
+
+        Args:
+            test_data: a Dataset, DataLoader or collated batch.
+            k: how many training samples per test sample.
+            proponents: largest scores (proponents) or smallest (opponents).
+            measurement: optional per-test-sample objective (cross-loss).
+
+        Returns:
+            :class:`~lightning_influence.trajectory.tracin.TopK` ``(indices, scores)``, each
+            ``[n_test, k]``, strongest first.
+        """
+        (top,) = self.ranked(test_data, k, measurement=measurement, largest=(proponents,))
+        return top
+
+    def ranked(
+        self,
+        test_data: Any,
+        k: int,
+        *,
+        measurement: PerSampleLoss | None = None,
+        largest: Sequence[bool] = (True, False),
+        query_block: int = 512,
+    ) -> list[TopK]:
+        """Top-``k`` training samples per query for several orders in one pass over the store.
+
+        Queries are processed ``query_block`` at a time and training rows ``train_block`` at a
+        time, so memory is bounded by the blocks (plus the ``[n_test, k]`` results).
+
+        Args:
+            test_data: the queries.
+            k: how many per query.
+            measurement: optional per-test-sample objective.
+            largest: one entry per result: ``True`` for proponents, ``False`` for opponents.
+            query_block: queries per block.
+
+        Returns:
+            One :class:`~lightning_influence.trajectory.tracin.TopK` (each ``[n_test, k]``,
+            strongest first) per ``largest`` entry.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        n = self.store.n_samples
+        if k > n:
+            raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
+        fn, argname = self._test_loss(measurement)
+        n_test = num_samples(test_data, "test_data")
+        parts: list[list[TopK]] = [[] for _ in largest]
+        for q0, q1 in iter_row_blocks(n_test, query_block):
+            queries = subset(test_data, q0, q1)
+            tests = [
+                self.gradients(queries, c, fn, argname=argname, id_offset=q0)
+                for c in self._iter(self.store.checkpoints, "test gradients")
+            ]
+            best: list[TopK | None] = [None for _ in largest]
+            for start, stop in iter_row_blocks(n, self.train_block):
+                ckpts = self.store.checkpoints
+                block = tracin_scores([self._train_rows(c, start, stop) for c in ckpts], tests, [c.lr for c in ckpts])
+                idx = torch.arange(start, stop, device=self.device)
+                best = [merge_top_k(top, block, idx, k, largest=lg) for top, lg in zip(best, largest)]
+            for j, top in enumerate(best):
+                assert top is not None
+                parts[j].append(TopK(top.indices.cpu(), top.scores.cpu()))
+        return [TopK(torch.cat([p.indices for p in ps]), torch.cat([p.scores for p in ps])) for ps in parts]
+
+    def summary(
+        self,
+        queries: Any,
+        *,
+        k: int = 8,
+        measurement: PerSampleLoss | None = None,
+        unbiased: bool = False,
+        train_data: Any = None,
+    ) -> InfluenceSummary:
+        """Self-influence of every training sample, and each query's proponents and opponents.
+
+        What the TensorBoard views (:func:`lightning_influence.reporting.log_influence`) show.
+
+        Args:
+            queries: the test samples to explain.
+            k: proponents and opponents per query.
+            measurement: optional per-test-sample objective (cross-loss).
+            unbiased: the unbiased self-influence (needs ``train_data``).
+            train_data: the recorded dataset (default: the one given at construction).
+        """
+        k = min(k, self.store.n_samples)
+        self_inf = self.self_influence(unbiased=unbiased, train_data=train_data)
+        proponents, opponents = self.ranked(queries, k, measurement=measurement, largest=(True, False))
+        return InfluenceSummary(
+            self_influence=self_inf,
+            proponents=proponents,
+            opponents=opponents,
+            n_checkpoints=len(self.store),
+            projection_dim=self.store.dim if self.store.projection_spec is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class InfluenceSummary:
+    """What an analysis found for a few queries: the results the reporting views take.
+
+    Attributes:
+        self_influence: ``[n_train]`` self-influence of every training sample.
+        proponents: each query's strongest proponents (``[n_queries, k]``).
+        opponents: each query's strongest opponents.
+        n_checkpoints: checkpoints the scores sum over.
+        projection_dim: width of the projected gradients, ``None`` for exact ones.
+    """
+
+    self_influence: Tensor
+    proponents: TopK
+    opponents: TopK
+    n_checkpoints: int
+    projection_dim: int | None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.self_influence.shape[0])
+
+
+def _warn_nonfinite(store: GradientStore) -> None:
+    bad = sorted({i for c in store.checkpoints for i in c.nonfinite})
+    if bad:
+        rank_zero_warn(f"{len(bad)} training sample(s) have non-finite recorded gradients; their scores are NaN.")

@@ -1,0 +1,466 @@
+"""The callback that records the checkpoint trajectory during ``Trainer.fit``.
+
+It stays thin: learning-rate bookkeeping lives here, the gradient math in
+:mod:`~lightning_influence.gradients.featurizer`, storage in :mod:`~lightning_influence.trajectory.store`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.errors import StoreError
+from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
+from lightning_influence.gradients.noise import NoiseStream
+from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
+from lightning_influence.gradients.precision import precision_from_trainer
+from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
+from lightning_influence.gradients.vmap import VmapEngine
+from lightning_influence.trajectory.store import GradientStoreWriter, header_for
+from lightning_influence.utils.modes import isolated
+
+__all__ = ["TrajectoryRecorder"]
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class TrajectoryRecorder(pl.Callback):
+    """Record per-sample training gradients, learning rates and weights at checkpoints during ``fit``.
+
+    At every checkpoint the recorder computes, for every sample of ``dataset`` (in order: a
+    sample's id is its position), the gradient of ``train_loss`` with respect to the tracked
+    parameters at the current weights, exact or randomly projected, and stores it with the
+    learning-rate credit of the interval and all weights (so test gradients can be computed
+    after ``fit``). :class:`~lightning_influence.InfluenceAnalysis` reads the result.
+
+    Recording does not change training: RNG state and train/eval modes are restored, no ``.grad``
+    is touched, and gradients are taken in eval mode (BatchNorm uses running statistics, dropout
+    is off), so a sample's gradient is deterministic across checkpoints.
+
+    Args:
+        dirpath: directory of the gradient store.
+        dataset: the samples whose gradients are recorded. Default: the trainer's training
+            dataset (iterated in order, without shuffling).
+        train_loss: ``train_loss(module, batch) -> Tensor[B]``, one training loss per sample.
+            Default: ``pl_module.per_sample_loss(batch)``.
+        every_n_epochs: record at the end of every ``n``-th training epoch (default 1).
+        every_n_steps: record after every ``n``-th optimizer step instead.
+        params: parameter names or module-name prefixes to track (default: all trainable).
+        projection_dim: ``None`` stores exact gradients; an integer ``k`` stores seeded random
+            projections of width ``k``, generated block by block (never a dense ``D x k`` matrix).
+        projection_kind: ``"sjlt"`` (sparse JL, fast), ``"rademacher"`` or ``"gaussian"``.
+        grad_dtype: storage dtype of the gradient rows (scores always accumulate in fp32).
+        grad_precision: ``"fp32"`` computes gradients from fp32 copies outside autocast (default,
+            also for the ``*-true`` precisions); ``"autocast"`` follows the trainer's precision,
+            with per-sample loss scaling and back-off under fp16.
+        nonfinite: what to do with a sample whose gradient has inf/NaN after every loss-scale
+            back-off: ``"raise"`` (abort the checkpoint and stop) or ``"skip"`` (store it, list its id
+            in the manifest, warn; its scores come out NaN, never zero).
+        batch_size: samples per gradient batch during recording.
+        chunk_size: samples per ``vmap`` chunk of the default engine (bounds memory; default: the whole batch).
+        engine: the per-sample gradient engine (default: ``VmapEngine(chunk_size)``); recorded in
+            the manifest. Analysis may use another engine: rows do not depend on it.
+        seed: seed of the projection and of the reparameterisation noise.
+        overwrite: replace an existing store at ``dirpath`` (default: refuse, so nothing recorded
+            is lost; a store with identical settings is appended to).
+        verbose: log a line per checkpoint.
+
+    Raises:
+        MisconfigurationException: on invalid arguments (eagerly), and at fit start for an
+            empty dataset, an unknown parameter name, a missing loss, or a sharded strategy.
+
+    Example::
+
+        recorder = TrajectoryRecorder(dirpath="runs/influence", every_n_epochs=1, projection_dim=1024)
+        trainer = pl.Trainer(max_epochs=20, callbacks=[recorder])
+        trainer.fit(vae, datamodule)
+        analysis = InfluenceAnalysis(recorder.store_path, vae)
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        dataset: Dataset | None = None,
+        train_loss: PerSampleLoss | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        params: Sequence[str] | str | None = None,
+        projection_dim: int | None = None,
+        projection_kind: Literal["sjlt", "rademacher", "gaussian"] = "sjlt",
+        grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        grad_precision: Literal["fp32", "autocast"] = "fp32",
+        nonfinite: Literal["raise", "skip"] = "raise",
+        batch_size: int = 64,
+        chunk_size: int | None = None,
+        engine: PerSampleGradientEngine | None = None,
+        seed: int = 0,
+        overwrite: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dirpath, (str, Path)) or not str(dirpath):
+            raise MisconfigurationException(f"`dirpath` must be a non-empty path, got {dirpath!r}.")
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise MisconfigurationException(
+                "`every_n_epochs` and `every_n_steps` are mutually exclusive; set one of them."
+            )
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
+        if every_n_epochs is None and every_n_steps is None:
+            every_n_epochs = 1
+        if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+            raise MisconfigurationException(
+                f"`projection_dim` must be None or a positive integer, got {projection_dim!r}."
+            )
+        choices = {
+            "projection_kind": (projection_kind, ("sjlt", "rademacher", "gaussian")),
+            "grad_dtype": (grad_dtype, ("float32", "float16", "bfloat16")),
+            "grad_precision": (grad_precision, ("fp32", "autocast")),
+            "nonfinite": (nonfinite, ("raise", "skip")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise MisconfigurationException(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
+        if engine is not None and not isinstance(engine, PerSampleGradientEngine):
+            raise MisconfigurationException(
+                f"`engine` must implement lightning_influence.gradients.PerSampleGradientEngine, got {engine!r}."
+            )
+        if engine is not None and chunk_size is not None:
+            raise MisconfigurationException(
+                "`chunk_size` configures the default VmapEngine; with a custom `engine`, set it on the engine instead."
+            )
+        if train_loss is not None and not callable(train_loss):
+            raise MisconfigurationException(
+                f"`train_loss` must be callable as train_loss(module, batch) -> Tensor[B], got {train_loss!r}."
+            )
+        if dataset is not None and not hasattr(dataset, "__len__"):
+            raise MisconfigurationException("`dataset` must be a map-style Dataset with __len__ (ids are positions).")
+        if isinstance(params, str):
+            params = [params]
+        self.dirpath = Path(dirpath)
+        self.dataset = dataset
+        self.train_loss = train_loss
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.params = list(params) if params is not None else None
+        self.projection_dim = projection_dim
+        self.projection_kind = projection_kind
+        self.grad_dtype = grad_dtype
+        self.grad_precision = grad_precision
+        self.nonfinite = nonfinite
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.engine = engine
+        self.seed = seed
+        self.overwrite = overwrite
+        self.verbose = verbose
+        # Bookkeeping (also the callback's state_dict).
+        self._last_step = -1
+        self._credit: dict[str, float] = {}
+        self._steps = 0
+        self._skipped = 0
+        self._pending: list[tuple[list[float], list[list[int]]]] = []
+        self._scale_before: float | None = None
+        self._resumed_checkpoints: int | None = None
+        # Resolved at fit start.
+        self._writer: GradientStoreWriter | None = None
+        self._featurizer: GradientFeaturizer | None = None
+        self._spec: ProjectionSpec | None = None
+        self._module_params: dict[str, torch.nn.Parameter] = {}
+        self._names: list[str] = []
+        self._param_ids: dict[int, str] = {}
+        self._data: Any = None
+        self._collate: Callable | None = None
+        self._active = False
+
+    @property
+    def store_path(self) -> Path:
+        """The gradient store directory (open it with :class:`~lightning_influence.GradientStore`)."""
+        return self.dirpath
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=str(self.dirpath))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        if names & set(_SHARDED):
+            raise MisconfigurationException(
+                f"TrajectoryRecorder does not support sharded strategies yet (got {type(trainer.strategy).__name__});"
+                " per-sample gradients need the full module on one device. Use DDP or a single device."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._active = trainer.is_global_zero
+        if trainer.world_size > 1:
+            rank_zero_warn(
+                "TrajectoryRecorder under multi-process training records on global rank 0 only, over the whole"
+                " `dataset`; distributed recording is not supported yet."
+            )
+        if not self._active:
+            return
+        self._data, self._collate = self._resolve_dataset(trainer)
+        loss_fn = resolve_loss(self.train_loss, pl_module, argname="train_loss")
+        try:
+            self._names = resolve_parameter_names(pl_module, self.params)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        named = dict(pl_module.named_parameters())
+        self._module_params = named
+        self._param_ids = {id(p): n for n, p in named.items()}
+        precision = precision_from_trainer(str(trainer.precision), self.grad_precision)
+        if self.grad_precision == "autocast" and precision.mode == "fp32":
+            rank_zero_warn(
+                f"`grad_precision='autocast'` with Trainer precision {trainer.precision!r}: nothing to autocast,"
+                " gradients are computed in fp32."
+            )
+        spec = None
+        if self.projection_dim is not None:
+            spec = ProjectionSpec(dim=self.projection_dim, seed=self.seed, kind=self.projection_kind)
+        self._spec = spec
+        self._featurizer = GradientFeaturizer(
+            pl_module,
+            loss_fn,
+            self._names,
+            engine=self.engine if self.engine is not None else VmapEngine(self.chunk_size),
+            precision=precision,
+            argname="train_loss",
+            noise_seed=self.seed,
+        )
+        self._probe(pl_module)
+        header = header_for(
+            n_samples=num_samples(self._data, "dataset"),
+            param_names=self._names,
+            param_shapes={n: list(named[n].shape) for n in self._names},
+            grad_dtype=self.grad_dtype,
+            projection=spec,
+            noise_seed=self.seed,
+            precision=precision,
+            extra={
+                "train_loss": getattr(loss_fn, "__qualname__", repr(loss_fn)),
+                "model": type(pl_module).__qualname__,
+                "trainer_precision": str(trainer.precision),
+                "engine": self._featurizer.engine.name,
+            },
+        )
+        try:
+            self._writer = GradientStoreWriter(self.dirpath, header, overwrite=self.overwrite)
+        except StoreError as err:
+            raise MisconfigurationException(str(err)) from err
+        if self._resumed_checkpoints is not None:
+            # Resuming from a Lightning checkpoint: checkpoints recorded after it belong to the
+            # abandoned run (they would be recorded again), so the store rolls back to match.
+            dropped = self._writer.truncate(min(self._resumed_checkpoints, self._writer.n_checkpoints))
+            if dropped:
+                rank_zero_warn(
+                    f"TrajectoryRecorder: resumed from a checkpoint taken before {len(dropped)} recorded checkpoint(s)"
+                    f" (steps {[d['step'] for d in dropped]}); they were dropped and will be recorded again."
+                )
+
+    def _projection(self, checkpoint: int) -> RandomProjection | None:
+        if self._spec is None:
+            return None
+        numels = [self._module_params[n].numel() for n in self._names]
+        return RandomProjection(self._spec, self._names, numels, checkpoint=checkpoint)
+
+    def _resolve_dataset(self, trainer: pl.Trainer) -> tuple[Any, Callable | None]:
+        data = self.dataset
+        collate = None
+        if data is None:
+            loader = trainer.train_dataloader
+            if not isinstance(loader, DataLoader):
+                raise MisconfigurationException(
+                    "TrajectoryRecorder could not find a single training DataLoader; pass `dataset` explicitly."
+                )
+            data, collate = loader.dataset, loader.collate_fn
+        try:
+            n = num_samples(data, "dataset")
+        except TypeError as err:
+            raise MisconfigurationException(str(err)) from err
+        if n == 0:
+            raise MisconfigurationException("`dataset` is empty: there are no samples to record gradients for.")
+        return data, collate
+
+    def _probe(self, pl_module: pl.LightningModule) -> None:
+        """Fail before training, not after the first epoch, if the loss is unusable."""
+        assert self._featurizer is not None
+        with isolated(pl_module):
+            ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
+            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
+            batch = move_data_to_device(batch, pl_module.device)
+            try:
+                rows, _ = self._featurizer.rows(batch, ids, state, projection=self._projection(0))
+            except (TypeError, ValueError) as err:
+                raise MisconfigurationException(f"TrajectoryRecorder: {err}") from err
+        if rows.shape != (len(ids), self._featurizer.dim(self._projection(0))):
+            raise MisconfigurationException(
+                f"`train_loss` produced gradient rows of shape {tuple(rows.shape)} for {len(ids)} samples."
+            )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._active:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and self._scale_before is None:
+            self._scale_before = float(scaler.get_scale())
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        groups = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
+        self._pending.append((lrs, groups))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        if trainer.global_step > self._last_step and self._pending:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            skipped = (
+                scaler is not None and self._scale_before is not None and float(scaler.get_scale()) < self._scale_before
+            )
+            if skipped:
+                self._skipped += len(self._pending)
+            else:
+                for lrs, groups in self._pending:
+                    for lr, ids in zip(lrs, groups):
+                        for pid in ids:
+                            name = self._param_ids.get(pid)
+                            if name is not None:
+                                self._credit[name] = self._credit.get(name, 0.0) + lr
+                    self._steps += 1
+            self._last_step = trainer.global_step
+            self._pending.clear()
+            self._scale_before = None
+            if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
+                self._record(trainer, pl_module)
+        elif trainer.global_step <= self._last_step:
+            self._pending.clear()
+            self._scale_before = None
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._record(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Steps since the last checkpoint would otherwise earn no credit.
+        if self._active and (self._steps or self._skipped):
+            self._record(trainer, pl_module)
+
+    def _steps_per_epoch(self, trainer: pl.Trainer) -> float:
+        nb = trainer.num_training_batches
+        if not math.isfinite(nb) or nb <= 0:
+            return 1.0
+        return float(max(1, math.ceil(nb / trainer.accumulate_grad_batches)))
+
+    def _etas(self, trainer: pl.Trainer) -> tuple[float, dict[str, float] | None, dict[str, float]]:
+        spe = self._steps_per_epoch(trainer)
+        per_param = {n: self._credit.get(n, 0.0) / spe for n in self._names}
+        eta = max(per_param.values())
+        if eta <= 0.0 or len(set(per_param.values())) == 1:
+            return eta, None, per_param
+        # Different learning rates per param group: fold sqrt(eta_p / eta) into the rows so that
+        # eta * <r, r'> = sum_p eta_p <g_p, g'_p>; the test side applies the same scales.
+        return eta, {n: math.sqrt(v / eta) for n, v in per_param.items()}, per_param
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is None or self._featurizer is None:
+            return
+        t0 = time.perf_counter()
+        eta, scales, per_param = self._etas(trainer)
+        ckpt = self._writer.begin_checkpoint()
+        projection = self._projection(ckpt.index)
+        bad_ids: list[int] = []
+        try:
+            with isolated(pl_module):
+                state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
+                for ids, batch in iterate_batches(self._data, self.batch_size, self._collate, name="dataset"):
+                    batch = move_data_to_device(batch, pl_module.device)
+                    rows, bad = self._featurizer.rows(
+                        batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
+                    )
+                    if bad.any():
+                        bad_ids.extend(ids[bad.cpu()].tolist())
+                    ckpt.write_rows(ids, rows)
+            if bad_ids and self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"TrajectoryRecorder: {len(bad_ids)} sample(s) have non-finite per-sample gradients at step"
+                    f" {trainer.global_step} (ids {bad_ids[:10]}{'...' if len(bad_ids) > 10 else ''}), even after"
+                    " loss-scale back-off. Checkpoint not written; earlier checkpoints are intact. Use"
+                    " grad_precision='fp32', or nonfinite='skip' to store and flag them."
+                )
+            meta = {
+                "step": int(trainer.global_step),
+                "epoch": int(trainer.current_epoch),
+                "lr": float(eta),
+                "optimizer_steps": self._steps,
+                "skipped_steps": self._skipped,
+                "steps_per_epoch": self._steps_per_epoch(trainer),
+                "param_etas": per_param if scales is not None else None,
+                "param_scales": scales,
+                "nonfinite": bad_ids,
+                "seconds": 0.0,
+            }
+            meta["seconds"] = round(time.perf_counter() - t0, 4)
+            ckpt.commit(module_state(pl_module, upcast=False), meta)
+        except BaseException:
+            ckpt.abort()
+            raise
+        if bad_ids:
+            rank_zero_warn(
+                f"TrajectoryRecorder: {len(bad_ids)} sample(s) with non-finite gradients at step {trainer.global_step}"
+                f" were stored as-is and listed in the manifest (ids {bad_ids[:10]}); their scores will be NaN."
+            )
+        if self.verbose:
+            rank_zero_info(
+                f"TrajectoryRecorder: checkpoint {ckpt.index} at step {trainer.global_step} (eta={eta:.4g},"
+                f" {self._steps} steps, {self._skipped} skipped) in {time.perf_counter() - t0:.2f}s"
+            )
+        self._credit.clear()
+        self._steps = 0
+        self._skipped = 0
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dirpath": str(self.dirpath),
+            "last_step": self._last_step,
+            "credit": dict(self._credit),
+            "steps": self._steps,
+            "skipped": self._skipped,
+            "n_checkpoints": self._writer.n_checkpoints if self._writer is not None else 0,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._credit = dict(state_dict.get("credit", {}))
+        self._steps = int(state_dict.get("steps", 0))
+        self._skipped = int(state_dict.get("skipped", 0))
+        self._resumed_checkpoints = int(state_dict.get("n_checkpoints", 0))

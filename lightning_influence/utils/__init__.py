@@ -1,0 +1,1 @@
+"""Small helpers shared by every stage: model modes and RNG isolation."""
