@@ -41,6 +41,7 @@ __all__ = [
     "lanczos_extreme_eigenvalues",
     "mean_loss_function",
     "power_iteration",
+    "random_unit_vector",
     "unflatten_vector",
 ]
 
@@ -516,6 +517,16 @@ class EigenEstimate:
         return self.largest / self.smallest if self.smallest > 0 else math.inf
 
 
+def random_unit_vector(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A seeded Gaussian direction of unit norm: the start vector of every Krylov method here.
+
+    Drawn on the CPU and moved, so the same seed gives the same start on every device.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
+    return q / q.norm()
+
+
 def lanczos_extreme_eigenvalues(
     hvp: Callable[[Tensor], Tensor],
     dim: int,
@@ -561,9 +572,7 @@ def lanczos_extreme_eigenvalues(
     if device is None:
         device = getattr(hvp, "device", "cpu")
     m = min(n_iter, dim)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-    q = q / q.norm()
+    q = random_unit_vector(dim, seed, dtype, device)
     basis = torch.empty(m, dim, dtype=dtype, device=device)
     alphas: list[float] = []
     betas: list[float] = []
@@ -628,9 +637,7 @@ def power_iteration(
         ``(eigenvalue, iterations, converged)`` where convergence means the Rayleigh quotient changed
         by less than ``tol`` (relative) between iterations.
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(dim, generator=gen, dtype=dtype).to(getattr(hvp, "device", "cpu"))
-    v = v / v.norm()
+    v = random_unit_vector(dim, seed, dtype, getattr(hvp, "device", "cpu"))
     lam = 0.0
     for it in range(1, n_iter + 1):
         w = hvp(v).to(dtype)

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.errors import SingularHessianError, SolverNotConvergedError
-from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues
+from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues, random_unit_vector
 
 __all__ = [
     "ArnoldiFactors",
@@ -645,10 +645,8 @@ def arnoldi_factors(
     if device is None:
         device = getattr(hvp, "device", "cpu")
     m = min(n_iter, dim)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
     basis = torch.empty(m + 1, dim, dtype=dtype, device=device)
-    basis[0] = q / q.norm()
+    basis[0] = random_unit_vector(dim, seed, dtype, device)
     hess = torch.zeros(m + 1, m, dtype=torch.float64)
     steps = m
     for j in range(m):
