@@ -308,6 +308,8 @@ class GradientStoreWriter:
         run_id: append only to the store of this run (a resumed fit); a store of another run is refused.
         new_run: the caller starts a new run: an existing store at ``path`` is refused (unless
             ``overwrite``) instead of appended to, so two runs never mix.
+        attach: open an existing store of run ``run_id`` without changing anything on disk (the
+            other ranks under DDP, which only write their rows through :meth:`open_shard`).
 
     Stray temporary files of a crashed writer (``.tmp-ckpt-*``, ``manifest.json.tmp-*`` and
     checkpoint directories renamed but never listed) are removed when a store is opened for writing.
@@ -326,9 +328,18 @@ class GradientStoreWriter:
         *,
         run_id: str | None = None,
         new_run: bool = False,
+        attach: bool = False,
     ) -> None:
         self.path = Path(path)
         self.header = header
+        if attach:
+            self.manifest = _read_manifest(self.path)
+            if self.manifest.get("run_id") != run_id:
+                raise StoreError(
+                    f"The gradient store at {str(self.path)!r} belongs to run {self.manifest.get('run_id')!r},"
+                    f" not {run_id!r}."
+                )
+            return
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"`dirpath` {str(self.path)!r} exists and is not a directory.")
         entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
