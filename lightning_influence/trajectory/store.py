@@ -144,9 +144,9 @@ def _space_error(err: OSError, store: Path, what: str, needed: int) -> OSError:
     free = _free_bytes(store if store.exists() else store.parent)
     out = OSError(
         err.errno,
-        f"Out of disk space in the gradient store at {str(store)!r} while writing {what}: it needs"
-        f" {needed} bytes ({_mb(needed)}), {_mb(free)} free ({os.strerror(err.errno or 0)}). The partial checkpoint was"
-        " removed; checkpoints listed earlier are intact. Free space (or move `dirpath`) and resume from the last"
+        f"Not enough disk space for the gradient store at {str(store)!r} while writing {what}: it needs"
+        f" {needed} bytes ({_mb(needed)}), {_mb(free)} free ({os.strerror(err.errno or 0)}). The partial checkpoint"
+        " was removed; checkpoints listed earlier are intact. Free space (or move `dirpath`) and resume from the last"
         " Lightning checkpoint.",
     )
     out.filename = str(store)
@@ -871,8 +871,8 @@ class GradientStore:
                 f" {ckpt.index} (step {ckpt.step}) {what}. Call refresh() (or open the store again) before scoring."
             )
         raise StoreError(
-            f"Checkpoint {ckpt.index}: {fn} {problem}: {str(ckpt.dir / fn)!r} is corrupted (it changed after it"
-            " was recorded). Restore it or record the run again."
+            f"Checkpoint {ckpt.index}: {fn} {problem} ({str(ckpt.dir / fn)!r}): the store is corrupted (the file"
+            " changed after it was recorded). Restore the file or record the run again."
         )
 
     def projector(self, checkpoint: int = 0) -> RandomProjection | None:
