@@ -31,7 +31,13 @@ from lightning_influence.gradients.parameters import module_state, resolve_param
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.vmap import VmapEngine
-from lightning_influence.trajectory.store import CheckpointWriter, GradientStoreWriter, header_for, shard_bounds
+from lightning_influence.trajectory.store import (
+    MANIFEST,
+    CheckpointWriter,
+    GradientStoreWriter,
+    header_for,
+    shard_bounds,
+)
 from lightning_influence.utils.modes import isolated
 
 __all__ = ["TrajectoryRecorder"]
@@ -325,6 +331,13 @@ class TrajectoryRecorder(pl.Callback):
         decided: tuple[str | None, list[int]] | None = None
         if trainer.is_global_zero:
             try:
+                expected = int(self._resumed.get("n_checkpoints", 0)) if self._resumed else 0
+                if resuming and expected and not (self._store_dir / MANIFEST).is_file():
+                    raise StoreError(
+                        f"There is no gradient store at {str(self._store_dir)!r} (0 checkpoints), but the Lightning"
+                        f" checkpoint being resumed expects {expected} recorded by run {self._resumed.get('run_id')!r}."
+                        " Was the store deleted or moved? Point `dirpath` at it, or start a new run without ckpt_path."
+                    )
                 writer = GradientStoreWriter(
                     self._store_dir,
                     header,
