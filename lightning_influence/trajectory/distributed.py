@@ -84,7 +84,8 @@ class _BlockScorer(pl.LightningModule):
             ]
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int) -> None:
+    def predict_step(self, batch: Any, batch_idx: int) -> int:
+        """Score the block(s) in ``batch`` (rows ``[block_id, start, stop]``); return how many blocks."""
         for block_id, start, stop in batch[0].tolist():
             ckpts = self.analysis.store.checkpoints
             rows = [c.gradients()[start:stop].to(self.device).float() for c in ckpts]
@@ -100,6 +101,7 @@ class _BlockScorer(pl.LightningModule):
                     tops = [merge_top_k(None, scores, idx, self.k, largest=lg) for lg in self.largest]
                     out = [TopK(t.indices.cpu(), t.scores.cpu()) for t in tops]
             self._parts.append((block_id, start, out))
+        return len(batch[0])
 
     @override
     def on_predict_epoch_end(self) -> None:
