@@ -328,6 +328,7 @@ class TrajectoryRecorder(pl.Callback):
         assert self._store_dir is not None
         resuming = self._resumed is not None
         error: str | None = None
+        disk_error: OSError | None = None
         decided: tuple[str | None, list[int]] | None = None
         if trainer.is_global_zero:
             try:
@@ -348,10 +349,14 @@ class TrajectoryRecorder(pl.Callback):
                 dropped = self._roll_back(writer) if resuming else []
                 self._writer = writer
                 decided = (writer.run_id, dropped)
-            except (StoreError, OSError) as err:
+            except StoreError as err:
                 error = str(err)
+            except OSError as err:  # a full disk stays an OSError on the rank that hit it
+                error, disk_error = str(err), err
         # Collectives outside any rank-zero branch: every rank learns the outcome, and fails together.
         error, decided = trainer.strategy.broadcast((error, decided), src=0)
+        if disk_error is not None:
+            raise disk_error
         if error is not None:
             raise MisconfigurationException(f"TrajectoryRecorder: {error}")
         assert decided is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_influence.trajectory.store as store_mod
 from lightning_influence import GradientStore, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
 from lightning_influence.gradients.noise import fixed_noise
@@ -216,3 +218,23 @@ def test_a_dataset_that_grows_between_checkpoints_is_named(tmp_path):
     store = GradientStore(rec.store_path)
     assert len(store) == 1
     store.verify()
+
+
+def test_disk_full_during_fit_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    real = store_mod._preallocate
+    calls = []
+
+    def fill_up(fd, size):
+        calls.append(size)
+        # 1: the new manifest; 2-4: checkpoint 0's rows, weights and manifest; 5: checkpoint 1's rows.
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, size)
+
+    monkeypatch.setattr(store_mod, "_preallocate", fill_up)
+    with pytest.raises(OSError, match=r"Not enough disk space for the gradient store at .*store.*checkpoint 1.*needs"):
+        _fit(tmp_path / "store", max_epochs=3)
+    store = GradientStore(tmp_path / "store")
+    assert [c.step for c in store.checkpoints] == [4]
+    store.verify()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["ckpt-00000", "manifest.json"]
