@@ -23,19 +23,23 @@ from lightning_influence.models.vae import MLPVAE
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("ddp")
-    job = Path(__file__).with_name("ddp_recording_job.py")
+def _run_job(name: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    # The job must import this checkout's package, whatever is installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(job), str(tmp_path / "store"), str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(name)), str(tmp_path / "store"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
         env=env,
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    proc = _run_job("ddp_recording_job.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     x, y = load_digits_tensors()
     vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, lr=1e-3, optimizer="sgd", influence_draws=2)
@@ -86,3 +90,24 @@ def test_ddp_scoring_matches_one_process(ddp_run):
         for got, ref in ((res["proponents"], proponents), (res["opponents"], opponents)):
             assert torch.equal(got[0], ref.indices)
             torch.testing.assert_close(got[1], ref.scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_ddp_a_failing_rank_stops_every_rank_and_lists_nothing(tmp_path):
+    proc = _run_job("ddp_failure_job.py", tmp_path)
+    files = {(c, r): tmp_path / f"{c}_rank{r}.txt" for c in ("nonfinite", "error") for r in (0, 1)}
+    assert all(f.exists() for f in files.values()), (proc.returncode, proc.stderr[-3000:])
+    errors = {k: f.read_text() for k, f in files.items()}
+    # A non-finite row on rank 1: every rank learns the ids and raises the same error.
+    for r in (0, 1):
+        assert errors["nonfinite", r].startswith("FloatingPointError") and "ids [30]" in errors["nonfinite", r]
+    # An exception on rank 1: it raises its own, rank 0 is told which rank failed and why.
+    assert errors["error", 1] == "RuntimeError: engine failed on rank 1's samples"
+    assert (
+        errors["error", 0].startswith("StoreError")
+        and "another rank failed to compute its gradient rows" in (errors["error", 0])
+    )
+    assert "rank 1: RuntimeError: engine failed" in errors["error", 0]
+    for store in (tmp_path / "store", tmp_path / "store-engine"):
+        assert len(GradientStore(store)) == 0
+        assert sorted(p.name for p in store.iterdir()) == ["manifest.json"]
