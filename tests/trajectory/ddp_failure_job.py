@@ -59,3 +59,7 @@ if __name__ == "__main__":
     poisoned[30, 0] = float("inf")  # rows [20, 40) are rank 1's shard
     fit("nonfinite", store, TensorDataset(poisoned, y[:40]))
     fit("error", store + "-engine", TensorDataset(x[:40], y[:40]), engine=FailingEngine())
+    # Leave no gloo threads running at interpreter exit (they can abort the process: "terminate called ...").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -71,3 +71,7 @@ if __name__ == "__main__":
     torch.save(result, out / f"scores_rank{trainer.global_rank}.pt")
     if trainer.is_global_zero:
         print("RANK0_DONE", trainer.global_step)
+    # Leave no gloo threads running at interpreter exit (they can abort the process: "terminate called ...").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
