@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import time
 
@@ -82,7 +83,11 @@ def test_random_kills_never_corrupt_or_lose_a_committed_checkpoint(tmp_path):
     start = time.monotonic()
     while time.monotonic() - start < BUDGET_S:
         pid, fd = _fork_recorder(store)
-        time.sleep(rng.uniform(0.02, 0.7))
+        if rng.random() < 0.25:  # anywhere from start-up (removing the previous store) on
+            time.sleep(rng.uniform(0.0, 0.6))
+        else:  # once training is under way: inside rows, fsyncs, checksums, weights or the manifest
+            select.select([fd], [], [], 30.0)
+            time.sleep(rng.uniform(0.0, 0.3))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         lines = _read_all(fd).split()
@@ -102,4 +107,4 @@ def test_random_kills_never_corrupt_or_lose_a_committed_checkpoint(tmp_path):
         max_listed = max(max_listed, len(s))
     assert (tmp_path / "neighbour.txt").read_text() == "not the store's"
     print(f"{kills} kills, {with_checkpoints} with checkpoints listed, up to {max_listed} checkpoints")
-    assert kills >= 15 and with_checkpoints >= kills // 3
+    assert kills >= 15 and with_checkpoints >= kills // 2
