@@ -108,3 +108,26 @@ def test_random_kills_never_corrupt_or_lose_a_committed_checkpoint(tmp_path):
     assert (tmp_path / "neighbour.txt").read_text() == "not the store's"
     print(f"{kills} kills, {with_checkpoints} with checkpoints listed, up to {max_listed} checkpoints")
     assert kills >= 15 and with_checkpoints >= kills // 2
+
+
+@pytest.mark.slow
+def test_readers_during_recording_see_only_complete_verified_checkpoints(tmp_path):
+    store = tmp_path / "store"
+    pid, fd = _fork_recorder(store)
+    try:
+        select.select([fd], [], [], 30.0)  # recording is under way
+        passes, seen, start = 0, 0, time.monotonic()
+        reader = None
+        while time.monotonic() - start < 3.0:
+            reader = GradientStore(store) if reader is None else reader
+            reader.refresh()
+            for c in reader.checkpoints:  # every listed checkpoint is complete and matches its checksums
+                assert torch.isfinite(c.gradients().float()).all()
+                assert set(c.state()) >= set(reader.param_names)
+            seen = max(seen, len(reader))
+            passes += 1
+        assert passes > 10 and seen > 3
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)

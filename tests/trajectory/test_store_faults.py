@@ -315,3 +315,15 @@ def test_a_shard_missing_rows_is_not_listed(tmp_path):
         ck.commit(_state(0), {"step": 1, "epoch": 0, "lr": 0.1}, shards=[shard.finish()])
     ck.abort()
     assert len(GradientStore(tmp_path)) == 0 and not _no_temp_files(tmp_path)
+
+
+def test_a_reader_of_a_replaced_store_is_stale(tmp_path):
+    w = _two_checkpoints(tmp_path)
+    reader = GradientStore(tmp_path)
+    w2 = GradientStoreWriter(tmp_path, _header(), overwrite=True)
+    _write(w2, 0, rows=_rows(5))
+    assert w2.run_id != w.run_id
+    with pytest.raises(StoreError, match="changed since this reader opened it"):
+        reader.checkpoints[0].gradients()
+    reader.refresh()
+    assert reader.run_id == w2.run_id and torch.equal(reader.checkpoints[0].gradients(), _rows(5))
