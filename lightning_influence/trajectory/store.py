@@ -529,15 +529,15 @@ class ShardWriter:
         contiguous = bool(np.all(np.diff(ids_np) == 1))
         try:
             if contiguous:
-                self._put(lo, arr.tobytes())
+                self._put(lo, memoryview(arr).cast("B"))
             else:
                 for i, row in zip(ids_np.tolist(), arr):
-                    self._put(i, row.tobytes())
+                    self._put(i, memoryview(np.ascontiguousarray(row)).cast("B"))
         except OSError as err:
             raise _wrap_os_error(err, self.store.path, f"gradient rows ({GRADS_FILE})", self.store.header.grads_bytes)
         self._written[ids_np - self.start] = True
 
-    def _put(self, row: int, data: bytes) -> None:
+    def _put(self, row: int, data: memoryview) -> None:
         offset = self._offset + row * self._row_bytes
         _pwrite_all(self.fd, data, offset)
         if self._in_order and offset == self._hash_pos:
