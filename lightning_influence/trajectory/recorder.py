@@ -1,25 +1,27 @@
 """The callback that records the checkpoint trajectory during ``Trainer.fit``.
 
-It stays thin: learning-rate bookkeeping lives here, the gradient math in
+It stays thin: learning-rate bookkeeping and the DDP protocol live here, the gradient math in
 :mod:`~lightning_influence.gradients.featurizer`, storage in :mod:`~lightning_influence.trajectory.store`.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.data.batches import iterate_batches, num_samples, subset
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
@@ -29,7 +31,13 @@ from lightning_influence.gradients.parameters import module_state, resolve_param
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.vmap import VmapEngine
-from lightning_influence.trajectory.store import GradientStoreWriter, header_for
+from lightning_influence.trajectory.store import (
+    MANIFEST,
+    CheckpointWriter,
+    GradientStoreWriter,
+    header_for,
+    shard_bounds,
+)
 from lightning_influence.utils.modes import isolated
 
 __all__ = ["TrajectoryRecorder"]
@@ -46,9 +54,29 @@ class TrajectoryRecorder(pl.Callback):
     learning-rate credit of the interval and all weights (so test gradients can be computed
     after ``fit``). :class:`~lightning_influence.InfluenceAnalysis` reads the result.
 
+    Checkpoints are taken every ``every_n_epochs`` epochs (or ``every_n_steps`` optimizer steps),
+    plus one extra, final checkpoint at the end of training when optimizer steps were taken since
+    the last one (otherwise those steps would earn no learning-rate credit): a 10-epoch fit with
+    ``every_n_epochs=3`` records after epochs 3, 6, 9 and 10.
+
     Recording does not change training: RNG state and train/eval modes are restored, no ``.grad``
     is touched, and gradients are taken in eval mode (BatchNorm uses running statistics, dropout
     is off), so a sample's gradient is deterministic across checkpoints.
+
+    **Runs never mix.** A fit without ``ckpt_path`` starts a new run: ``dirpath`` must be empty,
+    missing, or (with ``overwrite=True``) hold a store, which is replaced. A fit resumed with
+    ``ckpt_path`` appends to the store of the run that wrote that Lightning checkpoint, identified
+    by the resolved ``dirpath`` and the run id kept in the manifest and in this callback's state;
+    checkpoints recorded after the Lightning checkpoint are dropped (they are recorded again), and
+    a store with fewer checkpoints than the Lightning checkpoint expects is an error.
+
+    **DDP** (``strategy="ddp"``, any number of devices and nodes): every rank computes the rows of
+    its own contiguous shard of ``dataset`` (``shard_bounds``: rows ``[n r / W, n (r + 1) / W)``,
+    so there is no padding and no duplicate) and writes them into its disjoint row range of the
+    checkpoint's one ``grads.npy``; rank 0 resolves the directory and broadcasts it, creates and
+    preallocates each checkpoint's file, writes the weights and lists the checkpoint in the manifest
+    once every rank has reported its rows. ``dirpath`` must be on a filesystem all ranks share.
+    Sharded strategies (FSDP, DeepSpeed) are refused.
 
     Args:
         dirpath: directory of the gradient store.
@@ -59,8 +87,9 @@ class TrajectoryRecorder(pl.Callback):
         every_n_epochs: record at the end of every ``n``-th training epoch (default 1).
         every_n_steps: record after every ``n``-th optimizer step instead.
         params: parameter names or module-name prefixes to track (default: all trainable).
-        projection_dim: ``None`` stores exact gradients; an integer ``k`` stores seeded random
-            projections of width ``k``, generated block by block (never a dense ``D x k`` matrix).
+        projection_dim: ``None`` stores exact gradients; an integer ``k`` smaller than the gradient
+            dimension stores seeded random projections of width ``k``, generated block by block
+            (never a dense ``D x k`` matrix).
         projection_kind: ``"sjlt"`` (sparse JL, fast), ``"rademacher"`` or ``"gaussian"``.
         grad_dtype: storage dtype of the gradient rows (scores always accumulate in fp32).
         grad_precision: ``"fp32"`` computes gradients from fp32 copies outside autocast (default,
@@ -74,13 +103,18 @@ class TrajectoryRecorder(pl.Callback):
         engine: the per-sample gradient engine (default: ``VmapEngine(chunk_size)``); recorded in
             the manifest. Analysis may use another engine: rows do not depend on it.
         seed: seed of the projection and of the reparameterisation noise.
-        overwrite: replace an existing store at ``dirpath`` (default: refuse, so nothing recorded
-            is lost; a store with identical settings is appended to).
+        overwrite: a fresh fit replaces a store already at ``dirpath``, deleting only the files the
+            store wrote (default: refuse, so nothing recorded is lost or mixed). A ``dirpath``
+            holding other files is always refused.
         verbose: log a line per checkpoint.
 
     Raises:
-        MisconfigurationException: on invalid arguments (eagerly), and at fit start for an
-            empty dataset, an unknown parameter name, a missing loss, or a sharded strategy.
+        MisconfigurationException: on invalid arguments (eagerly); in ``setup`` for a sharded
+            strategy or a module without ``per_sample_loss`` (and no ``train_loss``); at train start
+            for an empty dataset, an unknown parameter name, a ``projection_dim`` not smaller than
+            the gradient dimension, or a ``dirpath`` that holds another run or other files.
+        OSError: the disk filled up (the message names the store and the space needed; earlier
+            checkpoints are intact).
 
     Example::
 
@@ -178,8 +212,13 @@ class TrajectoryRecorder(pl.Callback):
         self._skipped = 0
         self._pending: list[tuple[list[float], list[list[int]]]] = []
         self._scale_before: float | None = None
-        self._resumed_checkpoints: int | None = None
-        # Resolved at fit start.
+        self._resumed: dict[str, Any] | None = None
+        self._run_id: str | None = None
+        # Resolved in setup / at fit start.
+        self._resolved = Path(dirpath).expanduser().resolve()
+        self._store_dir: Path | None = None
+        self._rank, self._world = 0, 1
+        self._n_samples = 0
         self._writer: GradientStoreWriter | None = None
         self._featurizer: GradientFeaturizer | None = None
         self._spec: ProjectionSpec | None = None
@@ -193,12 +232,18 @@ class TrajectoryRecorder(pl.Callback):
     @property
     def store_path(self) -> Path:
         """The gradient store directory (open it with :class:`~lightning_influence.GradientStore`)."""
-        return self.dirpath
+        return self._store_dir if self._store_dir is not None else self._resolved
+
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run this recorder writes (set at train start, kept in the manifest and the state)."""
+        return self._run_id
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=str(self.dirpath))
+        # The resolved directory, not its spelling: "runs/x" and "./runs/../runs/x" are one store.
+        return self._generate_state_key(dirpath=str(self._resolved))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -208,19 +253,19 @@ class TrajectoryRecorder(pl.Callback):
         if names & set(_SHARDED):
             raise MisconfigurationException(
                 f"TrajectoryRecorder does not support sharded strategies yet (got {type(trainer.strategy).__name__});"
-                " per-sample gradients need the full module on one device. Use DDP or a single device."
+                " per-sample gradients need the full module on one device. Use strategy='ddp' (every rank records"
+                " its shard of the samples) or a single device."
             )
+        # Fail fast: a module without the default loss would otherwise train until the first checkpoint.
+        resolve_loss(self.train_loss, pl_module, argname="train_loss")
+        # Rank 0 decides the directory, every rank uses it (as ModelCheckpoint does).
+        decided = str(self._resolved) if trainer.is_global_zero else None
+        self._store_dir = Path(trainer.strategy.broadcast(decided, src=0))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._active = trainer.is_global_zero
-        if trainer.world_size > 1:
-            rank_zero_warn(
-                "TrajectoryRecorder under multi-process training records on global rank 0 only, over the whole"
-                " `dataset`; distributed recording is not supported yet."
-            )
-        if not self._active:
-            return
+        self._active = True
+        self._rank, self._world = trainer.global_rank, trainer.world_size
         self._data, self._collate = self._resolve_dataset(trainer)
         loss_fn = resolve_loss(self.train_loss, pl_module, argname="train_loss")
         try:
@@ -230,6 +275,13 @@ class TrajectoryRecorder(pl.Callback):
         named = dict(pl_module.named_parameters())
         self._module_params = named
         self._param_ids = {id(p): n for n, p in named.items()}
+        full_dim = sum(named[n].numel() for n in self._names)
+        if self.projection_dim is not None and self.projection_dim >= full_dim:
+            raise MisconfigurationException(
+                f"`projection_dim`={self.projection_dim} is not smaller than the gradient dimension {full_dim} of the"
+                f" tracked parameters: projected rows would be as wide as exact ones or wider. Use"
+                f" projection_dim=None (exact gradients) or a value below {full_dim}."
+            )
         precision = precision_from_trainer(str(trainer.precision), self.grad_precision)
         if self.grad_precision == "autocast" and precision.mode == "fp32":
             rank_zero_warn(
@@ -250,8 +302,9 @@ class TrajectoryRecorder(pl.Callback):
             noise_seed=self.seed,
         )
         self._probe(pl_module)
+        self._n_samples = num_samples(self._data, "dataset")
         header = header_for(
-            n_samples=num_samples(self._data, "dataset"),
+            n_samples=self._n_samples,
             param_names=self._names,
             param_shapes={n: list(named[n].shape) for n in self._names},
             grad_dtype=self.grad_dtype,
@@ -261,23 +314,84 @@ class TrajectoryRecorder(pl.Callback):
             extra={
                 "train_loss": getattr(loss_fn, "__qualname__", repr(loss_fn)),
                 "model": type(pl_module).__qualname__,
+                "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "hparams": _json_safe_hparams(pl_module),
                 "trainer_precision": str(trainer.precision),
                 "engine": self._featurizer.engine.name,
+                "world_size": trainer.world_size,
             },
         )
-        try:
-            self._writer = GradientStoreWriter(self.dirpath, header, overwrite=self.overwrite)
-        except StoreError as err:
-            raise MisconfigurationException(str(err)) from err
-        if self._resumed_checkpoints is not None:
-            # Resuming from a Lightning checkpoint: checkpoints recorded after it belong to the
-            # abandoned run (they would be recorded again), so the store rolls back to match.
-            dropped = self._writer.truncate(min(self._resumed_checkpoints, self._writer.n_checkpoints))
-            if dropped:
-                rank_zero_warn(
-                    f"TrajectoryRecorder: resumed from a checkpoint taken before {len(dropped)} recorded checkpoint(s)"
-                    f" (steps {[d['step'] for d in dropped]}); they were dropped and will be recorded again."
+        self._open_store(trainer, header)
+
+    def _open_store(self, trainer: pl.Trainer, header: Any) -> None:
+        """Rank 0 opens (or creates) the store and decides the run; the other ranks attach to it."""
+        assert self._store_dir is not None
+        resuming = self._resumed is not None
+        error: str | None = None
+        disk_error: OSError | None = None
+        decided: tuple[str | None, list[int]] | None = None
+        if trainer.is_global_zero:
+            try:
+                expected = int(self._resumed.get("n_checkpoints", 0)) if self._resumed else 0
+                if resuming and expected and not (self._store_dir / MANIFEST).is_file():
+                    raise StoreError(
+                        f"There is no gradient store at {str(self._store_dir)!r} (0 checkpoints), but the Lightning"
+                        f" checkpoint being resumed expects {expected} recorded by run {self._resumed.get('run_id')!r}."
+                        " Was the store deleted or moved? Point `dirpath` at it, or start a new run without ckpt_path."
+                    )
+                writer = GradientStoreWriter(
+                    self._store_dir,
+                    header,
+                    overwrite=self.overwrite and not resuming,
+                    run_id=self._resumed.get("run_id") if self._resumed else None,
+                    new_run=not resuming,
                 )
+                dropped = self._roll_back(writer) if resuming else []
+                self._writer = writer
+                decided = (writer.run_id, dropped)
+            except StoreError as err:
+                error = str(err)
+            except OSError as err:  # a full disk stays an OSError on the rank that hit it
+                error, disk_error = str(err), err
+        # Collectives outside any rank-zero branch: every rank learns the outcome, and fails together.
+        error, decided = trainer.strategy.broadcast((error, decided), src=0)
+        if disk_error is not None:
+            raise disk_error
+        if error is not None:
+            raise MisconfigurationException(f"TrajectoryRecorder: {error}")
+        assert decided is not None
+        self._run_id, dropped = decided
+        self._resumed = None  # the store now answers for the run; a later fit without ckpt_path is a new run
+        if dropped:
+            rank_zero_warn(
+                f"TrajectoryRecorder: resumed from a checkpoint taken before {len(dropped)} recorded checkpoint(s)"
+                f" (steps {dropped}); they were dropped and will be recorded again."
+            )
+        problem: str | None = None
+        if not trainer.is_global_zero:
+            try:
+                self._writer = GradientStoreWriter(self._store_dir, header, run_id=self._run_id, attach=True)
+            except (StoreError, OSError) as err:
+                problem = f"rank {trainer.global_rank} cannot open the store rank 0 created: {err}"
+        problems = _gather(trainer, problem)
+        if any(problems):
+            raise MisconfigurationException(
+                "TrajectoryRecorder: " + "; ".join(p for p in problems if p) + " (`dirpath` must be on a filesystem"
+                " every rank shares)."
+            )
+
+    def _roll_back(self, writer: GradientStoreWriter) -> list[int]:
+        """Match the store to the Lightning checkpoint being resumed; return the dropped steps."""
+        assert self._resumed is not None
+        expected = int(self._resumed.get("n_checkpoints", 0))
+        have = writer.n_checkpoints
+        if have < expected:
+            raise StoreError(
+                f"The gradient store at {str(writer.path)!r} holds {have} checkpoint(s), but the Lightning checkpoint"
+                f" being resumed expects {expected} recorded by run {self._resumed.get('run_id')!r}: the store lost"
+                " checkpoints (deleted or replaced). Resume from an earlier Lightning checkpoint or record a new run."
+            )
+        return [int(e["step"]) for e in writer.truncate(expected)]
 
     def _projection(self, checkpoint: int) -> RandomProjection | None:
         if self._spec is None:
@@ -369,7 +483,7 @@ class TrajectoryRecorder(pl.Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Steps since the last checkpoint would otherwise earn no credit.
+        # The extra, final checkpoint: steps since the last checkpoint would otherwise earn no credit.
         if self._active and (self._steps or self._skipped):
             self._record(trainer, pl_module)
 
@@ -394,27 +508,71 @@ class TrajectoryRecorder(pl.Callback):
             return
         t0 = time.perf_counter()
         eta, scales, per_param = self._etas(trainer)
-        ckpt = self._writer.begin_checkpoint()
-        projection = self._projection(ckpt.index)
+        n = num_samples(self._data, "dataset")
+        if n != self._n_samples:
+            raise MisconfigurationException(
+                f"TrajectoryRecorder: `dataset` has {n} samples at step {trainer.global_step} but had"
+                f" {self._n_samples} when the store was created; rows are keyed by position, so the recorded dataset"
+                " must not change size during fit. Pass a fixed `dataset`."
+            )
+        start, stop = shard_bounds(n, self._world, self._rank)
+        index = self._writer.n_checkpoints
+        # 1. Rank 0 creates the checkpoint's file (preallocated); everyone learns whether that worked.
+        ckpt: CheckpointWriter | None = None
+        failure: BaseException | None = None
+        if self._rank == 0:
+            try:
+                ckpt = self._writer.begin_checkpoint(stop=stop)
+            except (OSError, StoreError) as err:
+                failure = err
+        _raise_together(trainer, failure, "create checkpoint", index)
+        # 2. Every rank computes and writes the rows of its own shard.
+        t_rows = time.perf_counter()
         bad_ids: list[int] = []
+        shard_info: dict[str, Any] | None = None
         try:
-            with isolated(pl_module):
-                state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
-                for ids, batch in iterate_batches(self._data, self.batch_size, self._collate, name="dataset"):
-                    batch = move_data_to_device(batch, pl_module.device)
-                    rows, bad = self._featurizer.rows(
-                        batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
+            rows_out = ckpt.rows if ckpt is not None else self._writer.open_shard(index, start, stop)
+            assert rows_out is not None
+            try:
+                if stop > start:
+                    bad_ids = self._compute_shard(
+                        pl_module, start, stop, ckpt.index if ckpt else index, scales, rows_out
                     )
-                    if bad.any():
-                        bad_ids.extend(ids[bad.cpu()].tolist())
-                    ckpt.write_rows(ids, rows)
-            if bad_ids and self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"TrajectoryRecorder: {len(bad_ids)} sample(s) have non-finite per-sample gradients at step"
-                    f" {trainer.global_step} (ids {bad_ids[:10]}{'...' if len(bad_ids) > 10 else ''}), even after"
-                    " loss-scale back-off. Checkpoint not written; earlier checkpoints are intact. Use"
-                    " grad_precision='fp32', or nonfinite='skip' to store and flag them."
-                )
+                if ckpt is None:
+                    shard_info = rows_out.finish()
+            finally:
+                if ckpt is None:
+                    rows_out.close()
+        except BaseException as err:  # reported to every rank below, then re-raised
+            failure = err
+        report = {
+            "rank": self._rank,
+            "start": start,
+            "stop": stop,
+            "seconds": round(time.perf_counter() - t_rows, 4),
+            "bad": bad_ids,
+            "segment": shard_info,
+            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+        }
+        reports = _gather(trainer, report)
+        try:
+            _raise_together(trainer, failure, "compute its gradient rows", index, reports=reports)
+        except BaseException:
+            if ckpt is not None:
+                ckpt.abort()
+            raise
+        all_bad = sorted(i for r in reports for i in r["bad"])
+        if all_bad and self.nonfinite == "raise":
+            if ckpt is not None:
+                ckpt.abort()
+            raise FloatingPointError(
+                f"TrajectoryRecorder: {len(all_bad)} sample(s) have non-finite per-sample gradients at step"
+                f" {trainer.global_step} (ids {all_bad[:10]}{'...' if len(all_bad) > 10 else ''}), even after"
+                " loss-scale back-off. Checkpoint not written; earlier checkpoints are intact. Use"
+                " grad_precision='fp32', or nonfinite='skip' to store and flag them."
+            )
+        # 3. Rank 0 writes the weights and lists the checkpoint; everyone learns whether that worked.
+        if ckpt is not None:
             meta = {
                 "step": int(trainer.global_step),
                 "epoch": int(trainer.current_epoch),
@@ -424,37 +582,74 @@ class TrajectoryRecorder(pl.Callback):
                 "steps_per_epoch": self._steps_per_epoch(trainer),
                 "param_etas": per_param if scales is not None else None,
                 "param_scales": scales,
-                "nonfinite": bad_ids,
-                "seconds": 0.0,
+                "nonfinite": all_bad,
+                "seconds": round(time.perf_counter() - t0, 4),
+                "shards": [{k: r[k] for k in ("rank", "start", "stop", "seconds")} for r in reports],
             }
-            meta["seconds"] = round(time.perf_counter() - t0, 4)
-            ckpt.commit(module_state(pl_module, upcast=False), meta)
-        except BaseException:
-            ckpt.abort()
-            raise
-        if bad_ids:
+            try:
+                ckpt.commit(module_state(pl_module, upcast=False), meta, shards=[r["segment"] for r in reports[1:]])
+            except BaseException as err:
+                ckpt.abort()
+                failure = err
+        _raise_together(trainer, failure, "list checkpoint", index)
+        if self._rank != 0:
+            self._writer.manifest["checkpoints"].append({"index": index, "step": int(trainer.global_step)})
+        if all_bad:
             rank_zero_warn(
-                f"TrajectoryRecorder: {len(bad_ids)} sample(s) with non-finite gradients at step {trainer.global_step}"
-                f" were stored as-is and listed in the manifest (ids {bad_ids[:10]}); their scores will be NaN."
+                f"TrajectoryRecorder: {len(all_bad)} sample(s) with non-finite gradients at step {trainer.global_step}"
+                f" were stored as-is and listed in the manifest (ids {all_bad[:10]}); their scores will be NaN."
             )
         if self.verbose:
             rank_zero_info(
-                f"TrajectoryRecorder: checkpoint {ckpt.index} at step {trainer.global_step} (eta={eta:.4g},"
-                f" {self._steps} steps, {self._skipped} skipped) in {time.perf_counter() - t0:.2f}s"
+                f"TrajectoryRecorder: checkpoint {index} at step {trainer.global_step} (eta={eta:.4g},"
+                f" {self._steps} steps, {self._skipped} skipped, {self._world} rank(s)) in"
+                f" {time.perf_counter() - t0:.2f}s"
             )
         self._credit.clear()
         self._steps = 0
         self._skipped = 0
 
+    def _compute_shard(
+        self,
+        pl_module: pl.LightningModule,
+        start: int,
+        stop: int,
+        index: int,
+        scales: dict[str, float] | None,
+        out: Any,
+    ) -> list[int]:
+        """Rows of samples ``[start, stop)`` written to ``out``, in order; returns the non-finite ids."""
+        assert self._featurizer is not None
+        projection = self._projection(index)
+        bad_ids: list[int] = []
+        with isolated(pl_module):
+            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
+            part = subset(self._data, start, stop)
+            for ids, batch in iterate_batches(part, self.batch_size, self._collate, name="dataset"):
+                ids = ids + start
+                batch = move_data_to_device(batch, pl_module.device)
+                rows, bad = self._featurizer.rows(
+                    batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
+                )
+                if bad.any():
+                    bad_ids.extend(ids[bad.cpu()].tolist())
+                out.write_rows(ids, rows)
+        return bad_ids
+
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._writer is not None:
+            n_checkpoints = self._writer.n_checkpoints
+        else:
+            n_checkpoints = int(self._resumed.get("n_checkpoints", 0)) if self._resumed else 0
         return {
-            "dirpath": str(self.dirpath),
+            "dirpath": str(self.store_path),
+            "run_id": self._run_id,
             "last_step": self._last_step,
             "credit": dict(self._credit),
             "steps": self._steps,
             "skipped": self._skipped,
-            "n_checkpoints": self._writer.n_checkpoints if self._writer is not None else 0,
+            "n_checkpoints": n_checkpoints,
         }
 
     @override
@@ -463,4 +658,68 @@ class TrajectoryRecorder(pl.Callback):
         self._credit = dict(state_dict.get("credit", {}))
         self._steps = int(state_dict.get("steps", 0))
         self._skipped = int(state_dict.get("skipped", 0))
-        self._resumed_checkpoints = int(state_dict.get("n_checkpoints", 0))
+        self._run_id = state_dict.get("run_id")
+        self._resumed = {
+            "run_id": self._run_id,
+            "n_checkpoints": int(state_dict.get("n_checkpoints", 0)),
+            "dirpath": state_dict.get("dirpath"),
+        }
+
+
+def _gather(trainer: pl.Trainer, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_together(
+    trainer: pl.Trainer,
+    failure: BaseException | None,
+    what: str,
+    index: int,
+    reports: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Every rank raises if any rank failed (a collective: every rank must call it, failed or not).
+
+    The rank that failed re-raises its own exception; the others raise a :class:`StoreError`
+    naming it, so no rank is left waiting in a collective while another one has stopped.
+    """
+    if reports is None:
+        reports = _gather(
+            trainer,
+            {"rank": trainer.global_rank, "error": None if failure is None else f"{type(failure).__name__}: {failure}"},
+        )
+    failed = [r for r in reports if r["error"] is not None]
+    if failure is not None:
+        raise failure
+    if failed:
+        detail = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
+        raise StoreError(f"TrajectoryRecorder: checkpoint {index} aborted, another rank failed to {what} ({detail}).")
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return repr(value)
+
+
+def _json_safe_hparams(pl_module: pl.LightningModule) -> dict[str, Any] | None:
+    """``pl_module.hparams`` as JSON (``None`` unless ``save_hyperparameters()`` was used).
+
+    Values JSON cannot hold become their ``repr`` (e.g. a ``torch.dtype`` or a module).
+    """
+    hparams = getattr(pl_module, "hparams", None)
+    if not hparams:
+        return None
+    return {str(k): _json_safe(v) for k, v in dict(hparams).items()}

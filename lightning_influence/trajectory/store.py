@@ -2,14 +2,28 @@
 
 Layout of a store directory::
 
-    manifest.json                 schema version, parameters, projection, dtype, checkpoints, checksums
-    ckpt-00000/grads.npy          [n_samples, dim] gradient rows (numpy .npy, memory-mapped on read)
+    manifest.json                  schema version, run id, parameters, projection, dtype, checkpoints, checksums
+    ckpt-00000/grads.npy           [n_samples, dim] gradient rows (numpy .npy, memory-mapped on read)
     ckpt-00000/weights.safetensors all parameters and buffers at that checkpoint
-    .tmp-ckpt-00001/              a checkpoint being written (never listed)
+    .tmp-ckpt-00001/               a checkpoint being written (never listed)
 
 A checkpoint becomes visible only after its directory is complete (written, fsynced and renamed)
 and the manifest listing it has been atomically replaced, so a reader can open the store while
 training goes on and a checkpoint killed mid-write is never listed.
+
+Writes are ordinary file writes (``pwrite``) into a file preallocated with ``posix_fallocate``,
+never a growing memory map: a full disk raises an :class:`OSError` naming the store and the space
+needed (the partial checkpoint is removed, earlier ones are untouched) instead of killing the
+process with SIGBUS.
+
+Under DDP every rank writes a disjoint, contiguous range of rows of the same ``grads.npy``
+(:meth:`GradientStoreWriter.open_shard`); rank 0 creates and preallocates the file, then lists the
+checkpoint after all ranks reported. Checksums are computed while writing, one SHA-256 per
+contiguous segment (the whole file in a single process, one segment per rank under DDP), and
+readers verify each file lazily on its first use.
+
+A store belongs to one run: the manifest's ``run_id`` is also kept in the recorder's Lightning
+state, so a resumed fit appends to its own run and a fresh fit never appends to another's.
 
 bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the manifest's
 ``grad_dtype`` says how to view them.
@@ -18,10 +32,15 @@ bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +48,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 
-__all__ = ["GradientStore", "GradientStoreWriter", "StoredCheckpoint"]
+__all__ = ["CheckpointWriter", "GradientStore", "GradientStoreWriter", "ShardWriter", "StoredCheckpoint"]
 
 SCHEMA_VERSION = 1
 FORMAT = "lightning_influence.gradient_store"
@@ -50,6 +70,24 @@ _STORAGE = {
     "bfloat16": (torch.bfloat16, np.uint16),
 }
 
+#: Directory entries a store writes; anything else in a store directory belongs to someone else.
+_OWN_ENTRY = re.compile(r"^(manifest\.json|manifest\.json\.tmp-.+|ckpt-\d{5,}|\.tmp-ckpt-\d{5,})$")
+_DEBRIS = re.compile(r"^(manifest\.json\.tmp-.+|\.tmp-ckpt-\d{5,})$")
+_CKPT_DIR = re.compile(r"^ckpt-\d{5,}$")
+#: errno values that mean "the disk (or quota) is full".
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_HEADER_KEYS = (
+    "n_samples",
+    "dim",
+    "grad_dtype",
+    "param_names",
+    "param_shapes",
+    "projection",
+    "noise_seed",
+    "precision",
+)
+_ENTRY_KEYS = ("index", "dir", "step", "epoch", "lr", "files")
+
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     """Canonical storage dtype name (``"float32"``, ``"float16"`` or ``"bfloat16"``)."""
@@ -59,11 +97,23 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def new_run_id() -> str:
+    """A fresh run identifier (16 hex digits)."""
+    return uuid.uuid4().hex[:16]
+
+
+def _sha256(path: Path, start: int = 0, length: int | None = None, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            block = f.read(chunk if left is None else min(chunk, left))
+            if not block:
+                break
             h.update(block)
+            if left is not None:
+                left -= len(block)
     return h.hexdigest()
 
 
@@ -78,14 +128,127 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _mb(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _space_error(err: OSError, store: Path, what: str, needed: int) -> OSError:
+    """The OSError a full disk becomes: it names the store, what was written and the space needed."""
+    free = _free_bytes(store if store.exists() else store.parent)
+    out = OSError(
+        err.errno,
+        f"Not enough disk space for the gradient store at {str(store)!r} while writing {what}: it needs"
+        f" {needed} bytes ({_mb(needed)}), {_mb(free)} free ({os.strerror(err.errno or 0)}). The partial checkpoint"
+        " was removed; checkpoints listed earlier are intact. Free space (or move `dirpath`) and resume from the last"
+        " Lightning checkpoint.",
+    )
+    out.filename = str(store)
+    return out
+
+
+def _wrap_os_error(err: OSError, store: Path, what: str, needed: int) -> OSError:
+    return _space_error(err, store, what, needed) if err.errno in _SPACE_ERRNOS else err
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes on disk (``posix_fallocate``), so a full disk fails here and not mid-write."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:  # pragma: no cover - platforms without posix_fallocate
+        os.ftruncate(fd, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            # Filesystems without fallocate: a sparse file; a full disk then fails a pwrite (an OSError too).
+            os.ftruncate(fd, size)
+        else:
+            raise
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - pwrite raises instead
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``: preallocated, written with ordinary writes, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _preallocate(fd, len(data))
+        _pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, payload: Mapping[str, Any], store: Path | None = None) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = json.dumps(payload, indent=1).encode()
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise _wrap_os_error(err, store or path.parent, f"{path.name}", len(data)) from err
     _fsync_dir(path.parent)
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """Parse ``manifest.json``; every way it can be broken becomes a :class:`StoreError` naming it."""
+    mpath = path / MANIFEST
+    try:
+        text = mpath.read_text()
+    except FileNotFoundError as err:
+        raise StoreError(f"No gradient store at {str(path)!r} (missing {MANIFEST}).") from err
+    except OSError as err:
+        raise StoreError(f"Cannot read {str(mpath)!r}: {err}") from err
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StoreError(
+            f"{str(mpath)!r} is not valid JSON ({err.msg} at character {err.pos} of {len(text)}): the manifest is"
+            " truncated or corrupted. Restore it from a backup or record again."
+        ) from err
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{str(mpath)!r} is not a lightning_influence gradient store manifest.")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"Store schema version {m.get('schema_version')} is not supported (this version reads {SCHEMA_VERSION})."
+        )
+    missing = [k for k in (*_HEADER_KEYS, "checkpoints") if k not in m]
+    if missing:
+        raise StoreError(f"{str(mpath)!r} lacks the entries {missing}: the manifest is incomplete or was edited.")
+    for i, entry in enumerate(m["checkpoints"]):
+        lacking = [k for k in _ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise StoreError(
+                f"{str(mpath)!r}: checkpoint entry {i} lacks {lacking}: the manifest is incomplete or was edited."
+            )
+    return m
 
 
 @dataclass(frozen=True)
@@ -115,31 +278,83 @@ class StoreHeader:
             "extra": self.extra,
         }
 
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * np.dtype(_STORAGE[self.grad_dtype][1]).itemsize
+
+    @property
+    def npy_header(self) -> bytes:
+        return _npy_header(np.dtype(_STORAGE[self.grad_dtype][1]), (self.n_samples, self.dim))
+
+    @property
+    def grads_bytes(self) -> int:
+        return len(self.npy_header) + self.n_samples * self.row_bytes
+
+
+def shard_bounds(n_samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The contiguous rows ``[start, stop)`` rank ``rank`` of ``world_size`` records (no padding, no overlap)."""
+    return n_samples * rank // world_size, n_samples * (rank + 1) // world_size
+
 
 class GradientStoreWriter:
     """Appends checkpoints to a store directory (training side).
 
     Args:
-        path: the store directory (created if missing).
+        path: the store directory (created if missing). A directory holding anything the store
+            did not write is refused.
         header: the store's shared description.
-        overwrite: replace an existing store at ``path``; otherwise an existing store with the
-            same header is appended to and one with a different header raises.
+        overwrite: replace an existing store at ``path``, deleting only what the store wrote
+            (``manifest.json``, ``ckpt-*``, temporary files).
+        run_id: append only to the store of this run (a resumed fit); a store of another run is refused.
+        new_run: the caller starts a new run: an existing store at ``path`` is refused (unless
+            ``overwrite``) instead of appended to, so two runs never mix.
+        attach: open an existing store of run ``run_id`` without changing anything on disk (the
+            other ranks under DDP, which only write their rows through :meth:`open_shard`).
+
+    Stray temporary files of a crashed writer (``.tmp-ckpt-*``, ``manifest.json.tmp-*`` and
+    checkpoint directories renamed but never listed) are removed when a store is opened for writing.
+
+    Raises:
+        StoreError: the directory holds other files, another store, another run, a store with
+            other settings, or a broken manifest.
+        OSError: the disk is full (the message names the store and the space needed).
     """
 
-    def __init__(self, path: str | os.PathLike, header: StoreHeader, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        header: StoreHeader,
+        overwrite: bool = False,
+        *,
+        run_id: str | None = None,
+        new_run: bool = False,
+        attach: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.header = header
+        if attach:
+            self.manifest = _read_manifest(self.path)
+            if self.manifest.get("run_id") != run_id:
+                raise StoreError(
+                    f"The gradient store at {str(self.path)!r} belongs to run {self.manifest.get('run_id')!r},"
+                    f" not {run_id!r}."
+                )
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"`dirpath` {str(self.path)!r} exists and is not a directory.")
+        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        foreign = [e for e in entries if not _OWN_ENTRY.match(e)]
+        if foreign:
+            raise StoreError(
+                f"`dirpath` {str(self.path)!r} holds files the gradient store did not write ({foreign[:5]}"
+                f"{' ...' if len(foreign) > 5 else ''}); refusing to {'overwrite' if overwrite else 'write into'} it."
+                " Use an empty or new directory for the store."
+            )
         manifest_path = self.path / MANIFEST
         if manifest_path.exists() and overwrite:
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        if manifest_path.exists():
-            existing = json.loads(manifest_path.read_text())
-            if existing.get("format") != FORMAT or existing.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(
-                    f"`dirpath` {str(self.path)!r} holds a manifest of another format or schema version"
-                    f" ({existing.get('format')!r} v{existing.get('schema_version')}); use a new `dirpath`."
-                )
+            self._remove_own(entries)
+        elif manifest_path.exists():
+            existing = _read_manifest(self.path)
             mine = header.to_dict()
             if any(existing.get(k) != v for k, v in mine.items() if k != "extra"):
                 raise StoreError(
@@ -147,16 +362,54 @@ class GradientStoreWriter:
                     " (parameters, projection, dtype or sample count). Use a new `dirpath`, or overwrite=True to"
                     " replace it."
                 )
+            steps = [c["step"] for c in existing["checkpoints"]]
+            if new_run:
+                raise StoreError(
+                    f"`dirpath` {str(self.path)!r} already holds a gradient store of run {existing.get('run_id')!r}"
+                    f" ({len(steps)} checkpoint(s) at steps {steps[:8]}{'...' if len(steps) > 8 else ''}); a new fit"
+                    " would mix two runs. Resume that run with trainer.fit(..., ckpt_path=...), pass overwrite=True to"
+                    " replace it, or use a new `dirpath`."
+                )
+            if run_id is not None and existing.get("run_id") != run_id:
+                raise StoreError(
+                    f"The gradient store at {str(self.path)!r} belongs to run {existing.get('run_id')!r}, but the"
+                    f" Lightning checkpoint being resumed was recorded by run {run_id!r}: refusing to mix them."
+                )
             self.manifest = existing
+            self._clean_debris()
+            return
         else:
-            self.manifest = {
-                "format": FORMAT,
-                "schema_version": SCHEMA_VERSION,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                **header.to_dict(),
-                "checkpoints": [],
-            }
-            _write_json_atomic(manifest_path, self.manifest)
+            self._remove_own(entries)  # only debris of a writer killed before its first manifest
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "run_id": run_id or new_run_id(),
+            **header.to_dict(),
+            "checkpoints": [],
+        }
+        _write_json_atomic(manifest_path, self.manifest, self.path)
+
+    def _remove_own(self, entries: Sequence[str]) -> None:
+        # The manifest goes first: from then on the directory is no store, only debris.
+        if MANIFEST in entries:
+            (self.path / MANIFEST).unlink()
+            _fsync_dir(self.path)
+        for name in entries:
+            p = self.path / name
+            if name != MANIFEST and _OWN_ENTRY.match(name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _clean_debris(self) -> None:
+        listed = {c["dir"] for c in self.manifest["checkpoints"]}
+        for p in self.path.iterdir():
+            if _DEBRIS.match(p.name) or (_CKPT_DIR.match(p.name) and p.name not in listed):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.manifest.get("run_id")
 
     @property
     def n_checkpoints(self) -> int:
@@ -166,7 +419,7 @@ class GradientStoreWriter:
         """Keep only the first ``n_checkpoints`` (a resumed run abandons what came after its checkpoint).
 
         The manifest is replaced atomically first, so a crash in between leaves at worst unlisted
-        directories, which the next :meth:`begin_checkpoint` clears.
+        directories, which the next opening for writing clears.
 
         Returns:
             The manifest entries that were dropped.
@@ -175,91 +428,295 @@ class GradientStoreWriter:
             raise StoreError(f"Cannot truncate {self.n_checkpoints} checkpoints to {n_checkpoints}.")
         dropped = self.manifest["checkpoints"][n_checkpoints:]
         if dropped:
-            self.manifest["checkpoints"] = self.manifest["checkpoints"][:n_checkpoints]
-            _write_json_atomic(self.path / MANIFEST, self.manifest)
+            kept = self.manifest["checkpoints"][:n_checkpoints]
+            _write_json_atomic(self.path / MANIFEST, {**self.manifest, "checkpoints": kept}, self.path)
+            self.manifest["checkpoints"] = kept
             for entry in dropped:
                 shutil.rmtree(self.path / entry["dir"], ignore_errors=True)
         return dropped
 
-    def begin_checkpoint(self) -> CheckpointWriter:
-        """Start writing the next checkpoint into a hidden temporary directory."""
+    def begin_checkpoint(self, stop: int | None = None) -> CheckpointWriter:
+        """Start writing the next checkpoint into a hidden temporary directory.
+
+        ``grads.npy`` is created at its full size (``posix_fallocate``), so a full disk fails here.
+
+        Args:
+            stop: this process writes rows ``[0, stop)`` (rank 0's shard under DDP; default: all rows).
+
+        Raises:
+            OSError: out of disk space (nothing is left behind).
+        """
         index = self.n_checkpoints
         name = f"ckpt-{index:05d}"
         tmp = self.path / f".tmp-{name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        stale = self.path / name  # a directory renamed before a crash, never listed
-        if stale.exists():
-            shutil.rmtree(stale)
-        tmp.mkdir()
-        return CheckpointWriter(self, index, name, tmp)
+        for stale in (tmp, self.path / name):  # debris of a crash, never listed
+            if stale.exists():
+                shutil.rmtree(stale)
+        try:
+            tmp.mkdir()
+            return CheckpointWriter(self, index, name, tmp, stop)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _wrap_os_error(err, self.path, f"checkpoint {index} ({GRADS_FILE})", self.header.grads_bytes) from err
+
+    def open_shard(self, index: int, start: int, stop: int) -> ShardWriter:
+        """Open rows ``[start, stop)`` of checkpoint ``index``'s ``grads.npy``, created by :meth:`begin_checkpoint`.
+
+        Used by the other ranks under DDP, after rank 0 began the checkpoint.
+        """
+        path = self.path / f".tmp-ckpt-{index:05d}" / GRADS_FILE
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as err:
+            raise StoreError(
+                f"{str(path)!r} (created by rank 0) is not visible here: `dirpath` must be on a filesystem every"
+                " rank shares."
+            ) from err
+        return ShardWriter(self, fd, start, stop)
 
     def _commit(self, entry: dict[str, Any]) -> None:
+        _write_json_atomic(
+            self.path / MANIFEST, {**self.manifest, "checkpoints": [*self.manifest["checkpoints"], entry]}, self.path
+        )
         self.manifest["checkpoints"].append(entry)
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+class ShardWriter:
+    """Writes the rows ``[start, stop)`` of one checkpoint's ``grads.npy`` with ordinary writes.
+
+    The SHA-256 of the segment is computed while writing when rows arrive in order (the recorder
+    writes them so); rows written out of order are hashed by reading the segment back on :meth:`finish`.
+    """
+
+    def __init__(self, store: GradientStoreWriter, fd: int, start: int, stop: int) -> None:
+        h = store.header
+        if not 0 <= start <= stop <= h.n_samples:
+            raise StoreError(f"Shard rows [{start}, {stop}) are outside the store's {h.n_samples} samples.")
+        self.store, self.fd, self.start, self.stop = store, fd, start, stop
+        self._torch_dtype, self._np_dtype = _STORAGE[h.grad_dtype]
+        header = h.npy_header
+        self._offset = len(header)
+        self._row_bytes = h.row_bytes
+        self._written = np.zeros(stop - start, dtype=bool)
+        # The segment this writer checksums: the .npy header belongs to the shard starting at row 0.
+        self.seg_start = 0 if start == 0 else self._offset + start * self._row_bytes
+        self.seg_stop = self._offset + stop * self._row_bytes
+        self._hash = hashlib.sha256()
+        self._hash_pos = self.seg_start
+        self._in_order = True
+        if start == 0:
+            self._hash.update(header)
+            self._hash_pos = self._offset
+
+    def write_rows(self, ids: Tensor, rows: Tensor) -> None:
+        """Store ``rows`` ``[B, dim]`` (any float dtype) at sample positions ``ids``."""
+        ids_np = np.asarray(ids.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
+        if ids_np.size == 0:
+            return
+        if rows.dim() != 2 or rows.shape[0] != ids_np.size or rows.shape[1] != self.store.header.dim:
+            raise StoreError(
+                f"Expected gradient rows of shape ({ids_np.size}, {self.store.header.dim}), got {tuple(rows.shape)}."
+            )
+        lo, hi = int(ids_np.min()), int(ids_np.max())
+        if lo < self.start or hi >= self.stop:
+            raise StoreError(
+                f"Sample ids {lo}..{hi} fall outside the rows [{self.start}, {self.stop}) this writer holds: the"
+                f" store was created for {self.store.header.n_samples} samples (did the dataset change size?)."
+            )
+        r = rows.detach().to(self._torch_dtype).cpu().contiguous()
+        arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
+        arr = np.ascontiguousarray(arr)
+        contiguous = bool(np.all(np.diff(ids_np) == 1))
+        try:
+            if contiguous:
+                self._put(lo, memoryview(arr).cast("B"))
+            else:
+                for i, row in zip(ids_np.tolist(), arr):
+                    self._put(i, memoryview(np.ascontiguousarray(row)).cast("B"))
+        except OSError as err:
+            raise _wrap_os_error(err, self.store.path, f"gradient rows ({GRADS_FILE})", self.store.header.grads_bytes)
+        self._written[ids_np - self.start] = True
+
+    def _put(self, row: int, data: memoryview) -> None:
+        offset = self._offset + row * self._row_bytes
+        _pwrite_all(self.fd, data, offset)
+        if self._in_order and offset == self._hash_pos:
+            self._hash.update(data)
+            self._hash_pos += len(data)
+        else:
+            self._in_order = False
+
+    @property
+    def missing(self) -> int:
+        return int((~self._written).sum())
+
+    def finish(self) -> dict[str, Any]:
+        """Flush the rows to disk and describe the segment: ``{start, stop, missing, offset, length, sha256}``."""
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            raise _wrap_os_error(err, self.store.path, f"gradient rows ({GRADS_FILE})", self.store.header.grads_bytes)
+        if self._in_order and self._hash_pos == self.seg_stop:
+            digest = self._hash.hexdigest()
+        else:
+            h = hashlib.sha256()
+            length = self.seg_stop - self.seg_start
+            pos = self.seg_start
+            while length > 0:
+                block = os.pread(self.fd, min(1 << 22, length), pos)
+                if not block:
+                    break
+                h.update(block)
+                pos += len(block)
+                length -= len(block)
+            digest = h.hexdigest()
+        self.close()
+        return {
+            "start": self.start,
+            "stop": self.stop,
+            "missing": self.missing,
+            "offset": self.seg_start,
+            "length": self.seg_stop - self.seg_start,
+            "sha256": digest,
+        }
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class CheckpointWriter:
-    """Writes one checkpoint's gradient rows and weights; :meth:`commit` publishes it."""
+    """Writes one checkpoint's gradient rows and weights; :meth:`commit` publishes it.
 
-    def __init__(self, store: GradientStoreWriter, index: int, name: str, tmp: Path) -> None:
+    Args:
+        store: the store being written.
+        index: the checkpoint's position in the trajectory.
+        name: its directory name.
+        tmp: the temporary directory it is written to.
+        stop: this process writes rows ``[0, stop)`` (default: all; rank 0's shard under DDP).
+    """
+
+    def __init__(self, store: GradientStoreWriter, index: int, name: str, tmp: Path, stop: int | None = None) -> None:
         self.store, self.index, self.name, self.tmp = store, index, name, tmp
+        self.final = store.path / name
         h = store.header
-        self._torch_dtype, np_dtype = _STORAGE[h.grad_dtype]
-        self._rows = np.lib.format.open_memmap(tmp / GRADS_FILE, mode="w+", dtype=np_dtype, shape=(h.n_samples, h.dim))
-        self._written = np.zeros(h.n_samples, dtype=bool)
+        fd = os.open(tmp / GRADS_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _preallocate(fd, h.grads_bytes)
+            _pwrite_all(fd, h.npy_header, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.rows: ShardWriter | None = ShardWriter(store, os.dup(fd), 0, h.n_samples if stop is None else stop)
 
     def write_rows(self, ids: Tensor, rows: Tensor) -> None:
         """Store ``rows`` ``[B, dim]`` (any float dtype) at positions ``ids``."""
-        ids_np = ids.detach().cpu().numpy()
-        r = rows.detach().to(self._torch_dtype).cpu()
-        arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
-        self._rows[ids_np] = arr
-        self._written[ids_np] = True
+        if self.rows is None:
+            raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
+        self.rows.write_rows(ids, rows)
 
-    def commit(self, state: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-        """Write the weights, checksum both files, rename into place and list the checkpoint."""
+    def commit(
+        self, state: Mapping[str, Tensor], meta: Mapping[str, Any], shards: Sequence[Mapping[str, Any]] = ()
+    ) -> dict[str, Any]:
+        """Write the weights, rename the checkpoint into place and list it in the manifest.
+
+        Args:
+            state: all weights and buffers.
+            meta: ``step``, ``epoch``, ``lr`` and anything else to keep in the manifest entry.
+            shards: what :meth:`ShardWriter.finish` returned on the other ranks (DDP).
+
+        Raises:
+            StoreError: missing metadata or rows never written (nothing is listed).
+            OSError: out of disk space (nothing is listed; the partial checkpoint stays for :meth:`abort`).
+        """
         missing_meta = [key for key in ("step", "epoch", "lr") if key not in meta]
         if missing_meta:
             raise StoreError(f"Checkpoint {self.index}: metadata lacks {missing_meta}; nothing was listed.")
-        if not self._written.all():
-            missing = int((~self._written).sum())
+        if self.rows is None:
+            raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
+        n = self.store.header.n_samples
+        missing = self.rows.missing + sum(int(s["missing"]) for s in shards)
+        if missing:
+            raise StoreError(f"Checkpoint {self.index}: {missing} of {n} sample rows were never written.")
+        own = self.rows.finish()
+        self.rows = None
+        segments = sorted([own, *[dict(s) for s in shards]], key=lambda s: s["offset"])
+        segments = [s for s in segments if s["length"] > 0 or s["offset"] == 0]
+        pos = 0
+        for s in segments:
+            if s["offset"] != pos:
+                raise StoreError(f"Checkpoint {self.index}: the shards do not tile the rows (gap at byte {pos}).")
+            pos += s["length"]
+        if pos != self.store.header.grads_bytes:
             raise StoreError(
-                f"Checkpoint {self.index}: {missing} of {len(self._written)} sample rows were never written."
+                f"Checkpoint {self.index}: the shards cover {pos} of {self.store.header.grads_bytes} bytes."
             )
-        self._rows.flush()
-        with open(self.tmp / GRADS_FILE, "rb+") as f:
-            os.fsync(f.fileno())
-        del self._rows
+        os.close(self._fd)
+        self._fd = -1
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(self.tmp / WEIGHTS_FILE))
+        blob = save_safetensors(tensors)
+        try:
+            _write_file(self.tmp / WEIGHTS_FILE, blob)
+        except OSError as err:
+            raise _wrap_os_error(err, self.store.path, f"checkpoint {self.index} ({WEIGHTS_FILE})", len(blob)) from err
+        grads_info: dict[str, Any] = {"bytes": self.store.header.grads_bytes}
+        if len(segments) == 1:
+            grads_info["sha256"] = segments[0]["sha256"]
+        else:
+            grads_info["sha256"] = None
+            grads_info["segments"] = [
+                {"offset": s["offset"], "length": s["length"], "sha256": s["sha256"]} for s in segments
+            ]
         files = {
-            fn: {"sha256": _sha256(self.tmp / fn), "bytes": (self.tmp / fn).stat().st_size}
-            for fn in (GRADS_FILE, WEIGHTS_FILE)
+            GRADS_FILE: grads_info,
+            WEIGHTS_FILE: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
         }
         _fsync_dir(self.tmp)
-        final = self.store.path / self.name
-        os.rename(self.tmp, final)
+        os.rename(self.tmp, self.final)
         _fsync_dir(self.store.path)
         entry = {
             "index": self.index,
             "dir": self.name,
+            "uid": new_run_id(),
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             **dict(meta),
             "files": files,
         }
-        self.store._commit(entry)
+        try:
+            self.store._commit(entry)
+        except BaseException:
+            shutil.rmtree(self.final, ignore_errors=True)  # renamed but never listed
+            raise
         return entry
 
     def abort(self) -> None:
         """Drop the partial checkpoint (nothing listed is touched)."""
-        if hasattr(self, "_rows"):
-            del self._rows
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.final.exists() and self.name not in {c["dir"] for c in self.store.manifest["checkpoints"]}:
+            shutil.rmtree(self.final, ignore_errors=True)
+
+
+#: Files already verified in this process: (path, inode, size, mtime_ns, expected checksums).
+_VERIFIED: set[tuple[Any, ...]] = set()
+#: A file modified less than this long ago is re-hashed by every new reader (mtime granularity).
+_FRESH_NS = 2_000_000_000
 
 
 class StoredCheckpoint:
     """One recorded checkpoint: its step, epoch, learning-rate credit, weights and gradient rows.
+
+    Each file is verified against the checksum recorded while writing on its first use, so a
+    corrupted file is named instead of silently changing scores; a file that changed under the
+    reader (the store was truncated and re-recorded) raises :class:`StoreError` asking for
+    :meth:`GradientStore.refresh`.
 
     Attributes:
         index: position in the trajectory.
@@ -277,20 +734,56 @@ class StoredCheckpoint:
         self.index: int = entry["index"]
         self.step: int = entry["step"]
         self.epoch: int = entry["epoch"]
-        self.lr: float = float(entry["lr"])
+        try:
+            self.lr: float = float(entry["lr"])
+        except (TypeError, ValueError) as err:
+            raise StoreError(
+                f"Checkpoint {self.index} of {str(store.path)!r}: `lr` {entry['lr']!r} is not a number."
+            ) from err
         self.param_scales: dict[str, float] | None = entry.get("param_scales")
         self.nonfinite: list[int] = list(entry.get("nonfinite", []))
         self.dir = store.path / entry["dir"]
+        self._seen: dict[str, tuple[Any, ...]] = {}
+
+    def _check(self, fn: str) -> Path:
+        """Verify ``fn`` on first use (and again if it changed on disk); return its path."""
+        path = self.dir / fn
+        info = self.entry["files"].get(fn)
+        if info is None:
+            raise StoreError(f"Checkpoint {self.index}: the manifest lists no {fn}.")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._store._changed_or_corrupt(self, fn, "is missing")
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, json.dumps(info, sort_keys=True))
+        if self._seen.get(fn) == key or key in _VERIFIED:
+            self._seen[fn] = key
+            return path
+        problem = _check_file(path, info, st.st_size)
+        if problem:
+            self._store._changed_or_corrupt(self, fn, problem)
+        if time.time_ns() - st.st_mtime_ns > _FRESH_NS:
+            _VERIFIED.add(key)
+        self._seen[fn] = key
+        return path
 
     def gradients(self) -> Tensor:
         """Gradient rows ``[n_samples, dim]`` in the storage dtype, memory-mapped (copy-on-write)."""
-        arr = np.load(self.dir / GRADS_FILE, mmap_mode="c")
+        path = self._check(GRADS_FILE)
+        try:
+            arr = np.load(path, mmap_mode="c")
+        except (ValueError, OSError, EOFError) as err:  # pragma: no cover - caught by the checksum first
+            raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
         t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self._store.grad_dtype == torch.bfloat16 else t
 
     def state(self) -> dict[str, Tensor]:
         """All parameters and buffers at this checkpoint."""
-        return load_file(str(self.dir / WEIGHTS_FILE))
+        path = self._check(WEIGHTS_FILE)
+        try:
+            return load_safetensors(path.read_bytes())
+        except Exception as err:  # pragma: no cover - caught by the checksum first
+            raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
 
     def weights(self) -> dict[str, Tensor]:
         """The tracked parameters at this checkpoint, name -> tensor."""
@@ -301,6 +794,22 @@ class StoredCheckpoint:
         return f"StoredCheckpoint(index={self.index}, step={self.step}, epoch={self.epoch}, lr={self.lr:.4g})"
 
 
+def _check_file(path: Path, info: Mapping[str, Any], size: int) -> str | None:
+    """What is wrong with ``path`` against its manifest ``info`` (``None``: nothing)."""
+    expected = info.get("bytes")
+    if expected is not None and size != expected:
+        return f"has {size} bytes, expected {expected} ({'truncated' if size < expected else 'grown'})"
+    segments = info.get("segments")
+    if segments:
+        for s in segments:
+            if _sha256(path, s["offset"], s["length"]) != s["sha256"]:
+                return f"does not match its checksum (bytes {s['offset']}..{s['offset'] + s['length']})"
+        return None
+    if _sha256(path) != info.get("sha256"):
+        return "does not match its checksum"
+    return None
+
+
 class GradientStore:
     """A recorded trajectory, opened read-only.
 
@@ -308,7 +817,7 @@ class GradientStore:
         path: the store directory (``TrajectoryRecorder.store_path``).
 
     Raises:
-        StoreError: if there is no store at ``path`` or its schema is unknown.
+        StoreError: if there is no store at ``path``, its schema is unknown or its manifest is broken.
 
     Example::
 
@@ -323,17 +832,11 @@ class GradientStore:
 
     def refresh(self) -> None:
         """Re-read the manifest (a store being written gains checkpoints)."""
-        mpath = self.path / MANIFEST
-        if not mpath.is_file():
-            raise StoreError(f"No gradient store at {str(self.path)!r} (missing {MANIFEST}).")
-        m = json.loads(mpath.read_text())
-        if m.get("format") != FORMAT:
-            raise StoreError(f"{str(mpath)!r} is not a lightning_influence gradient store manifest.")
-        if m.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(
-                f"Store schema version {m.get('schema_version')} is not supported (this version reads {SCHEMA_VERSION})."
-            )
+        m = _read_manifest(self.path)
+        if m["grad_dtype"] not in _STORAGE:
+            raise StoreError(f"{str(self.path / MANIFEST)!r}: unknown grad_dtype {m['grad_dtype']!r}.")
         self.manifest = m
+        self.run_id: str | None = m.get("run_id")
         self.n_samples: int = m["n_samples"]
         self.dim: int = m["dim"]
         self.grad_dtype: torch.dtype = _STORAGE[m["grad_dtype"]][0]
@@ -345,6 +848,32 @@ class GradientStore:
         self.noise_seed: int = m["noise_seed"]
         self.precision = GradientPrecision.from_dict(m["precision"])
         self.checkpoints: list[StoredCheckpoint] = [StoredCheckpoint(self, e) for e in m["checkpoints"]]
+
+    def _changed_or_corrupt(self, ckpt: StoredCheckpoint, fn: str, problem: str) -> None:
+        """Raise: the store changed under this reader (stale), or ``fn`` is corrupted."""
+        try:
+            now = _read_manifest(self.path)
+        except StoreError:
+            now = None
+        entries = now["checkpoints"] if now is not None else []
+        current = entries[ckpt.index] if ckpt.index < len(entries) else None
+        stale = (
+            now is None
+            or now.get("run_id") != self.manifest.get("run_id")
+            or current is None
+            or current.get("uid") != ckpt.entry.get("uid")
+            or current.get("files") != ckpt.entry.get("files")
+        )
+        if stale:
+            what = "was dropped" if now is not None and current is None else "was rewritten"
+            raise StoreError(
+                f"The gradient store at {str(self.path)!r} changed since this reader opened it: checkpoint"
+                f" {ckpt.index} (step {ckpt.step}) {what}. Call refresh() (or open the store again) before scoring."
+            )
+        raise StoreError(
+            f"Checkpoint {ckpt.index}: {fn} {problem} ({str(ckpt.dir / fn)!r}): the store is corrupted (the file"
+            " changed after it was recorded). Restore the file or record the run again."
+        )
 
     def projector(self, checkpoint: int = 0) -> RandomProjection | None:
         """The projection checkpoint ``checkpoint``'s gradients went through (``None`` for exact gradients)."""
@@ -358,8 +887,11 @@ class GradientStore:
         for ckpt in self.checkpoints:
             for fn, info in ckpt.entry["files"].items():
                 p = ckpt.dir / fn
-                if not p.is_file() or _sha256(p) != info["sha256"]:
-                    raise StoreError(f"Checkpoint {ckpt.index}: {fn} is missing or does not match its checksum.")
+                problem = "is missing" if not p.is_file() else _check_file(p, info, p.stat().st_size)
+                if problem:
+                    raise StoreError(
+                        f"Checkpoint {ckpt.index}: {fn} is missing or does not match its checksum ({str(p)!r} {problem})."
+                    )
 
     def __len__(self) -> int:
         return len(self.checkpoints)
