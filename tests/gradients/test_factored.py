@@ -1,0 +1,273 @@
+"""The factored engine against the vmap engine: same rows for every layer rule, draws, fallbacks, loss scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_influence.gradients import GradientFeaturizer, GradientPrecision, LayerFactors, VmapEngine, module_state
+from lightning_influence.gradients.engine import dense_gradient
+from lightning_influence.gradients.factored import (
+    FactoredEngine,
+    describe_engine,
+    factored_inner_products,
+    plan_engine,
+    resolve_engine,
+)
+from lightning_influence.models import MLPVAE, ConvVAE
+
+
+def _square_loss(m, b):
+    return m(b).pow(2).flatten(1).sum(1)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _both(net, x, loss=_square_loss, names=None, ids=None):
+    params = {k: v.detach() for k, v in net.named_parameters() if names is None or k in names}
+    state = module_state(net, upcast=False)
+    ids = torch.arange(10, 10 + x.shape[0]) if ids is None else ids
+    kw = dict(state=state, sample_ids=ids, noise_seed=4, noise_stream=0)
+    return FactoredEngine().gradients(net, loss, x, params, **kw), VmapEngine().gradients(net, loss, x, params, **kw)
+
+
+def _assert_same(fact, ref, factored=()):
+    assert set(fact) == set(ref)
+    for name in ref:
+        assert ref[name].norm() > 0, f"{name}: the reference gradient is zero, the comparison would prove nothing"
+        err = _rel_err(dense_gradient(fact[name]), ref[name])
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    for name in factored:
+        assert isinstance(fact[name], LayerFactors), name
+
+
+LAYERS = {
+    "linear_seq": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (6, 4, 5)),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(4, 6, 3, stride=2, groups=2, dilation=2, padding=3),
+            nn.Tanh(),
+            nn.Conv1d(6, 4, 3, padding="same", padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv1d(4, 2, 2, bias=False),
+        ),
+        (5, 4, 17),
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=(2, 1), groups=2, dilation=(1, 2), padding=(1, 2)),
+            nn.Tanh(),
+            nn.Conv2d(6, 3, (2, 3), padding="same", padding_mode="circular"),
+            nn.Tanh(),
+            nn.Conv2d(3, 3, 3, groups=3, stride=2),
+        ),
+        (5, 4, 9, 8),
+    ),
+    "conv_transpose2d": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+            nn.Tanh(),
+            nn.ConvTranspose2d(6, 2, (2, 3), stride=(1, 2), padding=(0, 1)),
+        ),
+        (5, 4, 6, 7),
+    ),
+    "conv_transpose1d": (
+        lambda: nn.Sequential(nn.ConvTranspose1d(4, 4, 3, stride=3, output_padding=2, groups=4, dilation=1)),
+        (5, 4, 9),
+    ),
+    "norms": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.LayerNorm(4 * 6 * 6),
+            nn.Linear(144, 3),
+            nn.BatchNorm1d(3),
+        ),
+        (5, 3, 8, 8),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_every_layer_rule_matches_vmap(kind):
+    torch.manual_seed(0)
+    build, shape = LAYERS[kind]
+    net = build()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # non-trivial running statistics and affine parameters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    net.eval()
+    fact, ref = _both(net, torch.randn(shape))
+    weights = [n for n, _ in net.named_parameters() if n.endswith("weight")]
+    conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d))]  # fmt: skip
+    _assert_same(fact, ref, factored=conv_like)
+    assert "vmap" not in plan_engine(net, list(ref)).rules().values()
+
+
+def test_conv_transpose_with_every_option_at_once():
+    # stride 2, output padding 1, dilation 2, groups 2, read back by a layer that sees every output location
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    x = torch.randn(5, 4, 6, 6)
+    net(x)  # materialise the lazy layer
+    fact, ref = _both(net, x)
+    _assert_same(fact, ref, factored=["0.weight", "3.weight"])
+    assert fact["0.weight"].groups == 2
+
+
+def test_a_layer_called_twice_and_a_shared_prefix():
+    torch.manual_seed(2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.lin(torch.tanh(self.lin(x)))))
+
+    fact, ref = _both(Twice(), torch.randn(6, 4))
+    _assert_same(fact, ref, factored=["lin.weight"])
+    assert fact["lin.weight"].output_grads.shape[1] == 2  # both calls are positions
+
+
+def test_inplace_activation_after_a_tracked_layer():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    fact, ref = _both(net, torch.randn(6, 4))
+    _assert_same(fact, ref)
+
+
+def test_unsupported_layer_falls_back_to_vmap_for_its_parameters_only():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 2))
+    fact, ref = _both(net, torch.randn(6, 4))
+    _assert_same(fact, ref, factored=["0.weight", "2.weight"])
+    assert not isinstance(fact["1.weight"], LayerFactors)
+    rules = FactoredEngine().describe(net, list(ref))["engine_rules"]
+    assert rules == {"0.weight": "linear", "0.bias": "linear", "1.weight": "vmap", "2.weight": "linear", "2.bias": "linear"}
+
+
+def test_modules_that_mix_samples_send_everything_to_the_fallback():
+    torch.manual_seed(5)
+    # batch statistics in every mode: a batched forward would normalise samples by each other
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten(), nn.Linear(12, 2))
+    plan = plan_engine(net, [n for n, _ in net.named_parameters()])
+    assert plan.coupled == ["1"] and not plan.tracked
+    fact, ref = _both(net, torch.randn(6, 2, 4, 4))
+    _assert_same(fact, ref)
+    assert not any(isinstance(v, LayerFactors) for v in fact.values())
+
+
+@pytest.mark.parametrize("draws", [1, 16])
+def test_mlp_vae_elbo_draws_fold_into_positions(draws):
+    torch.manual_seed(6)
+    vae = MLPVAE(input_dim=64, hidden_dim=32, latent_dim=4, influence_draws=draws, likelihood="gaussian", sigma=0.3)
+    fact, ref = _both(vae, torch.rand(7, 64), loss=lambda m, b: m.per_sample_loss(b))
+    _assert_same(fact, ref, factored=["encoder.0.weight", "decoder.2.weight"])
+    assert fact["decoder.0.weight"].output_grads.shape[1] == draws
+    assert fact["encoder.0.weight"].output_grads.shape[1] == 1
+
+
+def test_conv_vae_matches_vmap_with_draws():
+    torch.manual_seed(7)
+    vae = ConvVAE(image_size=12, channels=1, width=4, latent_dim=3, influence_draws=3)
+    fact, ref = _both(vae, torch.rand(4, 1, 12, 12), loss=lambda m, b: m.per_sample_loss(b))
+    _assert_same(fact, ref, factored=["encoder.0.weight", "decoder.1.weight", "decoder.3.weight"])
+    rules = plan_engine(vae, list(ref)).rules()
+    assert rules["decoder.1.weight"] == "conv_transpose" and rules["encoder.0.weight"] == "conv"
+
+
+def test_featurizer_rows_match_including_loss_scale_and_projection():
+    torch.manual_seed(8)
+    vae = ConvVAE(image_size=8, channels=1, width=4, latent_dim=3, influence_draws=2)
+    names = [n for n, _ in vae.named_parameters()]
+    state = module_state(vae)
+    loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    x, ids = torch.rand(5, 1, 8, 8), torch.arange(3, 8)
+    prec = GradientPrecision(mode="mixed", dtype="float16")
+    for precision in (None, prec) if torch.cuda.is_available() else (None,):
+        ref, _ = GradientFeaturizer(vae, loss, names, precision=precision).rows(x, ids, state)
+        rows, bad = GradientFeaturizer(vae, loss, names, engine=FactoredEngine(), precision=precision).rows(x, ids, state)
+        assert not bad.any()
+        assert _rel_err(rows, ref) < 1e-5
+
+
+def test_loss_scale_multiplies_the_factors_and_overflow_is_reported_not_zeroed():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=params, sample_ids=torch.arange(4), noise_seed=0, noise_stream=0)
+    x = torch.randn(4, 3)
+    one = FactoredEngine().gradients(net, _square_loss, x, params, **kw)
+    scaled = FactoredEngine().gradients(net, _square_loss, x, params, loss_scale=8.0, **kw)
+    for n in params:
+        torch.testing.assert_close(dense_gradient(scaled[n]), 8.0 * dense_gradient(one[n]))
+    # A sample whose loss overflows gets a non-finite gradient; the others stay finite.
+    lin = nn.Linear(3, 1)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    x[2] = 1e30
+    big = FactoredEngine().gradients(lin, lambda m, b: m(b).pow(2).sum(1) * 1e30, x, params, **{**kw, "state": params})
+    bad = ~torch.isfinite(dense_gradient(big["weight"]).flatten(1)).all(1)
+    assert bad.tolist() == [False, False, True, False]
+
+
+def test_resolve_engine_and_describe():
+    net = nn.Sequential(nn.Linear(2, 3), nn.PReLU())
+    names = ["0.weight", "1.weight"]
+    assert resolve_engine(None, net, names).name == "vmap"
+    assert resolve_engine("vmap", net, names, chunk_size=4).chunk_size == 4
+    assert resolve_engine("factored", net, names).name == "factored"
+    assert resolve_engine("auto", net, names).name == "factored"
+    assert resolve_engine("auto", net, ["1.weight"]).name == "vmap"
+    engine = VmapEngine()
+    assert resolve_engine(engine, net, names) is engine
+    with pytest.raises(ValueError, match="`engine` must be"):
+        resolve_engine("jax", net, names)
+    with pytest.raises(TypeError, match="`engine`"):
+        resolve_engine(3, net, names)
+    assert describe_engine(engine, net, names) == {"engine": "vmap", "engine_rules": {n: "vmap" for n in names}}
+    assert describe_engine(FactoredEngine(), net, names)["engine_rules"] == {"0.weight": "linear", "1.weight": "vmap"}
+
+
+def test_engine_leaves_the_module_untouched():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = {k: v.detach() * 2 for k, v in net.named_parameters()}  # weights come from `state`, not the module
+    kw = dict(state=params, sample_ids=torch.arange(4), noise_seed=0, noise_stream=0)
+    fact = FactoredEngine().gradients(net, _square_loss, torch.randn(4, 3), params, **kw)
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net[0]._forward_hooks
+    assert isinstance(fact["0.weight"], LayerFactors)
+
+
+@pytest.mark.parametrize("positions", [(1, 1), (3, 2), (40, 30)])
+def test_factored_inner_products_equal_dense_ones(positions):
+    torch.manual_seed(10)
+    sx, sy = positions
+    x = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 12))
+    y = LayerFactors(torch.randn(4, sy, 12), torch.randn(4, sy, 10), (10, 12))
+    ref = x.dense().flatten(1) @ y.dense().flatten(1).T
+    torch.testing.assert_close(factored_inner_products(x, y), ref, rtol=1e-4, atol=1e-4)
+    xb, yb = LayerFactors(None, x.output_grads, (10,)), LayerFactors(None, y.output_grads, (10,))
+    torch.testing.assert_close(factored_inner_products(xb, yb), xb.dense() @ yb.dense().T, rtol=1e-4, atol=1e-4)
+    xg = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 6), groups=2)
+    torch.testing.assert_close(factored_inner_products(xg, xg), xg.dense().flatten(1) @ xg.dense().flatten(1).T,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
