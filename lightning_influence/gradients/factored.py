@@ -58,7 +58,9 @@ class EnginePlan:
         return out
 
 
-def plan_engine(module: nn.Module, param_names: Sequence[str], rules: Sequence[LayerRule] = DEFAULT_RULES) -> EnginePlan:
+def plan_engine(
+    module: nn.Module, param_names: Sequence[str], rules: Sequence[LayerRule] = DEFAULT_RULES
+) -> EnginePlan:
     """Assign each of ``param_names`` to a layer rule or to the fallback.
 
     Args:

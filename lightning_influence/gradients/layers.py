@@ -306,4 +306,3 @@ def rule_for(module: nn.Module, rules: Sequence[LayerRule] = DEFAULT_RULES) -> L
         if rule.supports(module):
             return rule
     return None
-
