@@ -33,7 +33,14 @@ from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, chec
 from lightning_influence.gradients.noise import fixed_noise
 from lightning_influence.gradients.vmap import VmapEngine
 
-__all__ = ["EnginePlan", "FactoredEngine", "factored_inner_products", "plan_engine", "resolve_engine"]
+__all__ = [
+    "EnginePlan",
+    "FactoredEngine",
+    "describe_engine",
+    "factored_inner_products",
+    "plan_engine",
+    "resolve_engine",
+]
 
 
 @dataclass(frozen=True)
@@ -279,20 +286,22 @@ def _hooked_gradients(
         for h in handles:
             h.remove()
     loss = check_per_sample_loss(loss, bsz, argname)
-    missing = [name for name in plan.tracked if not kept[name]]
-    if missing:
-        raise ValueError(
-            f"Tracked layers {missing[:6]} never ran during `{argname}`; their parameters have no gradient to"
-            " factor. Leave them out of the tracked parameters."
-        )
     total = (loss * loss_scale).sum()
-    grads = torch.autograd.grad(total, sources, allow_unused=True)
+    grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()
     per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
     for name, src, g in zip(owners, sources, grads):
         per_layer[name].append(torch.zeros_like(src) if g is None else g.detach())
     out: dict[str, Tensor | LayerFactors] = {}
     with torch.autocast(sample_ids.device.type, enabled=False):
         for name, (rule, attrs) in plan.tracked.items():
+            if not kept[name]:
+                # A layer the loss never calls (a measurement on the encoder only): zero gradient,
+                # as any engine reports it.
+                for full in attrs.values():
+                    p = state[full]
+                    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    out[full] = torch.zeros(bsz, *p.shape, dtype=acc, device=p.device)
+                continue
             blocks = rule.gradients(subs[name], kept[name], per_layer[name], bsz, name)
             out.update({full: blocks[attr] for attr, full in attrs.items()})
     return out

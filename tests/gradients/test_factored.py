@@ -371,3 +371,16 @@ def test_kronecker_projection_preserves_inner_products_on_average():
         proj.project_flat(g.reshape(2, -1))
     shaped = RandomProjection(ProjectionSpec(dim=256, kind="kronecker"), ["w"], [1200], param_shapes=[(40, 30)])
     torch.testing.assert_close(shaped.project_flat(g.reshape(2, -1)), shaped.project({"w": g}))
+
+
+def test_a_tracked_layer_the_loss_never_calls_has_a_zero_gradient():
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=params, sample_ids=torch.arange(5), noise_seed=0, noise_stream=0)
+    first_only = lambda m, b: m[0](b).pow(2).sum(1)  # noqa: E731
+    fact = FactoredEngine().gradients(net, first_only, torch.randn(5, 3), params, **kw)
+    ref = VmapEngine().gradients(net, first_only, torch.randn(5, 3), params, **kw)
+    for n in params:
+        assert dense_gradient(fact[n]).shape == ref[n].shape
+    assert not dense_gradient(fact["1.weight"]).any() and dense_gradient(fact["0.weight"]).any()
