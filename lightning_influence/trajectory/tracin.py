@@ -91,7 +91,8 @@ def self_influence_scores(
     for c, (g, eta) in enumerate(zip(grads, etas)):
         g32 = g.float()
         other = g32 if second_grads is None else second_grads[c].to(device=g.device).float()
-        s = (g32 * other).sum(dim=1) * eta
+        # A row-wise dot product (a batched [1, d] @ [d, 1]): no [n, d] elementwise product.
+        s = torch.einsum("nd,nd->n", g32, other) * eta
         out = s if out is None else out + s
     if out is None:
         raise ValueError("Self-influence needs at least one checkpoint.")
