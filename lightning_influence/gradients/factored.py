@@ -19,6 +19,7 @@ parameters only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -316,7 +317,7 @@ def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) 
 
     The Gram form costs ``S_x S_y (d_in + d_out)`` per pair, materialising costs ``d_in d_out`` per
     pair (plus ``S d_in d_out`` per sample): the Gram form is used when
-    ``S_x S_y (d_in + d_out) < d_in d_out``.
+    ``S_x S_y (d_in + d_out) < d_in d_out`` (``d_in d_out / G`` with ``G`` groups).
 
     Args:
         x: ``[Bx, *shape]`` dense gradients or factors.
@@ -336,16 +337,28 @@ def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) 
         sx, sy = int(x.output_grads.shape[1]), int(y.output_grads.shape[1])
         d_out = int(x.output_grads.shape[2])
         d_in = 1 if x.inputs is None else int(x.inputs.shape[2])
-        if sx * sy * (d_in + d_out) < d_in * d_out:
-            ax, gx = x.grouped()
-            ay, gy = y.grouped()
-            gg = torch.einsum("isgo,jtgo->ijstg", gx, gy)
-            if ax is None or ay is None:
-                return gg.sum(dim=(2, 3, 4))
-            return torch.einsum("ijstg,isgc,jtgc->ij", gg, ax, ay)
+        if sx * sy * (d_in + d_out) < math.prod(x.shape):
+            return _gram(x, y)
     dx = _flat(x)
     dy = _flat(y)
     return dx @ dy.to(dx.dtype).T
+
+
+def _gram(x: LayerFactors, y: LayerFactors) -> Tensor:
+    # sum_{s,t} (g_is . g_jt)(a_is . a_jt), one group at a time, as two matrix products of the
+    # flattened (sample, position) rows and a sum over the position pairs.
+    ax, gx = x.grouped()
+    ay, gy = y.grouped()
+    bx, sx = gx.shape[:2]
+    by, sy = gy.shape[:2]
+    acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
+    out = torch.zeros(bx, by, dtype=acc, device=gx.device)
+    for j in range(x.groups):
+        gg = gx[:, :, j].reshape(bx * sx, -1).to(acc) @ gy[:, :, j].reshape(by * sy, -1).to(acc).T
+        if ax is not None and ay is not None:
+            gg = gg * (ax[:, :, j].reshape(bx * sx, -1).to(acc) @ ay[:, :, j].reshape(by * sy, -1).to(acc).T)
+        out += gg.reshape(bx, sx, by, sy).sum(dim=(1, 3))
+    return out
 
 
 def _flat(block: Tensor | LayerFactors) -> Tensor:
