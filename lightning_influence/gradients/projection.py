@@ -169,7 +169,9 @@ class RandomProjection:
         first = grads[self.param_names[0]]
         batch = first.batch_size if isinstance(first, LayerFactors) else first.shape[0]
         device = first.output_grads.device if isinstance(first, LayerFactors) else first.device
-        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
+        # Accumulated transposed, [k, B]: index_add_ along dim 0 moves contiguous rows of B values,
+        # several times faster than scattering columns of a [B, k] matrix.
+        out = torch.zeros(self.dim, batch, dtype=torch.float32, device=device)
         for j, (name, numel) in enumerate(zip(self.param_names, self.param_numels)):
             scale = 1.0 if scales is None else float(scales.get(name, 1.0))
             if scale == 0.0:
@@ -190,7 +192,7 @@ class RandomProjection:
                 continue
             g = dense_gradient(grads[name]).reshape(batch, numel).float()
             self._accumulate(out, g if scale == 1.0 else g * scale, name)
-        return out
+        return out.T.contiguous()
 
     def kron_dims(self, shape: Sequence[int]) -> tuple[int, int, int, int]:
         """``(d_0, d_1, k_g, k_a)`` of the Kronecker sketch of a parameter of ``shape``, ``k_g k_a <= k``.
@@ -256,17 +258,18 @@ class RandomProjection:
                 m = torch.einsum("bsgk,bsgl->bkl", g, a)
             return m.reshape(batch, -1)
         m = dense_gradient(block).float().reshape(batch, d0, d1)
-        if pg is not None:
-            m = torch.matmul(pg, m)
         if pa is not None:
-            m = torch.matmul(m, pa.T)
+            m = m @ pa.T  # one [B d_0, d_1] x [d_1, k_a] product
+        if pg is not None:
+            m = (m.transpose(1, 2) @ pg.T).transpose(1, 2)  # one [B k_a, d_0] x [d_0, k_g] product
         return m.reshape(batch, -1)
 
     def _scatter(self, out: Tensor, v: Tensor, key: str) -> None:
-        # Sparse JL from one parameter's sketch into the k shared outputs.
+        # Sparse JL from one parameter's sketch into the k shared outputs (``out`` is ``[k, B]``).
         idx, sign = self._sjlt_block(key, 0, v.shape[1], v.device)
+        vt = v.T.contiguous()
         for s in range(self.spec.nnz):
-            out.index_add_(1, idx[:, s], v * sign[:, s])
+            out.index_add_(0, idx[:, s], vt * sign[:, s, None])
 
     def project_flat(self, flat: Tensor) -> Tensor:
         """Project a flat ``[B, D]`` gradient laid out in ``param_names`` order."""
@@ -280,6 +283,7 @@ class RandomProjection:
         return self.project(parts)
 
     def _accumulate(self, out: Tensor, g: Tensor, name: str) -> None:
+        # ``out`` is the transposed result ``[k, B]``.
         # Generator blocks have a fixed number of coordinates (never dependent on the batch
         # size), so the same coordinate always meets the same random entries.
         numel, batch = g.shape[1], max(1, g.shape[0])
@@ -291,9 +295,9 @@ class RandomProjection:
                 idx, sign = self._sjlt_block(name, block, stop - start, g.device)
                 for s0 in range(start, stop, step):
                     s1 = min(s0 + step, stop)
-                    gb = g[:, s0:s1]
+                    gbt = g[:, s0:s1].T.contiguous()
                     for s in range(self.spec.nnz):
-                        out.index_add_(1, idx[s0 - start : s1 - start, s], gb * sign[s0 - start : s1 - start, s])
+                        out.index_add_(0, idx[s0 - start : s1 - start, s], gbt * sign[s0 - start : s1 - start, s, None])
         else:
             rows = max(1, self.spec.block_elements // self.dim)
             for block, start in enumerate(range(0, numel, rows)):
@@ -304,7 +308,7 @@ class RandomProjection:
                 else:
                     m = torch.randint(0, 2, (stop - start, self.dim), generator=gen).float().mul_(2).sub_(1)
                 m = m.to(g.device).mul_(1.0 / math.sqrt(self.dim))
-                out.addmm_(g[:, start:stop], m)
+                out.addmm_(m.T, g[:, start:stop].T)
 
     def _sjlt_block(self, name: str, block: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (name, block)
