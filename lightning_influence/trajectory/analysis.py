@@ -30,8 +30,8 @@ from lightning_influence.trajectory.store import GradientStore, StoredCheckpoint
 from lightning_influence.trajectory.tracin import (
     TopK,
     iter_row_blocks,
-    merge_top_k,
     self_influence_scores,
+    streaming_top_k,
     tracin_scores,
 )
 from lightning_influence.utils.modes import isolated, module_device
@@ -370,18 +370,16 @@ class InfluenceAnalysis:
         for q0, q1 in iter_row_blocks(n_test, query_block):
             span = None if (q0, q1) == (0, n_test) else (q0, q1)
             tests = [self._test_rows(test_data, c, fn, argname, span) for c in self._iter(ckpts, "test gradients")]
-            best: list[TopK | None] = [None for _ in largest]
-            for start, stop in iter_row_blocks(n, self._block_rows()):
-                # One checkpoint's block in memory at a time; scores accumulate in fp32.
-                block: Tensor | None = None
-                for c, t in zip(ckpts, tests):
-                    s = tracin_scores([self._train_rows(c, start, stop)], [t], [c.lr])
-                    block = s if block is None else block.add_(s)
-                assert block is not None
-                idx = torch.arange(start, stop, device=self.device)
-                best = [merge_top_k(top, block, idx, k, largest=lg) for top, lg in zip(best, largest)]
+            best = streaming_top_k(
+                tests,
+                lambda c, start, stop: self._train_rows(ckpts[c], start, stop),
+                [c.lr for c in ckpts],
+                n,
+                k,
+                block=self._block_rows(),
+                largest=largest,
+            )
             for j, top in enumerate(best):
-                assert top is not None
                 parts[j].append(TopK(top.indices.cpu(), top.scores.cpu()))
         return [TopK(torch.cat([p.indices for p in ps]), torch.cat([p.scores for p in ps])) for ps in parts]
 

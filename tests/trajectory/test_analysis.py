@@ -11,6 +11,7 @@ from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.functional.classification import binary_auroc
 
 import lightning_influence.trajectory.analysis as analysis_module
+import lightning_influence.trajectory.tracin as tracin_module
 from lightning_influence import GradientStore, InfluenceAnalysis
 from lightning_influence.data.batches import gather_samples
 from lightning_influence.gradients import FactoredEngine
@@ -204,6 +205,7 @@ def test_scoring_holds_one_checkpoint_block_at_a_time(digits_run, monkeypatch):
         return real_scores(train, test, etas)
 
     monkeypatch.setattr(analysis_module, "tracin_scores", spy)
+    monkeypatch.setattr(tracin_module, "tracin_scores", spy)
     live = _LiveBlocks(monkeypatch)
     dim = GradientStore(store).dim
     small = InfluenceAnalysis(store, digits_run.vae, block_bytes=4 * dim * 300)
