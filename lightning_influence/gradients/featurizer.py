@@ -202,8 +202,8 @@ class GradientFeaturizer:
 
     def _flat_rows(self, grads: PerSampleGradients, param_scales: Mapping[str, float] | None, scale: float) -> Tensor:
         # Each block is written straight into its columns of one preallocated [B, D] matrix (no
-        # per-parameter temporaries concatenated afterwards); a factored block without positions
-        # (a Linear layer on one row per sample) is the outer product g a^T, formed in place.
+        # per-parameter temporaries concatenated afterwards); a factored block is the batched
+        # product sum_s g_s a_s^T, formed in place.
         blocks = [grads[n] for n in self.param_names]
         first = blocks[0]
         ref = first.output_grads if isinstance(first, LayerFactors) else first
@@ -224,17 +224,13 @@ class GradientFeaturizer:
             numel = math.prod(block.shape) if isinstance(block, LayerFactors) else math.prod(block.shape[1:])
             view = out[:, offset : offset + numel]
             offset += numel
-            if (
-                isinstance(block, LayerFactors)
-                and block.inputs is not None
-                and block.groups == 1
-                and block.output_grads.shape[1] == 1
-            ):
-                g = block.output_grads[:, 0].to(dtype)
-                a = block.inputs[:, 0].to(dtype)
+            if isinstance(block, LayerFactors) and block.inputs is not None and block.groups == 1:
+                # sum_s g_s a_s^T as one batched product written into the row's columns
+                g = block.output_grads.to(dtype).transpose(1, 2)
                 if mult != 1.0:
                     g = g * mult
-                torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=view.view(batch, g.shape[1], a.shape[1]))
+                a = block.inputs.to(dtype)
+                torch.bmm(g, a, out=view.view(batch, g.shape[1], a.shape[2]))
                 continue
             view.copy_(dense_gradient(block).reshape(batch, numel))
             if mult != 1.0:
