@@ -408,3 +408,32 @@ def test_half_precision_capture_ranks_like_fp32_on_cuda(dtype):
     top_ref, top_half = s_ref.topk(10, dim=1).indices, s_half.topk(10, dim=1).indices
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_ref, top_half)) / 160
     assert overlap >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["true", "mixed"])
+def test_fp16_loss_scale_back_off_with_factors(mode):
+    # Output gradients of 2 * y * scale overflow fp16 at the first scale (2**12) for the samples
+    # with large inputs: those rows are redone at halved scales; the result matches vmap's.
+    torch.manual_seed(15)
+    net = nn.Sequential(nn.Linear(4, 1))
+    nn.init.constant_(net[0].weight, 0.1)
+    nn.init.zeros_(net[0].bias)
+    x = torch.rand(6, 4) + 0.5
+    x[[1, 4]] *= 200.0  # y ~ 80: 2 y 4096 overflows fp16 (vmap's fp16 weight gradients overflow further down)
+    names = [n for n, _ in net.named_parameters()]
+    prec = GradientPrecision(mode=mode, dtype="float16")
+    state = cast_state(module_state(net), prec, torch.device("cpu"))
+    ids = torch.arange(6)
+    calls = []
+
+    class Spy(FactoredEngine):
+        def gradients(self, *args, loss_scale=1.0, **kwargs):
+            calls.append((kwargs["sample_ids"].tolist(), loss_scale))
+            return super().gradients(*args, loss_scale=loss_scale, **kwargs)
+
+    rows, bad = GradientFeaturizer(net, _square_loss, names, engine=Spy(), precision=prec).rows(x, ids, state)
+    ref, ref_bad = GradientFeaturizer(net, _square_loss, names, precision=prec).rows(x, ids, state)
+    assert not bad.any() and not ref_bad.any()
+    assert calls[0] == (list(range(6)), 2.0**12) and len(calls) > 1
+    assert set(calls[-1][0]) <= {1, 4} and calls[-1][1] < 2.0**12
+    torch.testing.assert_close(rows, ref, rtol=2e-2, atol=1e-2)
