@@ -80,6 +80,15 @@ LAYERS = {
         ),
         (5, 4, 9, 8),
     ),
+    "conv_same_zeros": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, (2, 4), padding="same", dilation=(2, 1)),
+            nn.Tanh(),
+            nn.Flatten(2),  # [N, C, H, W] -> [N, C, H * W] for the Conv1d
+            nn.Conv1d(3, 2, 4, padding="same"),
+        ),
+        (4, 2, 5, 6),
+    ),
     "conv_transpose2d": (
         lambda: nn.Sequential(
             nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
