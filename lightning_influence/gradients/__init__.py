@@ -1,7 +1,9 @@
 """Per-sample gradients: the engine seam, its ``torch.func`` engine, rows, projection, numerics and keyed noise.
 
 - :class:`PerSampleGradientEngine`: what an engine implements; :class:`VmapEngine`, the exact
-  ``torch.func`` engine; :class:`LayerFactors`, the factored form an engine may return.
+  ``torch.func`` engine; :class:`FactoredEngine`, hooks on Linear/conv/norm layers in one batched
+  forward/backward; :class:`LayerFactors`, the factored form an engine may return;
+  :func:`resolve_engine` / :func:`describe_engine`, ``engine="vmap"|"factored"|"auto"`` and its manifest entry.
 - :class:`GradientFeaturizer`: a batch and some weights -> gradient rows (the one path every caller uses).
 - :class:`ProjectionSpec` / :class:`RandomProjection`: seeded JL projections, generated block by block.
 - :class:`GradientPrecision`: fp32 or the trainer's mixed/true half precision.
@@ -10,6 +12,12 @@
 """
 
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
+from lightning_influence.gradients.factored import (
+    FactoredEngine,
+    describe_engine,
+    factored_inner_products,
+    resolve_engine,
+)
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import (
     PerSampleLoss,
@@ -24,6 +32,7 @@ from lightning_influence.gradients.projection import ProjectionSpec, RandomProje
 from lightning_influence.gradients.vmap import VmapEngine, per_sample_gradients
 
 __all__ = [
+    "FactoredEngine",
     "GradientFeaturizer",
     "GradientPrecision",
     "LayerFactors",
@@ -37,6 +46,8 @@ __all__ = [
     "call_per_sample_loss",
     "cast_state",
     "check_per_sample_loss",
+    "describe_engine",
+    "factored_inner_products",
     "fixed_noise",
     "flatten_gradients",
     "keyed_standard_normal",
@@ -44,6 +55,7 @@ __all__ = [
     "per_sample_gradients",
     "precision_from_trainer",
     "resolve_loss",
+    "resolve_engine",
     "resolve_parameter_names",
     "standard_normal",
 ]

@@ -11,7 +11,9 @@ own. An engine returns, per tracked parameter, either
   ``sum_s g_s a_s^T``. Factors are what hook engines capture for free in one batched
   forward/backward; a projection can act on them without materialising the gradient.
 
-Implementations: :class:`~lightning_influence.gradients.vmap.VmapEngine` (``torch.func``, any model).
+Implementations: :class:`~lightning_influence.gradients.vmap.VmapEngine` (``torch.func``, any model) and
+:class:`~lightning_influence.gradients.factored.FactoredEngine` (hooks on Linear/conv/norm layers, one batched
+forward/backward; other parameters fall back to the ``vmap`` engine).
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ class LayerFactors:
     .. math::
         \\nabla_W \\ell_i = \\sum_{s} g_{i,s}\\, a_{i,s}^\\top \\qquad (W \\text{ of shape } [d_{out}, d_{in}])
 
+    With ``groups = G`` (grouped convolutions) the channels split into ``G`` independent blocks:
+    ``a`` is ``[B, S, G * d_in/G]`` and ``g`` is ``[B, S, G * d_out/G]``, block ``j`` of the gradient is
+    ``sum_s g^{(j)}_{i,s} a^{(j)\\top}_{i,s}`` and the blocks stack along the output axis
+    (``[d_out, d_in/G]``, the layout of a grouped conv weight).
+
     Attributes:
         inputs: ``a`` ``[B, S, d_in]``: the layer's (unfolded) input per sample and position; ``None``
             for a bias, whose gradient is ``sum_s g_{i,s}``.
         output_grads: ``g`` ``[B, S, d_out]``: the gradient of the summed per-sample losses with
-            respect to the layer's output (already divided by any loss scale).
-        shape: the parameter's shape; the dense gradient ``[d_out, d_in]`` is reshaped to it.
+            respect to the layer's output, times the engine's ``loss_scale`` (the caller divides it out).
+        shape: the parameter's shape; the dense gradient ``[d_out, d_in / groups]`` is reshaped to it.
+        groups: independent channel blocks (1 for everything but grouped convolutions).
 
     Example:
         >>> import torch
@@ -52,17 +60,28 @@ class LayerFactors:
     inputs: Tensor | None
     output_grads: Tensor
     shape: tuple[int, ...]
+    groups: int = 1
 
     @property
     def batch_size(self) -> int:
         return int(self.output_grads.shape[0])
 
+    def grouped(self) -> tuple[Tensor | None, Tensor]:
+        """``a`` ``[B, S, G, d_in/G]`` (or ``None``) and ``g`` ``[B, S, G, d_out/G]``."""
+        b, s = self.output_grads.shape[:2]
+        g = self.output_grads.reshape(b, s, self.groups, -1)
+        a = None if self.inputs is None else self.inputs.reshape(b, s, self.groups, -1)
+        return a, g
+
     def dense(self) -> Tensor:
         """The per-sample gradients ``[B, *shape]`` (materialised: ``O(B d_in d_out)`` memory)."""
         if self.inputs is None:
             flat = self.output_grads.sum(dim=1)
-        else:
+        elif self.groups == 1:
             flat = torch.einsum("bso,bsi->boi", self.output_grads, self.inputs)
+        else:
+            a, g = self.grouped()
+            flat = torch.einsum("bsgo,bsgi->bgoi", g, a)
         return flat.reshape(self.batch_size, *self.shape)
 
 

@@ -8,6 +8,7 @@ constructor argument (:class:`~lightning_influence.gradients.engine.PerSampleGra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_influence.gradients.engine import PerSampleGradientEngine, dense_gradient
+from lightning_influence.gradients.engine import (
+    LayerFactors,
+    PerSampleGradientEngine,
+    PerSampleGradients,
+    dense_gradient,
+)
 from lightning_influence.gradients.losses import PerSampleLoss
 from lightning_influence.gradients.noise import NoiseStream
-from lightning_influence.gradients.parameters import flatten_gradients
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import RandomProjection
 from lightning_influence.gradients.vmap import VmapEngine
@@ -47,6 +52,25 @@ def _cast_inputs(batch: Any, precision: GradientPrecision, weight_dtype: torch.d
     else:
         target = precision.torch_dtype
     return tree_map(lambda t: t.to(target) if isinstance(t, Tensor) and t.is_floating_point() else t, batch)
+
+
+def nonfinite_rows(rows: Tensor) -> Tensor:
+    """``[B]`` bool: rows holding inf or NaN.
+
+    A row sum is non-finite whenever an entry is (inf and NaN propagate), so only rows whose sum
+    is non-finite are checked entry by entry (their sum may also overflow from finite entries):
+    one pass over the matrix instead of a ``[B, D]`` boolean temporary.
+
+    Example:
+        >>> import torch
+        >>> nonfinite_rows(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3e38, 3e38]])).tolist()
+        [False, True, False]
+    """
+    bad = ~torch.isfinite(rows.sum(dim=1))
+    if bad.any():
+        idx = bad.nonzero().squeeze(1)
+        bad[idx] = ~torch.isfinite(rows[idx]).all(dim=1)
+    return bad
 
 
 def _take(batch: Any, index: Tensor) -> Any:
@@ -134,7 +158,7 @@ class GradientFeaturizer:
         device = state[self.param_names[0]].device
         scale = self.precision.init_loss_scale if self.precision.loss_scaling else 1.0
         rows = self._rows_at_scale(batch, ids, state, projection, stream, param_scales, scale, device)
-        bad = ~torch.isfinite(rows).all(dim=1)
+        bad = nonfinite_rows(rows)
         while bad.any() and scale > 1.0:
             scale /= 2.0
             idx = bad.nonzero().squeeze(1)
@@ -142,7 +166,7 @@ class GradientFeaturizer:
                 _take(batch, idx), ids[idx.cpu()], state, projection, stream, param_scales, scale, device
             )
             rows[idx] = redo
-            bad = ~torch.isfinite(rows).all(dim=1)
+            bad = nonfinite_rows(rows)
         return rows, bad
 
     def _rows_at_scale(
@@ -174,8 +198,43 @@ class GradientFeaturizer:
             if scale != 1.0:
                 param_scales = {n: (param_scales or {}).get(n, 1.0) / scale for n in self.param_names}
             return projection.project(grads, param_scales)
-        dense = {n: dense_gradient(grads[n]) for n in self.param_names}
-        if scale != 1.0:
-            dense = {k: v.float() / scale for k, v in dense.items()}
-        flat = flatten_gradients(dense, self.param_names, param_scales)
-        return flat if self.out_dtype is None else flat.to(self.out_dtype)
+        return self._flat_rows(grads, param_scales, scale)
+
+    def _flat_rows(self, grads: PerSampleGradients, param_scales: Mapping[str, float] | None, scale: float) -> Tensor:
+        # Each block is written straight into its columns of one preallocated [B, D] matrix (no
+        # per-parameter temporaries concatenated afterwards); a factored block is the batched
+        # product sum_s g_s a_s^T, formed in place.
+        blocks = [grads[n] for n in self.param_names]
+        first = blocks[0]
+        ref = first.output_grads if isinstance(first, LayerFactors) else first
+        batch = int(ref.shape[0])
+        dtypes = [(b.output_grads if isinstance(b, LayerFactors) else b).dtype for b in blocks]
+        if torch.float64 in dtypes:
+            dtype = torch.float64
+        elif scale != 1.0 or len(set(dtypes)) > 1:
+            dtype = torch.float32  # loss-scaled half gradients are divided in fp32
+        else:
+            dtype = dtypes[0]
+        if self.out_dtype is not None and scale == 1.0:
+            dtype = self.out_dtype
+        out = torch.empty(batch, self.input_dim, dtype=dtype, device=ref.device)
+        offset = 0
+        for name, block in zip(self.param_names, blocks):
+            mult = (1.0 if param_scales is None else float(param_scales.get(name, 1.0))) / scale
+            numel = math.prod(block.shape) if isinstance(block, LayerFactors) else math.prod(block.shape[1:])
+            view = out[:, offset : offset + numel]
+            offset += numel
+            if isinstance(block, LayerFactors) and block.inputs is not None and block.groups == 1:
+                # sum_s g_s a_s^T as one batched product written into the row's columns
+                g = block.output_grads.to(dtype).transpose(1, 2)
+                if mult != 1.0:
+                    g = g * mult
+                a = block.inputs.to(dtype)
+                torch.bmm(g, a, out=view.view(batch, g.shape[1], a.shape[2]))
+                continue
+            view.copy_(dense_gradient(block).reshape(batch, numel))
+            if mult != 1.0:
+                view.mul_(mult)
+        if offset != self.input_dim:
+            raise ValueError(f"The engine returned {offset} gradient entries per sample, expected {self.input_dim}.")
+        return out if self.out_dtype is None else out.to(self.out_dtype)

@@ -12,6 +12,15 @@ Kinds:
   integers (cached up to ``cache_bytes``).
 - ``"rademacher"`` / ``"gaussian"``: dense entries ``+-1/sqrt(k)`` or ``N(0, 1/k)``, generated
   block by block (``O(B * D * k)``).
+- ``"kronecker"``: per parameter, its gradient viewed as a matrix ``G`` ``[d_0, d_1]`` (``d_1`` the
+  product of the other axes; 1 for a vector) is sketched as ``P_g G P_a^T`` with Gaussian
+  ``P_g`` ``[k_g, d_0]`` and ``P_a`` ``[k_a, d_1]`` (``k_g k_a ~ k``; a side whose full size fits is
+  left unprojected, and a parameter with ``d_0 d_1 <= k`` is kept whole), and the ``k_g k_a``
+  sketches of all parameters are added into the ``k`` outputs by a sparse JL transform. On
+  :class:`~lightning_influence.gradients.engine.LayerFactors` this is
+  ``sum_s (P_g g_s)(P_a a_s)^T``: ``O(S (d_in k_a + d_out k_g + k_g k_a))`` per sample, the gradient
+  is never materialised. Dense gradients (the ``vmap`` engine's) get the same map, so either
+  engine's rows live in the same space.
 
 All kinds satisfy :math:`\\mathbb E[\\langle Pa, Pb\\rangle] = \\langle a, b\\rangle`.
 """
@@ -32,7 +41,7 @@ from lightning_influence.gradients.engine import LayerFactors, PerSampleGradient
 
 __all__ = ["ProjectionSpec", "RandomProjection"]
 
-ProjectionKind = Literal["sjlt", "rademacher", "gaussian"]
+ProjectionKind = Literal["sjlt", "rademacher", "gaussian", "kronecker"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,8 @@ class ProjectionSpec:
     Args:
         dim: output dimension ``k``.
         seed: base seed.
-        kind: ``"sjlt"``, ``"rademacher"`` or ``"gaussian"``.
-        nnz: non-zeros per input coordinate (``"sjlt"`` only).
+        kind: ``"sjlt"``, ``"rademacher"``, ``"gaussian"`` or ``"kronecker"``.
+        nnz: non-zeros per input coordinate (``"sjlt"``; for ``"kronecker"``, per sketch coordinate).
         per_checkpoint: draw an independent projection for every checkpoint (its index joins the
             seed). Projection errors then average out over the trajectory instead of adding up
             coherently (consecutive checkpoints have similar gradients): on the digits VAE at
@@ -63,9 +72,11 @@ class ProjectionSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or self.dim < 1:
             raise ValueError(f"`projection_dim` must be a positive integer, got {self.dim!r}.")
-        if self.kind not in ("sjlt", "rademacher", "gaussian"):
-            raise ValueError(f"`projection_kind` must be 'sjlt', 'rademacher' or 'gaussian', got {self.kind!r}.")
-        if self.kind == "sjlt" and not 1 <= self.nnz <= self.dim:
+        if self.kind not in ("sjlt", "rademacher", "gaussian", "kronecker"):
+            raise ValueError(
+                f"`projection_kind` must be 'sjlt', 'rademacher', 'gaussian' or 'kronecker', got {self.kind!r}."
+            )
+        if self.kind in ("sjlt", "kronecker") and not 1 <= self.nnz <= self.dim:
             raise ValueError(f"`nnz` must be in [1, projection_dim], got {self.nnz}.")
         if self.block_elements < 1:
             raise ValueError(f"`block_elements` must be >= 1, got {self.block_elements}.")
@@ -92,6 +103,9 @@ class RandomProjection:
         spec: the projection spec.
         param_names: parameter names, in the order of the flat layout.
         param_numels: number of elements of each parameter.
+        param_shapes: each parameter's shape (``"kronecker"`` only). Default: taken from the
+            gradients themselves (``LayerFactors.shape`` or a dense block's trailing axes); flat
+            rows (:meth:`project_flat`) need it.
         checkpoint: index of the checkpoint this projection serves (ignored unless
             ``spec.per_checkpoint``).
         cache_bytes: cache the sparse transform's indices up to this size.
@@ -114,14 +128,25 @@ class RandomProjection:
         param_numels: Sequence[int],
         checkpoint: int = 0,
         cache_bytes: int = 256 << 20,
+        param_shapes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if len(param_names) != len(param_numels):
             raise ValueError("`param_names` and `param_numels` must have the same length.")
         self.spec = spec
         self.param_names = list(param_names)
         self.param_numels = [int(n) for n in param_numels]
+        if param_shapes is not None and (
+            len(param_shapes) != len(self.param_numels)
+            or any(math.prod(s) != n for s, n in zip(param_shapes, self.param_numels))
+        ):
+            raise ValueError("`param_shapes` must give one shape per parameter, matching `param_numels`.")
+        self.param_shapes: list[tuple[int, ...]] | None = (
+            None if param_shapes is None else [tuple(int(d) for d in s) for s in param_shapes]
+        )
         self.checkpoint = int(checkpoint) if spec.per_checkpoint else 0
+        # Generated once per (checkpoint, parameter): a projection object serves one checkpoint.
         self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        self._kron: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         self._cache_left = cache_bytes
 
     @property
@@ -144,23 +169,121 @@ class RandomProjection:
         first = grads[self.param_names[0]]
         batch = first.batch_size if isinstance(first, LayerFactors) else first.shape[0]
         device = first.output_grads.device if isinstance(first, LayerFactors) else first.device
-        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
-        for name, numel in zip(self.param_names, self.param_numels):
-            g = dense_gradient(grads[name]).reshape(batch, numel).float()
+        # Accumulated transposed, [k, B]: index_add_ along dim 0 moves contiguous rows of B values,
+        # several times faster than scattering columns of a [B, k] matrix.
+        out = torch.zeros(self.dim, batch, dtype=torch.float32, device=device)
+        for j, (name, numel) in enumerate(zip(self.param_names, self.param_numels)):
             scale = 1.0 if scales is None else float(scales.get(name, 1.0))
             if scale == 0.0:
                 continue
+            if self.spec.kind == "kronecker":
+                block = grads[name]
+                if self.param_shapes is not None:
+                    shape = self.param_shapes[j]
+                else:
+                    shape = block.shape if isinstance(block, LayerFactors) else tuple(block.shape[1:])
+                if math.prod(shape) != numel:
+                    raise ValueError(
+                        f"Parameter {name!r}: gradients of shape {tuple(shape)} do not have its {numel} elements; a"
+                        " kronecker projection of flat rows needs `param_shapes`."
+                    )
+                sketch = self._kron_sketch(block, name, shape, batch)
+                self._scatter(out, sketch if scale == 1.0 else sketch * scale, name + "/kron")
+                continue
+            g = dense_gradient(grads[name]).reshape(batch, numel).float()
             self._accumulate(out, g if scale == 1.0 else g * scale, name)
-        return out
+        return out.T.contiguous()
+
+    def kron_dims(self, shape: Sequence[int]) -> tuple[int, int, int, int]:
+        """``(d_0, d_1, k_g, k_a)`` of the Kronecker sketch of a parameter of ``shape``, ``k_g k_a <= k``.
+
+        A Kronecker sketch of ``g a^T`` multiplies two independent JL estimates, so its relative
+        variance is about ``1/k_g + 1/k_a`` (a side kept whole contributes nothing). Of the three
+        splits -- output side whole (``d_0 / k``), input side whole (``d_1 / k``), balanced
+        (``2 / sqrt(k)``) -- the one with the smallest variance is taken; a parameter with
+        ``d_0 d_1 <= k`` is kept whole (exact up to the final sparse JL).
+
+        Example:
+            >>> p = RandomProjection(ProjectionSpec(dim=4096, kind="kronecker"), ["w"], [16 * 1568])
+            >>> p.kron_dims((16, 1568))
+            (16, 1568, 16, 256)
+        """
+        d0 = int(shape[0]) if len(shape) else 1
+        d1 = math.prod(shape[1:]) if len(shape) > 1 else 1
+        k = self.dim
+        if d0 * d1 <= k:
+            return d0, d1, d0, d1
+        root = math.isqrt(k)
+        candidates = []
+        if d0 <= k:
+            candidates.append((d0 / k, d0, min(d1, k // d0)))
+        if d1 <= k:
+            candidates.append((d1 / k, min(d0, k // d1), d1))
+        candidates.append((2.0 / root, min(d0, root), min(d1, root)))
+        _, kg, ka = min(candidates)
+        return d0, d1, kg, ka
+
+    def _kron_matrices(
+        self, name: str, shape: Sequence[int], device: torch.device
+    ) -> tuple[Tensor | None, Tensor | None]:
+        cached = self._kron.get(name)
+        if cached is not None and all(m is None or m.device == device for m in cached):
+            return cached
+        d0, d1, kg, ka = self.kron_dims(shape)
+        mats: list[Tensor | None] = []
+        for side, (k, d) in enumerate(((kg, d0), (ka, d1))):
+            if k == d:
+                mats.append(None)  # exact on this side
+                continue
+            gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, f"{name}/kron{side}", 0, self.checkpoint))
+            mats.append(torch.randn(k, d, generator=gen).mul_(1.0 / math.sqrt(k)).to(device))
+        pair = (mats[0], mats[1])
+        self._kron[name] = pair
+        return pair
+
+    def _kron_sketch(self, block: Tensor | LayerFactors, name: str, shape: Sequence[int], batch: int) -> Tensor:
+        # P_g G P_a^T per sample, flattened to [B, k_g * k_a]; from factors without forming G.
+        device = block.output_grads.device if isinstance(block, LayerFactors) else block.device
+        pg, pa = self._kron_matrices(name, shape, device)
+        d0, d1, _, _ = self.kron_dims(shape)
+        if isinstance(block, LayerFactors) and block.inputs is not None:
+            a, g = block.grouped()
+            a, g = a.float(), g.float()  # [B, S, G, d_1], [B, S, G, d_0 / G]
+            if pa is not None:
+                a = a @ pa.T
+            if pg is None:
+                m = torch.einsum("bsgo,bsgl->bgol", g, a).reshape(batch, d0, -1)
+            else:
+                g = torch.einsum("bsgo,kgo->bsgk", g, pg.reshape(pg.shape[0], block.groups, -1))
+                m = torch.einsum("bsgk,bsgl->bkl", g, a)
+            return m.reshape(batch, -1)
+        m = dense_gradient(block).float().reshape(batch, d0, d1)
+        if pa is not None:
+            m = m @ pa.T  # one [B d_0, d_1] x [d_1, k_a] product
+        if pg is not None:
+            m = (m.transpose(1, 2) @ pg.T).transpose(1, 2)  # one [B k_a, d_0] x [d_0, k_g] product
+        return m.reshape(batch, -1)
+
+    def _scatter(self, out: Tensor, v: Tensor, key: str) -> None:
+        # Sparse JL from one parameter's sketch into the k shared outputs (``out`` is ``[k, B]``).
+        idx, sign = self._sjlt_block(key, 0, v.shape[1], v.device)
+        vt = v.T.contiguous()
+        for s in range(self.spec.nnz):
+            out.index_add_(0, idx[:, s], vt * sign[:, s, None])
 
     def project_flat(self, flat: Tensor) -> Tensor:
         """Project a flat ``[B, D]`` gradient laid out in ``param_names`` order."""
         if flat.shape[1] != self.input_dim:
             raise ValueError(f"Expected gradients with {self.input_dim} columns, got {flat.shape[1]}.")
+        if self.spec.kind == "kronecker" and self.param_shapes is None:
+            raise ValueError(
+                "A kronecker projection of flat rows needs `param_shapes` (the matrix view of each block)."
+            )
         parts = dict(zip(self.param_names, flat.split(self.param_numels, dim=1)))
         return self.project(parts)
 
     def _accumulate(self, out: Tensor, g: Tensor, name: str) -> None:
+        # ``out`` is the transposed result ``[k, B]``.
         # Generator blocks have a fixed number of coordinates (never dependent on the batch
         # size), so the same coordinate always meets the same random entries.
         numel, batch = g.shape[1], max(1, g.shape[0])
@@ -172,9 +295,9 @@ class RandomProjection:
                 idx, sign = self._sjlt_block(name, block, stop - start, g.device)
                 for s0 in range(start, stop, step):
                     s1 = min(s0 + step, stop)
-                    gb = g[:, s0:s1]
+                    gbt = g[:, s0:s1].T.contiguous()
                     for s in range(self.spec.nnz):
-                        out.index_add_(1, idx[s0 - start : s1 - start, s], gb * sign[s0 - start : s1 - start, s])
+                        out.index_add_(0, idx[s0 - start : s1 - start, s], gbt * sign[s0 - start : s1 - start, s, None])
         else:
             rows = max(1, self.spec.block_elements // self.dim)
             for block, start in enumerate(range(0, numel, rows)):
@@ -185,7 +308,7 @@ class RandomProjection:
                 else:
                     m = torch.randint(0, 2, (stop - start, self.dim), generator=gen).float().mul_(2).sub_(1)
                 m = m.to(g.device).mul_(1.0 / math.sqrt(self.dim))
-                out.addmm_(g[:, start:stop], m)
+                out.addmm_(m.T, g[:, start:stop].T)
 
     def _sjlt_block(self, name: str, block: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (name, block)

@@ -1,4 +1,12 @@
-"""Post-fit analysis of a recorded trajectory: a facade over the pure functions."""
+"""Post-fit analysis of a recorded trajectory: a facade over the pure functions.
+
+Memory is bounded by blocks, never by ``n_train x checkpoints``: training rows are read one
+checkpoint and one block of at most ``block_bytes`` at a time (the block is released before the
+next is read, so a memory-mapped store never has more than one block resident on our account),
+and test-side rows are computed once per checkpoint and cached, up to ``cache_bytes``, for the
+same queries across :meth:`InfluenceAnalysis.tracin`, :meth:`~InfluenceAnalysis.top_k`,
+:meth:`~InfluenceAnalysis.ranked` and :meth:`~InfluenceAnalysis.summary` calls.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +22,16 @@ from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
 from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.factored import resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream
-from lightning_influence.gradients.vmap import VmapEngine
 from lightning_influence.trajectory.store import GradientStore, StoredCheckpoint
 from lightning_influence.trajectory.tracin import (
     TopK,
     iter_row_blocks,
-    merge_top_k,
     self_influence_scores,
+    streaming_top_k,
     tracin_scores,
 )
 from lightning_influence.utils.modes import isolated, module_device
@@ -51,11 +59,16 @@ class InfluenceAnalysis:
             unbiased self-influence).
         device: where to compute (default: the model's device).
         batch_size: test samples per gradient batch.
-        train_block: training rows read from the store at once (bounds memory).
-        chunk_size: samples per ``vmap`` chunk of the default engine.
-        engine: the per-sample gradient engine for test gradients (default:
-            ``VmapEngine(chunk_size)``); any engine gives the same rows.
+        train_block: at most this many training rows are read from the store at once.
+        chunk_size: samples per ``vmap`` chunk of the vmap engine (or of the factored engine's fallback).
+        engine: the per-sample gradient engine for test gradients: ``"auto"`` (default: the
+            factored engine where the model has layer rules, else vmap), ``"factored"``,
+            ``"vmap"``, or an engine instance; any engine gives the same rows.
         progress: show progress bars over checkpoints.
+        block_bytes: at most this many bytes of training rows (as fp32) are in memory at once;
+            together with ``train_block`` it sets the block (one checkpoint's rows at a time).
+        cache_bytes: test-side rows kept across calls for the same queries (per checkpoint);
+            ``0`` disables the cache.
 
     Raises:
         ValueError: if ``model``'s parameters do not match the store's.
@@ -78,15 +91,22 @@ class InfluenceAnalysis:
         batch_size: int = 256,
         train_block: int = 4096,
         chunk_size: int | None = None,
-        engine: PerSampleGradientEngine | None = None,
+        engine: str | PerSampleGradientEngine | None = "auto",
         progress: bool = False,
+        block_bytes: int = 64 << 20,
+        cache_bytes: int = 512 << 20,
     ) -> None:
         self.store = store if isinstance(store, GradientStore) else GradientStore(store)
         if not self.store.checkpoints:
             raise ValueError(f"The store at {str(self.store.path)!r} has no checkpoints yet.")
         self._check_model(model)
         self.train_loss = resolve_loss(train_loss, model, argname="train_loss")
-        for name, value in (("batch_size", batch_size), ("train_block", train_block)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("train_block", train_block),
+            ("block_bytes", block_bytes),
+            ("cache_bytes", cache_bytes + 1),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if train_data is not None and num_samples(train_data, "train_data") != self.store.n_samples:
@@ -99,8 +119,11 @@ class InfluenceAnalysis:
         self.device = torch.device(device) if device is not None else module_device(model)
         self.batch_size = batch_size
         self.train_block = train_block
-        self.engine: PerSampleGradientEngine = engine if engine is not None else VmapEngine(chunk_size)
+        self.engine: PerSampleGradientEngine = resolve_engine(engine, model, self.store.param_names, chunk_size)
         self.progress = progress
+        self.block_bytes = block_bytes
+        self.cache_bytes = cache_bytes
+        self._cache = _RowCache(cache_bytes)
         _warn_nonfinite(self.store)
 
     def _check_model(self, model: nn.Module) -> None:
@@ -177,6 +200,29 @@ class InfluenceAnalysis:
                 out.append(rows)
         return torch.cat(out)
 
+    def _test_rows(
+        self,
+        data: Any,
+        ckpt: StoredCheckpoint,
+        fn: PerSampleLoss,
+        argname: str,
+        span: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Test-side rows of ``data`` (or of its rows ``span``) at ``ckpt``, cached for the same queries."""
+        start, stop = span if span is not None else (0, num_samples(data, "test_data"))
+        key = (ckpt.index, id(data), id(fn), start, stop)
+        rows = self._cache.get(key, data, fn)
+        if rows is None:
+            part = data if span is None else subset(data, start, stop)
+            rows = self.gradients(part, ckpt, fn, argname=argname, id_offset=start)
+            self._cache.put(key, data, fn, rows)
+        return rows
+
+    def _block_rows(self, n_checkpoints_at_once: int = 1) -> int:
+        """Training rows per block: ``train_block``, fewer if a block would exceed ``block_bytes``."""
+        per_row = 4 * self.store.dim * n_checkpoints_at_once
+        return max(1, min(self.train_block, self.block_bytes // per_row))
+
     def _test_loss(self, measurement: PerSampleLoss | None) -> tuple[PerSampleLoss, str]:
         if measurement is None:
             return self.train_loss, "train_loss"
@@ -190,6 +236,8 @@ class InfluenceAnalysis:
         return tqdm(items, desc=desc, leave=False) if self.progress else items
 
     def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor:
+        # A fresh mapping per block, dropped with the block: pages of blocks already scored are
+        # not kept resident by a long-lived mapping of every checkpoint.
         return ckpt.gradients()[start:stop].to(self.device).float()
 
     def tracin(self, test_data: Any, measurement: PerSampleLoss | None = None) -> Tensor:
@@ -213,10 +261,10 @@ class InfluenceAnalysis:
         n = self.store.n_samples
         out: Tensor | None = None
         for ckpt in self._iter(self.store.checkpoints, "TracIn"):
-            t = self.gradients(test_data, ckpt, fn, argname=argname)
+            t = self._test_rows(test_data, ckpt, fn, argname)
             if out is None:
                 out = torch.zeros(t.shape[0], n, device=self.device)
-            for start, stop in iter_row_blocks(n, self.train_block):
+            for start, stop in iter_row_blocks(n, self._block_rows()):
                 out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.lr])
         assert out is not None
         return out.cpu()
@@ -247,12 +295,17 @@ class InfluenceAnalysis:
             if num_samples(data, "train_data") != n:
                 raise ValueError(f"`train_data` has {num_samples(data, 'train_data')} samples; the store has {n}.")
         for ckpt in self._iter(self.store.checkpoints, "self-influence"):
-            second = (
-                self.gradients(data, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data") if unbiased else None
-            )
-            for start, stop in iter_row_blocks(n, self.train_block):
+            # Both sides block by block: the second draw is never an n_train x dim matrix either.
+            for start, stop in iter_row_blocks(n, self._block_rows(2 if unbiased else 1)):
                 g = [self._train_rows(ckpt, start, stop)]
-                out[start:stop] += self_influence_scores(g, [ckpt.lr], None if second is None else [second[start:stop]])
+                second = None
+                if unbiased:
+                    part = subset(data, start, stop)
+                    rows = self.gradients(
+                        part, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data", id_offset=start
+                    )
+                    second = [rows]
+                out[start:stop] += self_influence_scores(g, [ckpt.lr], second)
         return out.cpu()
 
     def top_k(
@@ -287,8 +340,9 @@ class InfluenceAnalysis:
     ) -> list[TopK]:
         """Top-``k`` training samples per query for several orders in one pass over the store.
 
-        Queries are processed ``query_block`` at a time and training rows ``train_block`` at a
-        time, so memory is bounded by the blocks (plus the ``[n_test, k]`` results).
+        Queries are processed ``query_block`` at a time (fewer if their rows at every checkpoint
+        would exceed ``max(block_bytes, cache_bytes)``) and training rows one checkpoint and one
+        block at a time, so memory is bounded by the blocks (plus the ``[n_test, k]`` results).
 
         Args:
             test_data: the queries.
@@ -309,20 +363,23 @@ class InfluenceAnalysis:
         fn, argname = self._test_loss(measurement)
         n_test = num_samples(test_data, "test_data")
         parts: list[list[TopK]] = [[] for _ in largest]
+        ckpts = self.store.checkpoints
+        # Every checkpoint's test rows of a query block are held at once (and cached): bound them.
+        budget = max(self.block_bytes, self.cache_bytes)
+        query_block = max(1, min(query_block, budget // (4 * self.store.dim * len(ckpts))))
         for q0, q1 in iter_row_blocks(n_test, query_block):
-            queries = subset(test_data, q0, q1)
-            tests = [
-                self.gradients(queries, c, fn, argname=argname, id_offset=q0)
-                for c in self._iter(self.store.checkpoints, "test gradients")
-            ]
-            best: list[TopK | None] = [None for _ in largest]
-            for start, stop in iter_row_blocks(n, self.train_block):
-                ckpts = self.store.checkpoints
-                block = tracin_scores([self._train_rows(c, start, stop) for c in ckpts], tests, [c.lr for c in ckpts])
-                idx = torch.arange(start, stop, device=self.device)
-                best = [merge_top_k(top, block, idx, k, largest=lg) for top, lg in zip(best, largest)]
+            span = None if (q0, q1) == (0, n_test) else (q0, q1)
+            tests = [self._test_rows(test_data, c, fn, argname, span) for c in self._iter(ckpts, "test gradients")]
+            best = streaming_top_k(
+                tests,
+                lambda c, start, stop: self._train_rows(ckpts[c], start, stop),
+                [c.lr for c in ckpts],
+                n,
+                k,
+                block=self._block_rows(),
+                largest=largest,
+            )
             for j, top in enumerate(best):
-                assert top is not None
                 parts[j].append(TopK(top.indices.cpu(), top.scores.cpu()))
         return [TopK(torch.cat([p.indices for p in ps]), torch.cat([p.scores for p in ps])) for ps in parts]
 
@@ -379,6 +436,36 @@ class InfluenceSummary:
     @property
     def n_train(self) -> int:
         return int(self.self_influence.shape[0])
+
+
+class _RowCache:
+    """Test-side rows per (checkpoint, queries, objective), up to a byte budget.
+
+    Entries hold a reference to the queries and the objective, so an ``id`` is never reused by
+    another object while its entry lives; a lookup also checks identity.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._rows: dict[tuple[int, ...], tuple[Any, Any, Tensor]] = {}
+
+    def get(self, key: tuple[int, ...], data: Any, fn: Any) -> Tensor | None:
+        hit = self._rows.get(key)
+        if hit is None or hit[0] is not data or hit[1] is not fn:
+            return None
+        return hit[2]
+
+    def put(self, key: tuple[int, ...], data: Any, fn: Any, rows: Tensor) -> None:
+        size = rows.numel() * rows.element_size()
+        if key in self._rows or self.used + size > self.budget:
+            return
+        self._rows[key] = (data, fn, rows)
+        self.used += size
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.used = 0
 
 
 def _warn_nonfinite(store: GradientStore) -> None:

@@ -11,7 +11,7 @@ Scores accumulate in fp32 (or the dtype of the query) whatever the storage dtype
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "iter_row_blocks",
     "merge_top_k",
     "self_influence_scores",
+    "streaming_top_k",
     "tracin_scores",
 ]
 
@@ -91,7 +92,8 @@ def self_influence_scores(
     for c, (g, eta) in enumerate(zip(grads, etas)):
         g32 = g.float()
         other = g32 if second_grads is None else second_grads[c].to(device=g.device).float()
-        s = (g32 * other).sum(dim=1) * eta
+        # A row-wise dot product (a batched [1, d] @ [d, 1]): no [n, d] elementwise product.
+        s = torch.einsum("nd,nd->n", g32, other) * eta
         out = s if out is None else out + s
     if out is None:
         raise ValueError("Self-influence needs at least one checkpoint.")
@@ -158,3 +160,56 @@ def merge_top_k(best: TopK | None, scores: Tensor, indices: Tensor, k: int, larg
         top_vals = top_vals.masked_fill(filler, float("nan"))
         top_idx = top_idx.masked_fill(filler, -1)
     return TopK(top_idx, top_vals)
+
+
+def streaming_top_k(
+    test_grads: Sequence[Tensor],
+    train_block: Callable[[int, int, int], Tensor],
+    etas: Sequence[float],
+    n_train: int,
+    k: int,
+    *,
+    block: int,
+    largest: Sequence[bool] = (True,),
+) -> list[TopK]:
+    """Top-``k`` TracIn training samples per query, reading one checkpoint's block of training rows at a time.
+
+    For every block of ``block`` training rows, the scores ``sum_c eta_c test_c @ train_c[block].T``
+    accumulate in fp32 over the checkpoints (each block fetched, scored and dropped before the
+    next), then merge into the running top-``k``. Memory: the test rows, one training block and
+    an ``[n_test, block]`` score block, whatever ``n_train`` and the number of checkpoints.
+
+    Args:
+        test_grads: per checkpoint, the test rows ``[n_test, d]`` (on the scoring device).
+        train_block: ``train_block(c, start, stop)`` -> training rows ``[stop - start, d]`` of
+            checkpoint ``c`` (any float dtype; moved to the test rows' device).
+        etas: per checkpoint weights.
+        n_train: training rows per checkpoint.
+        k: how many per query.
+        block: training rows per block.
+        largest: one entry per result, ``True`` for proponents, ``False`` for opponents.
+
+    Returns:
+        One :class:`TopK` (``[n_test, k]``, strongest first) per ``largest`` entry.
+
+    Example:
+        >>> import torch
+        >>> train = [torch.eye(4)]
+        >>> top, = streaming_top_k([torch.tensor([[0.0, 3.0, 1.0, 2.0]])], lambda c, a, b: train[c][a:b], [1.0],
+        ...                        4, 2, block=3)
+        >>> top.indices.tolist()
+        [[1, 3]]
+    """
+    if len(test_grads) != len(etas) or not etas:
+        raise ValueError(f"Expected one test matrix per eta (and at least one); got {len(test_grads)}, {len(etas)}.")
+    device = test_grads[0].device
+    best: list[TopK | None] = [None for _ in largest]
+    for start, stop in iter_row_blocks(n_train, block):
+        scores: Tensor | None = None
+        for c, (t, eta) in enumerate(zip(test_grads, etas)):
+            s = tracin_scores([train_block(c, start, stop)], [t], [eta])
+            scores = s if scores is None else scores.add_(s)
+        assert scores is not None
+        idx = torch.arange(start, stop, device=device)
+        best = [merge_top_k(top, scores, idx, k, largest=lg) for top, lg in zip(best, largest)]
+    return [top for top in best if top is not None]

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.functional.classification import binary_auroc
 
-from lightning_influence import InfluenceAnalysis
+import lightning_influence.trajectory.analysis as analysis_module
+import lightning_influence.trajectory.tracin as tracin_module
+from lightning_influence import GradientStore, InfluenceAnalysis
 from lightning_influence.data.batches import gather_samples
+from lightning_influence.gradients import FactoredEngine
 from lightning_influence.models.vae import MLPVAE
+from lightning_influence.trajectory.store import StoredCheckpoint
 
 
 def _per_sample_loss(vae, dataset):
@@ -159,3 +165,87 @@ def test_cross_loss_tracin_on_a_projected_store_ranks_like_exact(exact, digits_r
         projected.tracin(queries, measurement=latent_norm).T, exact.tracin(queries, measurement=latent_norm).T
     )
     assert rho.min() >= 0.9, f"per-test Spearman min {rho.min():.3f}"
+
+
+class _LiveBlocks:
+    """Counts the training-row mappings alive at once (each `gradients()` call maps a checkpoint)."""
+
+    def __init__(self, monkeypatch):
+        self.live = 0
+        self.peak = 0
+        self.calls = 0
+        original = StoredCheckpoint.gradients
+
+        def tracked(ckpt):
+            t = original(ckpt)
+            self.live += 1
+            self.calls += 1
+            self.peak = max(self.peak, self.live)
+            # The tensor's storage holds its numpy memmap; the mapping dies with the last view.
+            weakref.finalize(t.numpy() if t.dtype != torch.bfloat16 else t, self._release)
+            return t
+
+        monkeypatch.setattr(StoredCheckpoint, "gradients", tracked)
+
+    def _release(self):
+        self.live -= 1
+
+
+def test_scoring_holds_one_checkpoint_block_at_a_time(digits_run, monkeypatch):
+    store = digits_run.stores["exact"]
+    queries = Subset(digits_run.dm.test_set, range(6))
+    ref = InfluenceAnalysis(store, digits_run.vae, train_block=100_000, block_bytes=1 << 40)
+    ref_scores, (ref_idx, ref_val) = ref.tracin(queries), ref.top_k(queries, k=5)
+    ref_self = ref.self_influence()
+    widths = []
+    real_scores = analysis_module.tracin_scores
+
+    def spy(train, test, etas):
+        widths.extend(int(g.shape[0]) for g in train)
+        return real_scores(train, test, etas)
+
+    monkeypatch.setattr(analysis_module, "tracin_scores", spy)
+    monkeypatch.setattr(tracin_module, "tracin_scores", spy)
+    live = _LiveBlocks(monkeypatch)
+    dim = GradientStore(store).dim
+    small = InfluenceAnalysis(store, digits_run.vae, block_bytes=4 * dim * 300)
+    idx, val = small.top_k(queries, k=5)
+    scores = small.tracin(queries)
+    self_inf = small.self_influence()
+    n_ckpt = len(small.store)
+    assert live.calls >= 2 * n_ckpt, "every checkpoint is read block by block"
+    assert live.peak == 1, f"{live.peak} checkpoint mappings were alive at once"
+    assert max(widths) <= 300
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(val, ref_val, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(self_inf, ref_self, rtol=1e-5, atol=1e-6)
+
+
+class _CountingEngine(FactoredEngine):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def gradients(self, *args, **kwargs):
+        self.calls += 1
+        return super().gradients(*args, **kwargs)
+
+
+def test_test_rows_are_computed_once_per_checkpoint_across_calls(digits_run):
+    engine = _CountingEngine()
+    analysis = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae, engine=engine, batch_size=256)
+    queries = Subset(digits_run.dm.test_set, range(8))
+    n_ckpt = len(analysis.store)
+    scores = analysis.tracin(queries)
+    assert engine.calls == n_ckpt
+    idx, _ = analysis.top_k(queries, k=3)
+    analysis.summary(queries, k=3)
+    assert engine.calls == n_ckpt, "the same queries reuse their cached rows"
+    assert torch.equal(idx, torch.topk(scores, 3, dim=1).indices)
+    analysis.tracin(Subset(digits_run.dm.test_set, range(8)))  # other queries object: recomputed
+    assert engine.calls == 2 * n_ckpt
+    uncached = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae, engine=engine, cache_bytes=0)
+    uncached.tracin(queries)
+    uncached.tracin(queries)
+    assert engine.calls == 4 * n_ckpt

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from lightning_influence.trajectory.tracin import iter_row_blocks, merge_top_k, self_influence_scores, tracin_scores
+from lightning_influence.trajectory.tracin import (
+    iter_row_blocks,
+    merge_top_k,
+    self_influence_scores,
+    streaming_top_k,
+    tracin_scores,
+)
 
 
 def _grads(n_ckpt=3, n_train=11, n_test=5, d=7, dtype=torch.float64, seed=0):
@@ -165,3 +171,25 @@ def test_merge_top_k_values_are_the_true_scores_of_returned_indices():
     valid = idx >= 0
     assert torch.equal(vals[valid], torch.gather(scores, 1, idx.clamp_min(0))[valid])
     assert torch.isnan(vals[~valid]).all()
+
+
+def test_streaming_top_k_reads_one_block_of_one_checkpoint_at_a_time():
+    torch.manual_seed(0)
+    train = [torch.randn(50, 6), torch.randn(50, 6)]
+    test = [torch.randn(3, 6), torch.randn(3, 6)]
+    etas = [0.5, 2.0]
+    reads = []
+
+    def block(c, start, stop):
+        reads.append((c, start, stop))
+        return train[c][start:stop]
+
+    top, bottom = streaming_top_k(test, block, etas, 50, 4, block=7, largest=(True, False))
+    full = tracin_scores(train, test, etas)
+    assert torch.equal(top.indices, full.topk(4, dim=1).indices)
+    assert torch.equal(bottom.indices, full.topk(4, dim=1, largest=False).indices)
+    torch.testing.assert_close(top.scores, full.topk(4, dim=1).values)
+    assert max(stop - start for _, start, stop in reads) == 7
+    assert len(reads) == 2 * 8  # every checkpoint's block once
+    with pytest.raises(ValueError, match="one test matrix per eta"):
+        streaming_top_k(test, block, [1.0], 50, 4, block=7)

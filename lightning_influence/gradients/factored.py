@@ -1,0 +1,367 @@
+"""The factored engine: per-sample gradients from layer inputs and output gradients of ONE batched backward.
+
+For a Linear-like layer ``y = W a`` the per-sample gradient is ``sum_s g_{i,s} a_{i,s}^T`` with ``a``
+the layer's input and ``g = dL/dy`` at each position ``s``, where ``L = sum_i loss_i``: since sample
+``i``'s loss only touches its own rows, ``dL/dy`` restricted to those rows is ``d loss_i / dy``.
+Forward hooks keep ``a``, one ``torch.autograd.grad`` of ``L`` with respect to every tracked layer's
+output gives ``g``, and :mod:`~lightning_influence.gradients.layers` turns them into
+:class:`~lightning_influence.gradients.engine.LayerFactors` (or dense vectors for norms). The cost is
+one forward/backward of the batch, like a training step, instead of ``B`` vectorised ones.
+
+Reparameterisation draws are rows ``i * K + k`` of the decoder's input; they become positions of
+sample ``i``, so a VAE's ``K`` draws cost one batched forward/backward, with the same keyed noise
+as :class:`~lightning_influence.gradients.vmap.VmapEngine` (rows agree to float rounding).
+
+Parameters without a rule (and every parameter when a module couples samples: BatchNorm with
+batch statistics, training-mode dropout) go to the fallback engine (``vmap``), for those
+parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
+from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule, couples_samples, rule_for
+from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
+from lightning_influence.gradients.noise import fixed_noise
+from lightning_influence.gradients.vmap import VmapEngine
+
+__all__ = [
+    "EnginePlan",
+    "FactoredEngine",
+    "describe_engine",
+    "factored_inner_products",
+    "plan_engine",
+    "resolve_engine",
+]
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Which parameters the factored engine computes, by which rule, and which fall back.
+
+    Attributes:
+        tracked: module name -> (rule, {attribute: parameter name}).
+        fallback: parameters computed by the fallback engine.
+        coupled: modules that mix samples in a batched forward (everything falls back when non-empty).
+    """
+
+    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)
+    coupled: list[str] = field(default_factory=list)
+
+    def rules(self) -> dict[str, str]:
+        """Parameter name -> the rule that produces it (``"vmap"`` for the fallback)."""
+        out = {n: "vmap" for n in self.fallback}
+        for _, (rule, attrs) in self.tracked.items():
+            out.update({p: rule.name for p in attrs.values()})
+        return out
+
+
+def plan_engine(
+    module: nn.Module, param_names: Sequence[str], rules: Sequence[LayerRule] = DEFAULT_RULES
+) -> EnginePlan:
+    """Assign each of ``param_names`` to a layer rule or to the fallback.
+
+    Args:
+        module: the model.
+        param_names: the tracked parameters.
+        rules: layer rules, tried in order.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.PReLU())
+        >>> plan_engine(net, ["0.weight", "0.bias", "1.weight"]).rules()
+        {'1.weight': 'vmap', '0.weight': 'linear', '0.bias': 'linear'}
+    """
+    wanted = set(param_names)
+    unknown = wanted - {n for n, _ in module.named_parameters()}
+    if unknown:
+        raise ValueError(f"`param_names` {sorted(unknown)[:6]} are not parameters of {type(module).__name__}.")
+    coupled = [name or type(module).__name__ for name, sub in module.named_modules() if couples_samples(sub)]
+    if coupled:
+        return EnginePlan(fallback=list(param_names), coupled=coupled)
+    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = {}
+    claimed: set[str] = set()
+    for name, sub in module.named_modules():
+        rule = rule_for(sub, rules)
+        if rule is None:
+            continue
+        attrs = {}
+        for attr, _ in sub.named_parameters(recurse=False):
+            full = f"{name}.{attr}" if name else attr
+            if full in wanted and attr in ("weight", "bias"):
+                attrs[attr] = full
+        if attrs:
+            tracked[name] = (rule, attrs)
+            claimed.update(attrs.values())
+    return EnginePlan(tracked=tracked, fallback=[n for n in param_names if n not in claimed])
+
+
+def resolve_engine(
+    engine: str | PerSampleGradientEngine | None,
+    module: nn.Module,
+    param_names: Sequence[str],
+    chunk_size: int | None = None,
+) -> PerSampleGradientEngine:
+    """An engine from the recorder's ``engine=`` argument.
+
+    Args:
+        engine: ``None`` or ``"vmap"`` (:class:`VmapEngine`), ``"factored"`` (:class:`FactoredEngine`),
+            ``"auto"`` (factored when at least one tracked parameter has a layer rule and no module
+            couples samples, otherwise vmap), or an engine instance (returned as is).
+        module: the model.
+        param_names: the tracked parameters.
+        chunk_size: ``vmap`` chunk size (of the vmap engine, or of the factored engine's fallback).
+
+    Example:
+        >>> import torch
+        >>> resolve_engine("auto", torch.nn.Linear(2, 1), ["weight"]).name
+        'factored'
+    """
+    if engine is None or engine == "vmap":
+        return VmapEngine(chunk_size)
+    if engine == "factored":
+        return FactoredEngine(chunk_size)
+    if engine == "auto":
+        plan = plan_engine(module, param_names)
+        return FactoredEngine(chunk_size) if plan.tracked else VmapEngine(chunk_size)
+    if isinstance(engine, str):
+        raise ValueError(f"`engine` must be 'vmap', 'factored', 'auto' or an engine instance, got {engine!r}.")
+    if not isinstance(engine, PerSampleGradientEngine):
+        raise TypeError(
+            f"`engine` must be a string or implement lightning_influence.gradients.PerSampleGradientEngine, got"
+            f" {type(engine).__name__}."
+        )
+    return engine
+
+
+def describe_engine(engine: PerSampleGradientEngine, module: nn.Module, param_names: Sequence[str]) -> dict[str, Any]:
+    """What the manifest's ``extra`` records about the engine: its name and the rule behind every parameter block."""
+    describe = getattr(engine, "describe", None)
+    if describe is not None:
+        return describe(module, param_names)
+    return {"engine": engine.name, "engine_rules": {n: engine.name for n in param_names}}
+
+
+class FactoredEngine:
+    """:class:`~lightning_influence.gradients.engine.PerSampleGradientEngine` from hooks on tracked layers.
+
+    Returns :class:`~lightning_influence.gradients.engine.LayerFactors` for Linear/conv weights and
+    biases, dense ``[B, *shape]`` for norm affine parameters, and whatever the fallback returns for
+    parameters without a rule. The module's parameters, ``.grad`` and mode are never touched; hooks
+    are removed before returning.
+
+    Args:
+        chunk_size: ``vmap`` chunk size of the default fallback.
+        fallback: the engine for parameters without a rule (default ``VmapEngine(chunk_size)``).
+        rules: the layer rules (default :data:`~lightning_influence.gradients.layers.DEFAULT_RULES`).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> params = {k: v.detach() for k, v in net.named_parameters()}
+        >>> loss = lambda m, b: m(b).squeeze(-1) ** 2
+        >>> x, ids = torch.randn(5, 3), torch.arange(5)
+        >>> kw = dict(state=params, sample_ids=ids, noise_seed=0, noise_stream=0)
+        >>> f = FactoredEngine().gradients(net, loss, x, params, **kw)
+        >>> v = VmapEngine().gradients(net, loss, x, params, **kw)
+        >>> bool(torch.allclose(f["0.weight"].dense(), v["0.weight"], atol=1e-6))
+        True
+    """
+
+    name = "factored"
+
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        fallback: PerSampleGradientEngine | None = None,
+        rules: Sequence[LayerRule] = DEFAULT_RULES,
+    ) -> None:
+        self.fallback: PerSampleGradientEngine = fallback if fallback is not None else VmapEngine(chunk_size)
+        self.rules = tuple(rules)
+
+    def plan(self, module: nn.Module, param_names: Sequence[str]) -> EnginePlan:
+        return plan_engine(module, param_names, self.rules)
+
+    def describe(self, module: nn.Module, param_names: Sequence[str]) -> dict[str, Any]:
+        """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule or ``"vmap"``)."""
+        plan = self.plan(module, param_names)
+        out: dict[str, Any] = {"engine": self.name, "engine_rules": plan.rules()}
+        if plan.coupled:
+            out["engine_coupled_modules"] = plan.coupled
+        return out
+
+    def gradients(
+        self,
+        module: nn.Module,
+        loss_fn: PerSampleLoss,
+        batch: Any,
+        params: Mapping[str, Tensor],
+        *,
+        state: Mapping[str, Tensor],
+        sample_ids: Tensor,
+        noise_seed: int,
+        noise_stream: int,
+        loss_scale: float = 1.0,
+        argname: str = "loss_fn",
+    ) -> PerSampleGradients:
+        names = list(params)
+        plan = self.plan(module, names)
+        out: dict[str, Tensor | LayerFactors] = {}
+        if plan.fallback:
+            out.update(
+                self.fallback.gradients(
+                    module,
+                    loss_fn,
+                    batch,
+                    {n: params[n] for n in plan.fallback},
+                    state=state,
+                    sample_ids=sample_ids,
+                    noise_seed=noise_seed,
+                    noise_stream=noise_stream,
+                    loss_scale=loss_scale,
+                    argname=argname,
+                )
+            )
+        if plan.tracked:
+            full_state = {**state, **params}
+            out.update(
+                _hooked_gradients(
+                    module, loss_fn, batch, plan, full_state, sample_ids, noise_seed, noise_stream, loss_scale, argname
+                )
+            )
+        return {n: out[n] for n in names}
+
+    def __repr__(self) -> str:
+        return f"FactoredEngine(fallback={self.fallback!r})"
+
+
+def _hooked_gradients(
+    module: nn.Module,
+    loss_fn: PerSampleLoss,
+    batch: Any,
+    plan: EnginePlan,
+    state: Mapping[str, Tensor],
+    sample_ids: Tensor,
+    noise_seed: int,
+    noise_stream: int,
+    loss_scale: float,
+    argname: str,
+) -> dict[str, Tensor | LayerFactors]:
+    bsz = int(sample_ids.shape[0])
+    subs = dict(module.named_modules())
+    kept: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
+    sources: list[Tensor] = []
+    owners: list[str] = []
+
+    def hook_for(name: str, rule: LayerRule) -> Any:
+        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"Tracked layer {name!r} returned {type(output).__name__}, not a tensor.")
+            kept[name].append(rule.capture(sub, inputs, output))
+            # The gradient is taken at `source`; downstream code gets a copy, so an in-place op
+            # after the layer (ReLU(inplace=True)) cannot change the tensor differentiated at.
+            source = output if output.requires_grad else output.detach().requires_grad_(True)
+            sources.append(source)
+            owners.append(name)
+            return source.clone()
+
+        return hook
+
+    handles = [subs[name].register_forward_hook(hook_for(name, rule)) for name, (rule, _) in plan.tracked.items()]
+    try:
+        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
+            loss = functional_call(
+                ModuleCall(module, loss_fn), {"m." + k: v for k, v in state.items()}, (batch,), strict=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    loss = check_per_sample_loss(loss, bsz, argname)
+    total = (loss * loss_scale).sum()
+    grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
+    for name, src, g in zip(owners, sources, grads):
+        per_layer[name].append(torch.zeros_like(src) if g is None else g.detach())
+    out: dict[str, Tensor | LayerFactors] = {}
+    with torch.autocast(sample_ids.device.type, enabled=False):
+        for name, (rule, attrs) in plan.tracked.items():
+            if not kept[name]:
+                # A layer the loss never calls (a measurement on the encoder only): zero gradient,
+                # as any engine reports it.
+                for full in attrs.values():
+                    p = state[full]
+                    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    out[full] = torch.zeros(bsz, *p.shape, dtype=acc, device=p.device)
+                continue
+            blocks = rule.gradients(subs[name], kept[name], per_layer[name], bsz, name)
+            out.update({full: blocks[attr] for attr, full in attrs.items()})
+    return out
+
+
+def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) -> Tensor:
+    """``<dW_i, dW_j>`` for every pair of samples, in whichever exact form is cheaper.
+
+    .. math::
+        \\langle \\nabla_W \\ell_i, \\nabla_W \\ell_j \\rangle
+            = \\sum_{s,t} (g_{is} \\cdot g_{jt})(a_{is} \\cdot a_{jt})
+
+    The Gram form costs ``S_x S_y (d_in + d_out)`` per pair, materialising costs ``d_in d_out`` per
+    pair (plus ``S d_in d_out`` per sample): the Gram form is used when
+    ``S_x S_y (d_in + d_out) < d_in d_out`` (``d_in d_out / G`` with ``G`` groups).
+
+    Args:
+        x: ``[Bx, *shape]`` dense gradients or factors.
+        y: ``[By, *shape]`` dense gradients or factors of the same parameter.
+
+    Returns:
+        ``[Bx, By]`` in fp32 (fp64 for fp64 inputs).
+
+    Example:
+        >>> import torch
+        >>> f = LayerFactors(torch.randn(3, 2, 50), torch.randn(3, 2, 40), (40, 50))
+        >>> d = f.dense().flatten(1)
+        >>> bool(torch.allclose(factored_inner_products(f, f), d @ d.T, rtol=1e-4))
+        True
+    """
+    if isinstance(x, LayerFactors) and isinstance(y, LayerFactors) and x.groups == y.groups:
+        sx, sy = int(x.output_grads.shape[1]), int(y.output_grads.shape[1])
+        d_out = int(x.output_grads.shape[2])
+        d_in = 1 if x.inputs is None else int(x.inputs.shape[2])
+        if sx * sy * (d_in + d_out) < math.prod(x.shape):
+            return _gram(x, y)
+    dx = _flat(x)
+    dy = _flat(y)
+    return dx @ dy.to(dx.dtype).T
+
+
+def _gram(x: LayerFactors, y: LayerFactors) -> Tensor:
+    # sum_{s,t} (g_is . g_jt)(a_is . a_jt), one group at a time, as two matrix products of the
+    # flattened (sample, position) rows and a sum over the position pairs.
+    ax, gx = x.grouped()
+    ay, gy = y.grouped()
+    bx, sx = gx.shape[:2]
+    by, sy = gy.shape[:2]
+    acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
+    out = torch.zeros(bx, by, dtype=acc, device=gx.device)
+    for j in range(x.groups):
+        gg = gx[:, :, j].reshape(bx * sx, -1).to(acc) @ gy[:, :, j].reshape(by * sy, -1).to(acc).T
+        if ax is not None and ay is not None:
+            gg = gg * (ax[:, :, j].reshape(bx * sx, -1).to(acc) @ ay[:, :, j].reshape(by * sy, -1).to(acc).T)
+        out += gg.reshape(bx, sx, by, sy).sum(dim=(1, 3))
+    return out
+
+
+def _flat(block: Tensor | LayerFactors) -> Tensor:
+    dense = block.dense() if isinstance(block, LayerFactors) else block
+    dense = dense.reshape(dense.shape[0], -1)
+    return dense if dense.dtype == torch.float64 else dense.float()

@@ -1,0 +1,308 @@
+"""Per-layer rules of the factored engine: what a layer's forward hook keeps and how per-sample gradients follow.
+
+One rule per layer type (Kronfluence-style tracked modules). A rule sees, for every call of its
+module in one batched forward/backward, what its forward hook kept (the input, or the normalised
+input of a norm layer) and the gradient of the summed per-sample losses with respect to the
+module's output. Because each sample's loss only touches that sample's rows, row ``n`` of both
+belongs to sample ``n // K`` when the module saw ``N = B * K`` rows (``K`` reparameterisation
+draws decoded as rows ``i * K + k``): :func:`fold_positions` moves the draws onto the position axis.
+
+- :class:`LinearRule`: ``W`` ``[d_out, d_in]``, ``a`` the input, ``g`` the output gradient; extra
+  leading axes (sequence positions) are positions.
+- :class:`ConvRule`: ``nn.Conv1d`` / ``nn.Conv2d`` by unfolding (im2col): the weight gradient of a
+  convolution is that of a Linear layer applied at every output location.
+- :class:`ConvTransposeRule`: ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` as the adjoint: a
+  transposed convolution's weight gradient is the conv weight gradient with input and output
+  swapped, so the *output gradient* is unfolded at every input location.
+- :class:`NormRule`: affine parameters of ``BatchNorm*d`` (eval mode, running statistics),
+  ``LayerNorm`` and ``GroupNorm``: ``dW = sum_s g_s * xhat_s`` per sample, returned dense (a
+  vector per sample is already the cheap form).
+
+Everything here is a pure function of tensors except the rule objects, which only dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from lightning_influence.gradients.engine import LayerFactors
+
+__all__ = [
+    "DEFAULT_RULES",
+    "ConvRule",
+    "ConvTransposeRule",
+    "LayerRule",
+    "LinearRule",
+    "NormRule",
+    "couples_samples",
+    "fold_positions",
+    "rule_for",
+    "unfold_patches",
+]
+
+
+def fold_positions(t: Tensor, batch: int, layer: str = "layer") -> Tensor:
+    """``[N, S, ...]`` with ``N = batch * K`` -> ``[batch, K * S, ...]`` (row ``i * K + k`` belongs to sample ``i``).
+
+    Example:
+        >>> import torch
+        >>> fold_positions(torch.arange(12.).reshape(6, 2, 1), 3).shape
+        torch.Size([3, 4, 1])
+    """
+    n = int(t.shape[0])
+    if n % batch:
+        raise ValueError(
+            f"Layer {layer!r} saw {n} rows for a batch of {batch} samples; the factored engine needs every"
+            " tracked layer's leading dimension to be the batch (or batch x draws, sample-major). Use"
+            " engine='vmap' for this model."
+        )
+    return t.reshape(batch, (n // batch) * int(t.shape[1]), *t.shape[2:])
+
+
+def unfold_patches(
+    x: Tensor, kernel: Sequence[int], dilation: Sequence[int], padding: Sequence[int], stride: Sequence[int]
+) -> Tensor:
+    """Sliding patches of a 1-D or 2-D feature map as rows: ``[N, C, *spatial]`` -> ``[N, L, C * prod(kernel)]``.
+
+    Column ``c * prod(kernel) + k`` is channel ``c`` at kernel offset ``k`` (the layout of a conv weight
+    flattened to ``[C_out, C_in * prod(kernel)]``), row ``l`` the ``l``-th output location.
+
+    Example:
+        >>> import torch
+        >>> unfold_patches(torch.randn(2, 3, 8, 8), (3, 3), (1, 1), (1, 1), (2, 2)).shape
+        torch.Size([2, 16, 27])
+    """
+    if x.dim() == 3:  # 1-D: a 2-D map of height one
+        x = x.unsqueeze(2)
+        kernel, dilation, padding, stride = ((1, *kernel), (1, *dilation), (0, *padding), (1, *stride))
+    elif x.dim() != 4:
+        raise ValueError(f"unfold_patches takes [N, C, L] or [N, C, H, W] inputs, got shape {tuple(x.shape)}.")
+    cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+    return cols.transpose(1, 2)
+
+
+def _positions_last(t: Tensor) -> Tensor:
+    # [N, C, *spatial] -> [N, prod(spatial), C]
+    return t.flatten(2).transpose(1, 2)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    # Factors are combined in fp32 (fp64 for a float64 model) whatever the capture precision:
+    # half-precision products of many positions lose digits the rows are compared at.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def couples_samples(module: nn.Module) -> bool:
+    """Whether a batched forward of ``module`` mixes samples (batch statistics, training-mode dropout).
+
+    Such a module breaks the factored engine's premise that each sample's loss only touches its
+    own rows; the engine then hands the whole batch to its fallback.
+    """
+    if isinstance(module, _BatchNorm):
+        return module.training or module.running_mean is None
+    if isinstance(module, _DropoutNd):
+        return module.training and module.p > 0
+    return False
+
+
+class LayerRule:
+    """A tracked-module type: what its forward hook keeps and the per-sample gradients that follow.
+
+    Attributes:
+        name: recorded in the manifest for every parameter block the rule produced.
+        module_types: the ``nn.Module`` classes the rule handles.
+    """
+
+    name = "layer"
+    module_types: tuple[type, ...] = ()
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, self.module_types)
+
+    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        """What the forward hook keeps of one call (detached)."""
+        return inputs[0].detach()
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        """Per-sample gradients, attribute name (``"weight"``, ``"bias"``) -> dense ``[B, *shape]`` or factors."""
+        raise NotImplementedError
+
+
+def _stack_calls(parts: list[Tensor]) -> Tensor:
+    # A module called several times in one loss contributes every call's positions.
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear``: ``dW_i = sum_s g_{i,s} a_{i,s}^T``, ``db_i = sum_s g_{i,s}``."""
+
+    name = "linear"
+    module_types = (nn.Linear,)
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        acc = _acc_dtype(kept[0])
+        a = _stack_calls([fold_positions(x.reshape(x.shape[0], -1, x.shape[-1]).to(acc), batch, layer) for x in kept])
+        g = _stack_calls([fold_positions(y.reshape(y.shape[0], -1, y.shape[-1]).to(acc), batch, layer) for y in grads])
+        out: dict[str, Tensor | LayerFactors] = {"weight": LayerFactors(a, g, tuple(module.weight.shape))}
+        if module.bias is not None:
+            out["bias"] = LayerFactors(None, g, tuple(module.bias.shape))
+        return out
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    return tuple(module.kernel_size), tuple(module.dilation), tuple(module.padding), tuple(module.stride)
+
+
+class ConvRule(LayerRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding incl. ``"same"`` and padding modes, dilation, groups).
+
+    The weight ``[C_out, C_in / G, *k]`` is a Linear map from unfolded patches ``[L, C_in * prod(k)]``
+    to the output locations ``[L, C_out]``; groups take block-diagonal slices of both.
+    """
+
+    name = "conv"
+    module_types = (nn.Conv1d, nn.Conv2d)
+
+    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = inputs[0].detach()
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            # What _ConvNd.forward does for these: pad explicitly (asymmetric for "same"), then a
+            # convolution without padding; the unfold below mirrors it.
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        return x
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        kernel, dilation, padding, stride = _conv_geometry(module)
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            padding = (0,) * len(kernel)  # already applied in capture
+        acc = _acc_dtype(kept[0])
+        a = _stack_calls(
+            [fold_positions(unfold_patches(x.to(acc), kernel, dilation, padding, stride), batch, layer) for x in kept]
+        )
+        g = _stack_calls([fold_positions(_positions_last(y.to(acc)), batch, layer) for y in grads])
+        out: dict[str, Tensor | LayerFactors] = {
+            "weight": LayerFactors(a, g, tuple(module.weight.shape), groups=module.groups)
+        }
+        if module.bias is not None:
+            out["bias"] = LayerFactors(None, g, tuple(module.bias.shape))
+        return out
+
+
+class ConvTransposeRule(LayerRule):
+    """``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` (stride, padding, output padding, dilation, groups).
+
+    .. math::
+        \\frac{\\partial \\ell}{\\partial W_{c_i, c_o, k}} = \\sum_p x_{c_i, p}\\, g_{c_o,\\, p s + k d - \\text{pad}}
+
+    so with ``u = unfold(g)`` (the conv unfolding with the module's kernel, stride, padding and
+    dilation, cropped to the input's locations) the weight ``[C_in, C_out / G, *k]`` has the factors
+    ``output_grads = x`` ``[L_in, C_in]`` and ``inputs = u`` ``[L_in, C_out * prod(k)]``. Output padding
+    only adds output locations beyond the last input location's reach: the crop discards them.
+    """
+
+    name = "conv_transpose"
+    module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, self.module_types) and module.padding_mode == "zeros"
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        kernel, dilation, padding, stride = _conv_geometry(module)
+        acc = _acc_dtype(kept[0])
+        xs, us = [], []
+        for x, y in zip(kept, grads):
+            u = unfold_patches(y.to(acc), kernel, dilation, padding, stride)  # [N, L', C_out * prod(k)]
+            reach = [(o + 2 * p - d * (k - 1) - 1) // s + 1 for o, p, d, k, s in
+                     zip(y.shape[2:], padding, dilation, kernel, stride)]  # fmt: skip
+            spatial_in = tuple(x.shape[2:])
+            if tuple(reach) != spatial_in:
+                u = u.reshape(u.shape[0], *reach, u.shape[-1])
+                u = u[(slice(None), *(slice(0, n) for n in spatial_in))].reshape(u.shape[0], -1, u.shape[-1])
+            us.append(fold_positions(u, batch, layer))
+            xs.append(fold_positions(_positions_last(x.to(acc)), batch, layer))
+        out: dict[str, Tensor | LayerFactors] = {
+            "weight": LayerFactors(_stack_calls(us), _stack_calls(xs), tuple(module.weight.shape), groups=module.groups)
+        }
+        if module.bias is not None:
+            g = _stack_calls([fold_positions(_positions_last(y.to(acc)), batch, layer) for y in grads])
+            out["bias"] = LayerFactors(None, g, tuple(module.bias.shape))
+        return out
+
+
+class NormRule(LayerRule):
+    """Affine parameters of ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm`` and ``GroupNorm``.
+
+    ``y = xhat * w + b`` elementwise per channel (or per normalised element), so
+    ``dw_i = sum_s g_{i,s} * xhat_{i,s}`` and ``db_i = sum_s g_{i,s}``: the forward hook keeps ``xhat``
+    (recomputed from the module's weights of this call, which are the engine's ``state``).
+    """
+
+    name = "norm"
+    module_types = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+    def supports(self, module: nn.Module) -> bool:
+        if not isinstance(module, self.module_types):
+            return False
+        return not (isinstance(module, _BatchNorm) and couples_samples(module))
+
+    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = inputs[0].detach()
+        x = x.to(_acc_dtype(x))
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = module.running_mean.to(x.dtype).reshape(shape)
+        var = module.running_var.to(x.dtype).reshape(shape)
+        return (x - mean) / torch.sqrt(var + module.eps)
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        acc = kept[0].dtype
+        out: dict[str, Tensor | LayerFactors] = {}
+        for attr in ("weight", "bias"):
+            param = getattr(module, attr, None)
+            if param is None:
+                continue
+            total: Tensor | None = None
+            for xhat, y in zip(kept, grads):
+                term = y.to(acc) * xhat if attr == "weight" else y.to(acc)
+                if isinstance(module, nn.LayerNorm):
+                    per_row = term.reshape(term.shape[0], -1, *param.shape).sum(dim=1)
+                else:  # channel axis 1
+                    per_row = term.reshape(term.shape[0], term.shape[1], -1).sum(dim=2)
+                per_sample = fold_positions(per_row.unsqueeze(1), batch, layer).sum(dim=1)
+                total = per_sample if total is None else total + per_sample
+            assert total is not None
+            out[attr] = total.reshape(batch, *param.shape)
+        return out
+
+
+#: The rules the factored engine tries, in order; the first that supports a module tracks it.
+DEFAULT_RULES: tuple[LayerRule, ...] = (LinearRule(), ConvRule(), ConvTransposeRule(), NormRule())
+
+
+def rule_for(module: nn.Module, rules: Sequence[LayerRule] = DEFAULT_RULES) -> LayerRule | None:
+    """The first rule that supports ``module``, or ``None`` (its parameters fall back to ``vmap``)."""
+    for rule in rules:
+        if rule.supports(module):
+            return rule
+    return None

@@ -1,0 +1,448 @@
+"""The factored engine against the vmap engine: same rows for every layer rule, draws, fallbacks, loss scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.functional import spearman_corrcoef
+
+from lightning_influence import GradientStore, InfluenceAnalysis
+from lightning_influence.gradients import (
+    GradientFeaturizer,
+    GradientPrecision,
+    LayerFactors,
+    NoiseStream,
+    ProjectionSpec,
+    RandomProjection,
+    VmapEngine,
+    cast_state,
+    module_state,
+)
+from lightning_influence.gradients.engine import dense_gradient
+from lightning_influence.gradients.factored import (
+    FactoredEngine,
+    describe_engine,
+    factored_inner_products,
+    plan_engine,
+    resolve_engine,
+)
+from lightning_influence.models import MLPVAE, ConvVAE
+
+
+def _square_loss(m, b):
+    return m(b).pow(2).flatten(1).sum(1)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _both(net, x, loss=_square_loss, names=None, ids=None):
+    params = {k: v.detach() for k, v in net.named_parameters() if names is None or k in names}
+    state = module_state(net, upcast=False)
+    ids = torch.arange(10, 10 + x.shape[0]) if ids is None else ids
+    kw = dict(state=state, sample_ids=ids, noise_seed=4, noise_stream=0)
+    return FactoredEngine().gradients(net, loss, x, params, **kw), VmapEngine().gradients(net, loss, x, params, **kw)
+
+
+def _assert_same(fact, ref, factored=()):
+    assert set(fact) == set(ref)
+    for name in ref:
+        assert ref[name].norm() > 0, f"{name}: the reference gradient is zero, the comparison would prove nothing"
+        err = _rel_err(dense_gradient(fact[name]), ref[name])
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    for name in factored:
+        assert isinstance(fact[name], LayerFactors), name
+
+
+LAYERS = {
+    "linear_seq": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (6, 4, 5)),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(4, 6, 3, stride=2, groups=2, dilation=2, padding=3),
+            nn.Tanh(),
+            nn.Conv1d(6, 4, 3, padding="same", padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv1d(4, 2, 2, bias=False),
+        ),
+        (5, 4, 17),
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, stride=(2, 1), groups=2, dilation=(1, 2), padding=(1, 2)),
+            nn.Tanh(),
+            nn.Conv2d(6, 3, (2, 3), padding="same", padding_mode="circular"),
+            nn.Tanh(),
+            nn.Conv2d(3, 3, 3, groups=3, stride=2),
+        ),
+        (5, 4, 9, 8),
+    ),
+    "conv_same_zeros": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, (2, 4), padding="same", dilation=(2, 1)),
+            nn.Tanh(),
+            nn.Flatten(2),  # [N, C, H, W] -> [N, C, H * W] for the Conv1d
+            nn.Conv1d(3, 2, 4, padding="same"),
+        ),
+        (4, 2, 5, 6),
+    ),
+    "conv_transpose2d": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+            nn.Tanh(),
+            nn.ConvTranspose2d(6, 2, (2, 3), stride=(1, 2), padding=(0, 1)),
+        ),
+        (5, 4, 6, 7),
+    ),
+    "conv_transpose1d": (
+        lambda: nn.Sequential(nn.ConvTranspose1d(4, 4, 3, stride=3, output_padding=2, groups=4, dilation=1)),
+        (5, 4, 9),
+    ),
+    "norms": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.LayerNorm(4 * 6 * 6),
+            nn.Linear(144, 3),
+            nn.BatchNorm1d(3),
+        ),
+        (5, 3, 8, 8),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_every_layer_rule_matches_vmap(kind):
+    torch.manual_seed(0)
+    build, shape = LAYERS[kind]
+    net = build()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            # non-trivial running statistics and affine parameters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    net.eval()
+    fact, ref = _both(net, torch.randn(shape))
+    weights = [n for n, _ in net.named_parameters() if n.endswith("weight")]
+    conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d))]  # fmt: skip
+    _assert_same(fact, ref, factored=conv_like)
+    assert "vmap" not in plan_engine(net, list(ref)).rules().values()
+
+
+def test_conv_transpose_with_every_option_at_once():
+    # stride 2, output padding 1, dilation 2, groups 2, read back by a layer that sees every output location
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    x = torch.randn(5, 4, 6, 6)
+    net(x)  # materialise the lazy layer
+    fact, ref = _both(net, x)
+    _assert_same(fact, ref, factored=["0.weight", "3.weight"])
+    assert fact["0.weight"].groups == 2
+
+
+def test_a_layer_called_twice_and_a_shared_prefix():
+    torch.manual_seed(2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.lin(torch.tanh(self.lin(x)))))
+
+    fact, ref = _both(Twice(), torch.randn(6, 4))
+    _assert_same(fact, ref, factored=["lin.weight"])
+    assert fact["lin.weight"].output_grads.shape[1] == 2  # both calls are positions
+
+
+def test_inplace_activation_after_a_tracked_layer():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    fact, ref = _both(net, torch.randn(6, 4))
+    _assert_same(fact, ref)
+
+
+def test_unsupported_layer_falls_back_to_vmap_for_its_parameters_only():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 2))
+    fact, ref = _both(net, torch.randn(6, 4))
+    _assert_same(fact, ref, factored=["0.weight", "2.weight"])
+    assert not isinstance(fact["1.weight"], LayerFactors)
+    rules = FactoredEngine().describe(net, list(ref))["engine_rules"]
+    assert rules == {
+        "0.weight": "linear",
+        "0.bias": "linear",
+        "1.weight": "vmap",
+        "2.weight": "linear",
+        "2.bias": "linear",
+    }
+
+
+def test_modules_that_mix_samples_send_everything_to_the_fallback():
+    torch.manual_seed(5)
+    # batch statistics in every mode: a batched forward would normalise samples by each other
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten(), nn.Linear(12, 2)
+    )
+    plan = plan_engine(net, [n for n, _ in net.named_parameters()])
+    assert plan.coupled == ["1"] and not plan.tracked
+    fact, ref = _both(net, torch.randn(6, 2, 4, 4))
+    _assert_same(fact, ref)
+    assert not any(isinstance(v, LayerFactors) for v in fact.values())
+
+
+@pytest.mark.parametrize("draws", [1, 16])
+def test_mlp_vae_elbo_draws_fold_into_positions(draws):
+    torch.manual_seed(6)
+    vae = MLPVAE(input_dim=64, hidden_dim=32, latent_dim=4, influence_draws=draws, likelihood="gaussian", sigma=0.3)
+    fact, ref = _both(vae, torch.rand(7, 64), loss=lambda m, b: m.per_sample_loss(b))
+    _assert_same(fact, ref, factored=["encoder.0.weight", "decoder.2.weight"])
+    assert fact["decoder.0.weight"].output_grads.shape[1] == draws
+    assert fact["encoder.0.weight"].output_grads.shape[1] == 1
+
+
+def test_conv_vae_matches_vmap_with_draws():
+    torch.manual_seed(7)
+    vae = ConvVAE(image_size=12, channels=1, width=4, latent_dim=3, influence_draws=3)
+    fact, ref = _both(vae, torch.rand(4, 1, 12, 12), loss=lambda m, b: m.per_sample_loss(b))
+    _assert_same(fact, ref, factored=["encoder.0.weight", "decoder.1.weight", "decoder.3.weight"])
+    rules = plan_engine(vae, list(ref)).rules()
+    assert rules["decoder.1.weight"] == "conv_transpose" and rules["encoder.0.weight"] == "conv"
+
+
+def test_featurizer_rows_match_including_loss_scale_and_projection():
+    torch.manual_seed(8)
+    vae = ConvVAE(image_size=8, channels=1, width=4, latent_dim=3, influence_draws=2)
+    names = [n for n, _ in vae.named_parameters()]
+    state = module_state(vae)
+    loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    x, ids = torch.rand(5, 1, 8, 8), torch.arange(3, 8)
+    prec = GradientPrecision(mode="mixed", dtype="float16")
+    for precision in (None, prec) if torch.cuda.is_available() else (None,):
+        ref, _ = GradientFeaturizer(vae, loss, names, precision=precision).rows(x, ids, state)
+        rows, bad = GradientFeaturizer(vae, loss, names, engine=FactoredEngine(), precision=precision).rows(
+            x, ids, state
+        )
+        assert not bad.any()
+        assert _rel_err(rows, ref) < 1e-5
+
+
+def test_loss_scale_multiplies_the_factors_and_overflow_is_reported_not_zeroed():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=params, sample_ids=torch.arange(4), noise_seed=0, noise_stream=0)
+    x = torch.randn(4, 3)
+    one = FactoredEngine().gradients(net, _square_loss, x, params, **kw)
+    scaled = FactoredEngine().gradients(net, _square_loss, x, params, loss_scale=8.0, **kw)
+    for n in params:
+        torch.testing.assert_close(dense_gradient(scaled[n]), 8.0 * dense_gradient(one[n]))
+    # A sample whose loss overflows gets a non-finite gradient; the others stay finite.
+    lin = nn.Linear(3, 1)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    x[2] = 1e30
+    big = FactoredEngine().gradients(lin, lambda m, b: m(b).pow(2).sum(1) * 1e30, x, params, **{**kw, "state": params})
+    bad = ~torch.isfinite(dense_gradient(big["weight"]).flatten(1)).all(1)
+    assert bad.tolist() == [False, False, True, False]
+
+
+def test_resolve_engine_and_describe():
+    net = nn.Sequential(nn.Linear(2, 3), nn.PReLU())
+    names = ["0.weight", "1.weight"]
+    assert resolve_engine(None, net, names).name == "vmap"
+    assert resolve_engine("vmap", net, names, chunk_size=4).chunk_size == 4
+    assert resolve_engine("factored", net, names).name == "factored"
+    assert resolve_engine("auto", net, names).name == "factored"
+    assert resolve_engine("auto", net, ["1.weight"]).name == "vmap"
+    engine = VmapEngine()
+    assert resolve_engine(engine, net, names) is engine
+    with pytest.raises(ValueError, match="`engine` must be"):
+        resolve_engine("jax", net, names)
+    with pytest.raises(TypeError, match="`engine`"):
+        resolve_engine(3, net, names)
+    assert describe_engine(engine, net, names) == {"engine": "vmap", "engine_rules": {n: "vmap" for n in names}}
+    assert describe_engine(FactoredEngine(), net, names)["engine_rules"] == {"0.weight": "linear", "1.weight": "vmap"}
+
+
+def test_engine_leaves_the_module_untouched():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = {k: v.detach() * 2 for k, v in net.named_parameters()}  # weights come from `state`, not the module
+    kw = dict(state=params, sample_ids=torch.arange(4), noise_seed=0, noise_stream=0)
+    fact = FactoredEngine().gradients(net, _square_loss, torch.randn(4, 3), params, **kw)
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net[0]._forward_hooks
+    assert isinstance(fact["0.weight"], LayerFactors)
+
+
+@pytest.mark.parametrize("positions", [(1, 1), (3, 2), (40, 30)])
+def test_factored_inner_products_equal_dense_ones(positions):
+    torch.manual_seed(10)
+    sx, sy = positions
+    x = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 12))
+    y = LayerFactors(torch.randn(4, sy, 12), torch.randn(4, sy, 10), (10, 12))
+    ref = x.dense().flatten(1) @ y.dense().flatten(1).T
+    torch.testing.assert_close(factored_inner_products(x, y), ref, rtol=1e-4, atol=1e-4)
+    xb, yb = LayerFactors(None, x.output_grads, (10,)), LayerFactors(None, y.output_grads, (10,))
+    torch.testing.assert_close(factored_inner_products(xb, yb), xb.dense() @ yb.dense().T, rtol=1e-4, atol=1e-4)
+    xg = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 6), groups=2)
+    torch.testing.assert_close(factored_inner_products(xg, xg), xg.dense().flatten(1) @ xg.dense().flatten(1).T,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def _kron_projected_tracin(store, vae, train_x, queries, dim, kind="kronecker"):
+    """TracIn from rows the factored engine projects with ``kind`` at every stored checkpoint's weights."""
+    names = store.param_names
+    shapes = [store.param_shapes[n] for n in names]
+    loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    featurizer = GradientFeaturizer(
+        vae, loss, names, engine=FactoredEngine(), precision=store.precision, noise_seed=store.noise_seed
+    )
+    out = torch.zeros(queries.shape[0], train_x.shape[0])
+    for ckpt in store.checkpoints:
+        spec = ProjectionSpec(dim=dim, seed=1, kind=kind)
+        proj = RandomProjection(spec, names, [math.prod(s) for s in shapes], checkpoint=ckpt.index, param_shapes=shapes)
+        state = cast_state(ckpt.state(), store.precision, torch.device("cpu"))
+        train, _ = featurizer.rows(train_x, torch.arange(train_x.shape[0]), state, projection=proj)
+        test, _ = featurizer.rows(
+            queries, torch.arange(queries.shape[0]), state, projection=proj, stream=NoiseStream.TEST
+        )
+        out += ckpt.lr * test @ train.T
+    return out
+
+
+def test_kronecker_projected_tracin_ranks_like_exact_on_the_digits_vae(digits_run):
+    store = GradientStore(digits_run.stores["exact"])
+    train_x = digits_run.dm.train_set.tensors[0]
+    queries = digits_run.dm.val_set.tensors[0][:16]
+    exact = InfluenceAnalysis(store, digits_run.vae).tracin(queries)
+    approx = _kron_projected_tracin(store, digits_run.vae, train_x, queries, 4096)
+    rhos = torch.stack([spearman_corrcoef(a, e) for a, e in zip(approx, exact)])
+    assert float(rhos.median()) >= 0.95, rhos
+    # and the test can fail: a tiny sketch does not rank like exact
+    tiny = _kron_projected_tracin(store, digits_run.vae, train_x, queries, 8)
+    assert float(torch.stack([spearman_corrcoef(a, e) for a, e in zip(tiny, exact)]).median()) < 0.95
+
+
+def test_kronecker_projection_of_factors_equals_that_of_dense_gradients():
+    torch.manual_seed(11)
+    vae = ConvVAE(image_size=8, channels=1, width=4, latent_dim=3, influence_draws=2)
+    fact, ref = _both(vae, torch.rand(5, 1, 8, 8), loss=lambda m, b: m.per_sample_loss(b))
+    names = list(ref)
+    numels = [ref[n][0].numel() for n in names]
+    proj = RandomProjection(ProjectionSpec(dim=64, seed=3, kind="kronecker"), names, numels, checkpoint=2)
+    a, b = proj.project(fact), proj.project(ref)
+    assert _rel_err(a, b) < 1e-5
+    # the projection matrices were drawn once for this checkpoint and are reused
+    cached = dict(proj._kron)
+    proj.project(fact)
+    assert all(proj._kron[n] is cached[n] for n in cached) and cached
+    # grouped factors (a grouped ConvTranspose) take the same map as their dense form
+    net = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(3, 4, 5, 5)
+    net(x)
+    fact, ref = _both(net, x)
+    names = list(ref)
+    proj = RandomProjection(ProjectionSpec(dim=32, kind="kronecker"), names, [ref[n][0].numel() for n in names])
+    assert _rel_err(proj.project(fact), proj.project(ref)) < 1e-5
+
+
+def test_kronecker_projection_preserves_inner_products_on_average():
+    torch.manual_seed(12)
+    g = torch.randn(2, 40, 30)
+    exact = float((g[0] * g[1]).sum())
+    norms = float(g[0].norm() * g[1].norm())
+    est = []
+    for seed in range(200):
+        proj = RandomProjection(ProjectionSpec(dim=256, seed=seed, kind="kronecker"), ["w"], [1200])
+        p = proj.project({"w": g})
+        est.append(float(p[0] @ p[1]))
+    mean = sum(est) / len(est)
+    assert abs(mean - exact) < 0.05 * norms
+    proj = RandomProjection(ProjectionSpec(dim=256, kind="kronecker"), ["w"], [1200])
+    with pytest.raises(ValueError, match="param_shapes"):
+        proj.project_flat(g.reshape(2, -1))
+    shaped = RandomProjection(ProjectionSpec(dim=256, kind="kronecker"), ["w"], [1200], param_shapes=[(40, 30)])
+    torch.testing.assert_close(shaped.project_flat(g.reshape(2, -1)), shaped.project({"w": g}))
+
+
+def test_a_tracked_layer_the_loss_never_calls_has_a_zero_gradient():
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=params, sample_ids=torch.arange(5), noise_seed=0, noise_stream=0)
+    first_only = lambda m, b: m[0](b).pow(2).sum(1)  # noqa: E731
+    fact = FactoredEngine().gradients(net, first_only, torch.randn(5, 3), params, **kw)
+    ref = VmapEngine().gradients(net, first_only, torch.randn(5, 3), params, **kw)
+    for n in params:
+        assert dense_gradient(fact[n]).shape == ref[n].shape
+    assert not dense_gradient(fact["1.weight"]).any() and dense_gradient(fact["0.weight"]).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_capture_ranks_like_fp32_on_cuda(dtype):
+    torch.manual_seed(14)
+    vae = ConvVAE(image_size=16, channels=1, width=8, latent_dim=4, influence_draws=4).cuda()
+    names = [n for n, _ in vae.named_parameters()]
+    loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
+    x = torch.rand(96, 1, 16, 16, device="cuda")
+    ids = torch.arange(96)
+    ref_state = cast_state(module_state(vae), GradientPrecision(), torch.device("cuda"))
+    ref, _ = GradientFeaturizer(vae, loss, names, engine=FactoredEngine()).rows(x, ids, ref_state)
+    prec = GradientPrecision(mode="mixed", dtype=dtype)
+    state = cast_state(module_state(vae), prec, torch.device("cuda"))
+    rows, bad = GradientFeaturizer(vae, loss, names, engine=FactoredEngine(), precision=prec).rows(x, ids, state)
+    assert not bad.any()
+    s_ref, s_half = (ref[:16] @ ref[16:].T).cpu(), (rows[:16] @ rows[16:].T).cpu()
+    rho = torch.stack([spearman_corrcoef(a, b) for a, b in zip(s_half, s_ref)])
+    assert rho.min() >= 0.99, rho
+    top_ref, top_half = s_ref.topk(10, dim=1).indices, s_half.topk(10, dim=1).indices
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_ref, top_half)) / 160
+    assert overlap >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["true", "mixed"])
+def test_fp16_loss_scale_back_off_with_factors(mode):
+    # Output gradients of 2 * y * scale overflow fp16 at the first scale (2**12) for the samples
+    # with large inputs: those rows are redone at halved scales; the result matches vmap's.
+    torch.manual_seed(15)
+    net = nn.Sequential(nn.Linear(4, 1))
+    nn.init.constant_(net[0].weight, 0.1)
+    nn.init.zeros_(net[0].bias)
+    x = torch.rand(6, 4) + 0.5
+    x[[1, 4]] *= 200.0  # y ~ 80: 2 y 4096 overflows fp16 (vmap's fp16 weight gradients overflow further down)
+    names = [n for n, _ in net.named_parameters()]
+    prec = GradientPrecision(mode=mode, dtype="float16")
+    state = cast_state(module_state(net), prec, torch.device("cpu"))
+    ids = torch.arange(6)
+    calls = []
+
+    class Spy(FactoredEngine):
+        def gradients(self, *args, loss_scale=1.0, **kwargs):
+            calls.append((kwargs["sample_ids"].tolist(), loss_scale))
+            return super().gradients(*args, loss_scale=loss_scale, **kwargs)
+
+    rows, bad = GradientFeaturizer(net, _square_loss, names, engine=Spy(), precision=prec).rows(x, ids, state)
+    ref, ref_bad = GradientFeaturizer(net, _square_loss, names, precision=prec).rows(x, ids, state)
+    assert not bad.any() and not ref_bad.any()
+    assert calls[0] == (list(range(6)), 2.0**12) and len(calls) > 1
+    assert set(calls[-1][0]) <= {1, 4} and calls[-1][1] < 2.0**12
+    torch.testing.assert_close(rows, ref, rtol=2e-2, atol=1e-2)
