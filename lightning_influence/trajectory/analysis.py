@@ -184,7 +184,8 @@ class InfluenceAnalysis:
         featurizer = self._featurizer(loss_fn or self.train_loss, argname)
         projection = self.store.projector(ckpt.index)
         out = []
-        with isolated(self.model):
+        # Gradients are needed even when called under no_grad or inference mode (Trainer.predict).
+        with torch.inference_mode(False), torch.enable_grad(), isolated(self.model):
             state = cast_state(ckpt.state(), self.store.precision, self.device)
             for ids, batch in iterate_batches(data, self.batch_size, name=name):
                 ids = ids + id_offset

@@ -24,13 +24,13 @@ from typing_extensions import override
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.factored import describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.gradients.vmap import VmapEngine
 from lightning_influence.trajectory.store import (
     MANIFEST,
     CheckpointWriter,
@@ -90,7 +90,9 @@ class TrajectoryRecorder(pl.Callback):
         projection_dim: ``None`` stores exact gradients; an integer ``k`` smaller than the gradient
             dimension stores seeded random projections of width ``k``, generated block by block
             (never a dense ``D x k`` matrix).
-        projection_kind: ``"sjlt"`` (sparse JL, fast), ``"rademacher"`` or ``"gaussian"``.
+        projection_kind: ``"sjlt"`` (sparse JL, fast), ``"rademacher"``, ``"gaussian"``, or
+            ``"kronecker"`` (per layer ``(P_g g)(P_a a)^T`` straight from a factored engine's layer
+            inputs and output gradients, never expanding a per-sample gradient).
         grad_dtype: storage dtype of the gradient rows (scores always accumulate in fp32).
         grad_precision: ``"fp32"`` computes gradients from fp32 copies outside autocast (default,
             also for the ``*-true`` precisions); ``"autocast"`` follows the trainer's precision,
@@ -99,9 +101,13 @@ class TrajectoryRecorder(pl.Callback):
             back-off: ``"raise"`` (abort the checkpoint and stop) or ``"skip"`` (store it, list its id
             in the manifest, warn; its scores come out NaN, never zero).
         batch_size: samples per gradient batch during recording.
-        chunk_size: samples per ``vmap`` chunk of the default engine (bounds memory; default: the whole batch).
-        engine: the per-sample gradient engine (default: ``VmapEngine(chunk_size)``); recorded in
-            the manifest. Analysis may use another engine: rows do not depend on it.
+        chunk_size: samples per ``vmap`` chunk (of the vmap engine, or of the factored engine's
+            fallback; bounds memory; default: the whole batch).
+        engine: the per-sample gradient engine: ``"auto"`` (the factored hook engine where the
+            tracked layers have rules, else ``"vmap"``), ``"factored"``, ``"vmap"``, or any
+            :class:`~lightning_influence.gradients.PerSampleGradientEngine`. The manifest records the
+            engine and the rule behind every parameter block; rows do not depend on it, so analysis
+            may use another engine.
         seed: seed of the projection and of the reparameterisation noise.
         overwrite: a fresh fit replaces a store already at ``dirpath``, deleting only the files the
             store wrote (default: refuse, so nothing recorded is lost or mixed). A ``dirpath``
@@ -133,13 +139,13 @@ class TrajectoryRecorder(pl.Callback):
         every_n_steps: int | None = None,
         params: Sequence[str] | str | None = None,
         projection_dim: int | None = None,
-        projection_kind: Literal["sjlt", "rademacher", "gaussian"] = "sjlt",
+        projection_kind: Literal["sjlt", "rademacher", "gaussian", "kronecker"] = "sjlt",
         grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         grad_precision: Literal["fp32", "autocast"] = "fp32",
         nonfinite: Literal["raise", "skip"] = "raise",
         batch_size: int = 64,
         chunk_size: int | None = None,
-        engine: PerSampleGradientEngine | None = None,
+        engine: Literal["auto", "factored", "vmap"] | PerSampleGradientEngine = "auto",
         seed: int = 0,
         overwrite: bool = False,
         verbose: bool = False,
@@ -161,7 +167,7 @@ class TrajectoryRecorder(pl.Callback):
                 f"`projection_dim` must be None or a positive integer, got {projection_dim!r}."
             )
         choices = {
-            "projection_kind": (projection_kind, ("sjlt", "rademacher", "gaussian")),
+            "projection_kind": (projection_kind, ("sjlt", "rademacher", "gaussian", "kronecker")),
             "grad_dtype": (grad_dtype, ("float32", "float16", "bfloat16")),
             "grad_precision": (grad_precision, ("fp32", "autocast")),
             "nonfinite": (nonfinite, ("raise", "skip")),
@@ -172,13 +178,19 @@ class TrajectoryRecorder(pl.Callback):
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
-        if engine is not None and not isinstance(engine, PerSampleGradientEngine):
+        if isinstance(engine, str):
+            if engine not in ("auto", "factored", "vmap"):
+                raise MisconfigurationException(
+                    f"`engine` must be 'auto', 'factored', 'vmap' or a PerSampleGradientEngine, got {engine!r}."
+                )
+        elif not isinstance(engine, PerSampleGradientEngine):
             raise MisconfigurationException(
-                f"`engine` must implement lightning_influence.gradients.PerSampleGradientEngine, got {engine!r}."
+                f"`engine` must be 'auto', 'factored', 'vmap' or implement"
+                f" lightning_influence.gradients.PerSampleGradientEngine, got {engine!r}."
             )
-        if engine is not None and chunk_size is not None:
+        elif chunk_size is not None:
             raise MisconfigurationException(
-                "`chunk_size` configures the default VmapEngine; with a custom `engine`, set it on the engine instead."
+                "`chunk_size` configures the built-in engines; with an engine instance, set it on the engine instead."
             )
         if train_loss is not None and not callable(train_loss):
             raise MisconfigurationException(
@@ -296,7 +308,7 @@ class TrajectoryRecorder(pl.Callback):
             pl_module,
             loss_fn,
             self._names,
-            engine=self.engine if self.engine is not None else VmapEngine(self.chunk_size),
+            engine=resolve_engine(self.engine, pl_module, self._names, self.chunk_size),
             precision=precision,
             argname="train_loss",
             noise_seed=self.seed,
@@ -317,7 +329,7 @@ class TrajectoryRecorder(pl.Callback):
                 "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "hparams": _json_safe_hparams(pl_module),
                 "trainer_precision": str(trainer.precision),
-                "engine": self._featurizer.engine.name,
+                **describe_engine(self._featurizer.engine, pl_module, self._names),
                 "world_size": trainer.world_size,
             },
         )
@@ -397,7 +409,8 @@ class TrajectoryRecorder(pl.Callback):
         if self._spec is None:
             return None
         numels = [self._module_params[n].numel() for n in self._names]
-        return RandomProjection(self._spec, self._names, numels, checkpoint=checkpoint)
+        shapes = [tuple(self._module_params[n].shape) for n in self._names]
+        return RandomProjection(self._spec, self._names, numels, checkpoint=checkpoint, param_shapes=shapes)
 
     def _resolve_dataset(self, trainer: pl.Trainer) -> tuple[Any, Callable | None]:
         data = self.dataset

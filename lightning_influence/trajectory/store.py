@@ -880,7 +880,10 @@ class GradientStore:
         if self.projection_spec is None:
             return None
         numels = [int(np.prod(self.param_shapes[n])) for n in self.param_names]
-        return RandomProjection(self.projection_spec, self.param_names, numels, checkpoint=checkpoint)
+        shapes = [self.param_shapes[n] for n in self.param_names]
+        return RandomProjection(
+            self.projection_spec, self.param_names, numels, checkpoint=checkpoint, param_shapes=shapes
+        )
 
     def verify(self) -> None:
         """Recompute every file's checksum; raise :class:`StoreError` on a mismatch."""

@@ -124,7 +124,7 @@ def two_engine_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     data = TensorDataset(X[:48].clone())
     common = dict(every_n_epochs=1, batch_size=16, seed=3)
-    by_vmap = TrajectoryRecorder(root / "vmap", **common)
+    by_vmap = TrajectoryRecorder(root / "vmap", engine="vmap", **common)
     by_loop = TrajectoryRecorder(root / "loop", engine=LoopEngine(factored=("decoder.2.weight",)), **common)
     vae = _vae()
     quiet_trainer(max_epochs=2, callbacks=[by_vmap, by_loop]).fit(vae, DataLoader(data, batch_size=16, shuffle=True))
