@@ -211,7 +211,7 @@ def bare_factor_tracin(
             stop = min(start + batch, train_x.shape[0])
             train = grads(train_x[start:stop], torch.arange(start, stop), NoiseStream.TRAIN)
             block = sum(factored_inner_products(test[n], train[n]) for n in names)
-            out[:, start:stop] += ckpt.lr * block
+            out[:, start:stop] += ckpt.eta * block
     return out
 
 
@@ -245,7 +245,7 @@ def captum_tracin(
 ) -> Tensor:
     """Captum ``TracInCP`` scores ``[n_test, n_train]`` on the store's checkpoints and learning-rate weights."""
     model = _LossModel(vae, loss, store.noise_seed)
-    lrs = {str(c.dir): c.lr for c in store.checkpoints}
+    lrs = {str(c.dir): c.eta for c in store.checkpoints}
 
     def load(m: nn.Module, path: str) -> float:
         m.vae.load_state_dict(load_file(str(Path(path) / "weights.safetensors")), strict=False)

@@ -72,4 +72,4 @@ def test_cuda_real_grad_scaler_skips_earn_no_credit(tmp_path):
     skipped = sum(c.entry["skipped_steps"] for c in store.checkpoints)
     assert taken + skipped == trainer.global_step
     for c in store.checkpoints:
-        assert c.lr == pytest.approx(1e-3 * c.entry["optimizer_steps"] / 8, rel=1e-9)
+        assert c.eta == pytest.approx(1e-3 * c.entry["optimizer_steps"] / 8, rel=1e-9)

@@ -266,7 +266,7 @@ class InfluenceAnalysis:
             if out is None:
                 out = torch.zeros(t.shape[0], n, device=self.device)
             for start, stop in iter_row_blocks(n, self._block_rows()):
-                out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.lr])
+                out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.eta])
         assert out is not None
         return out.cpu()
 
@@ -306,7 +306,7 @@ class InfluenceAnalysis:
                         part, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data", id_offset=start
                     )
                     second = [rows]
-                out[start:stop] += self_influence_scores(g, [ckpt.lr], second)
+                out[start:stop] += self_influence_scores(g, [ckpt.eta], second)
         return out.cpu()
 
     def top_k(
@@ -374,7 +374,7 @@ class InfluenceAnalysis:
             best = streaming_top_k(
                 tests,
                 lambda c, start, stop: self._train_rows(ckpts[c], start, stop),
-                [c.lr for c in ckpts],
+                [c.eta for c in ckpts],
                 n,
                 k,
                 block=self._block_rows(),

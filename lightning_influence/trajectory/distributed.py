@@ -89,7 +89,7 @@ class _BlockScorer(pl.LightningModule):
         for block_id, start, stop in batch[0].tolist():
             ckpts = self.analysis.store.checkpoints
             rows = [c.gradients()[start:stop].to(self.device).float() for c in ckpts]
-            etas = [c.lr for c in ckpts]
+            etas = [c.eta for c in ckpts]
             if self.task == "self_influence":
                 out: Any = self_influence_scores(rows, etas).cpu()
             else:

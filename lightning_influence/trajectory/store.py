@@ -722,10 +722,10 @@ class StoredCheckpoint:
         index: position in the trajectory.
         step: ``trainer.global_step`` when recorded.
         epoch: ``trainer.current_epoch`` when recorded.
-        lr: the TracIn weight eta_c of the interval ending here: the sum of the learning rates of
-            the optimizer steps taken since the previous checkpoint (steps the GradScaler skipped
-            earn nothing), divided by the optimizer steps per epoch -- ``lr x epochs`` for a
-            constant learning rate.
+        eta: the TracIn weight eta_c of the interval ending here (not a learning rate): the sum of
+            the learning rates of the optimizer steps taken since the previous checkpoint (steps the
+            GradScaler skipped earn nothing), divided by the optimizer steps per epoch -- ``lr x
+            epochs`` for a constant learning rate. Kept under the manifest key ``"lr"``.
     """
 
     def __init__(self, store: GradientStore, entry: Mapping[str, Any]) -> None:
@@ -735,7 +735,7 @@ class StoredCheckpoint:
         self.step: int = entry["step"]
         self.epoch: int = entry["epoch"]
         try:
-            self.lr: float = float(entry["lr"])
+            self.eta: float = float(entry["lr"])
         except (TypeError, ValueError) as err:
             raise StoreError(
                 f"Checkpoint {self.index} of {str(store.path)!r}: `lr` {entry['lr']!r} is not a number."
@@ -791,7 +791,7 @@ class StoredCheckpoint:
         return {n: state[n] for n in self._store.param_names}
 
     def __repr__(self) -> str:
-        return f"StoredCheckpoint(index={self.index}, step={self.step}, epoch={self.epoch}, lr={self.lr:.4g})"
+        return f"StoredCheckpoint(index={self.index}, step={self.step}, epoch={self.epoch}, eta={self.eta:.4g})"
 
 
 def _check_file(path: Path, info: Mapping[str, Any], size: int) -> str | None:
@@ -823,7 +823,7 @@ class GradientStore:
 
         store = GradientStore("runs/influence")
         for ckpt in store.checkpoints:
-            print(ckpt.step, ckpt.lr, ckpt.gradients().shape)
+            print(ckpt.step, ckpt.eta, ckpt.gradients().shape)
     """
 
     def __init__(self, path: str | os.PathLike) -> None:

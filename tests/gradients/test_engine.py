@@ -137,7 +137,7 @@ def test_recorder_with_a_second_engine_stores_the_same_rows(two_engine_run):
     assert vmap_store.manifest["extra"]["engine"] == "vmap"
     assert len(loop_store) == len(vmap_store) == 2
     for a, b in zip(vmap_store.checkpoints, loop_store.checkpoints):
-        assert a.lr == b.lr
+        assert a.eta == b.eta
         torch.testing.assert_close(b.gradients(), a.gradients(), rtol=1e-5, atol=1e-6)
 
 

@@ -323,7 +323,7 @@ def _kron_projected_tracin(store, vae, train_x, queries, dim, kind="kronecker"):
         test, _ = featurizer.rows(
             queries, torch.arange(queries.shape[0]), state, projection=proj, stream=NoiseStream.TEST
         )
-        out += ckpt.lr * test @ train.T
+        out += ckpt.eta * test @ train.T
     return out
 
 

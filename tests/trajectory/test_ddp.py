@@ -53,7 +53,7 @@ def test_ddp_recording_each_rank_computes_its_shard(ddp_run):
     store = GradientStore(tmp_path / "store")
     assert len(store) == 2 and store.n_samples == 96
     # Each rank takes 3 steps per epoch; the learning-rate credit is per epoch.
-    assert all(c.entry["optimizer_steps"] == 3 and c.lr == pytest.approx(1e-3) for c in store.checkpoints)
+    assert all(c.entry["optimizer_steps"] == 3 and c.eta == pytest.approx(1e-3) for c in store.checkpoints)
     assert torch.isfinite(store.checkpoints[-1].gradients()).all()
     # Every rank computed the rows of its own contiguous shard, and only those (rank 0 also probes 2 samples).
     for ckpt in store.checkpoints:

@@ -102,7 +102,7 @@ def test_exact_tracin_equals_a_brute_force_autograd_loop(tmp_path):
     assert (cross.double() - ref_cross).norm() / ref_cross.norm() < 1e-5
     assert not torch.allclose(cross, scores)
     # The stored eta is the lr credit of the faster group: lr x (steps / steps per epoch).
-    assert store.checkpoints[0].lr == pytest.approx(sum(s[0] for s in lrs_per_step[:3]) / 5, rel=1e-12)
+    assert store.checkpoints[0].eta == pytest.approx(sum(s[0] for s in lrs_per_step[:3]) / 5, rel=1e-12)
 
 
 def test_skipped_grad_scaler_steps_earn_no_learning_rate_credit(tmp_path):
@@ -120,8 +120,8 @@ def test_skipped_grad_scaler_steps_earn_no_learning_rate_credit(tmp_path):
     assert skipped > 0 and taken > 0
     assert skipped + taken == trainer.global_step == 24
     for c in store.checkpoints:
-        assert c.lr == pytest.approx(1e-3 * c.entry["optimizer_steps"] / 8, rel=1e-12)
-    assert store.checkpoints[0].lr < 1e-3, "the first epoch lost credit to skipped steps"
+        assert c.eta == pytest.approx(1e-3 * c.entry["optimizer_steps"] / 8, rel=1e-12)
+    assert store.checkpoints[0].eta < 1e-3, "the first epoch lost credit to skipped steps"
     assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items())
 
 
@@ -339,7 +339,7 @@ def test_steps_per_epoch_uses_accumulation(tmp_path):
     )
     store = GradientStore(rec.store_path)
     assert [c.entry["optimizer_steps"] for c in store.checkpoints] == [2, 2]
-    assert all(c.lr == pytest.approx(0.01 * 2 / math.ceil(4 / 2)) for c in store.checkpoints)
+    assert all(c.eta == pytest.approx(0.01 * 2 / math.ceil(4 / 2)) for c in store.checkpoints)
 
 
 def test_resuming_after_a_crash_rolls_the_store_back_and_matches_an_uninterrupted_run(tmp_path):
@@ -378,5 +378,5 @@ def test_resuming_after_a_crash_rolls_the_store_back_and_matches_an_uninterrupte
         resumed = fit(tmp_path / "resumed", [], ckpt_path=str(last), ckpt_dir=ckpts)
     assert [c.step for c in resumed.checkpoints] == [c.step for c in reference.checkpoints] == [4, 8, 12, 16]
     for a, b in zip(resumed.checkpoints, reference.checkpoints):
-        assert a.lr == pytest.approx(b.lr)
+        assert a.eta == pytest.approx(b.eta)
         torch.testing.assert_close(a.gradients(), b.gradients())

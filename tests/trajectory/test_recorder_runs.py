@@ -99,7 +99,7 @@ def test_resume_is_keyed_by_the_resolved_path_not_its_spelling(tmp_path, monkeyp
     assert resumed.store_path == (tmp_path / "resumed").resolve()
     assert [c.step for c in a.checkpoints] == [c.step for c in b.checkpoints] == [4, 8, 12, 16]
     for x, y in zip(a.checkpoints, b.checkpoints):
-        assert x.lr == pytest.approx(y.lr)
+        assert x.eta == pytest.approx(y.eta)
         torch.testing.assert_close(x.gradients(), y.gradients())
 
 

@@ -79,7 +79,7 @@ def test_round_trip(tmp_path, grad_dtype):
             g.view(torch.int16) if grad_dtype != "float32" else g,
             expected.view(torch.int16) if grad_dtype != "float32" else expected,
         )
-        assert (ck.step, ck.epoch, ck.lr, ck.index) == (5 * c, c, 0.5, c)
+        assert (ck.step, ck.epoch, ck.eta, ck.index) == (5 * c, c, 0.5, c)
         assert ck.param_scales == {"enc.bias": 2.0}
         assert ck.nonfinite == []
         st = ck.state()
@@ -262,7 +262,7 @@ def test_checkpoint_killed_mid_write_is_not_listed(tmp_path, mode):
     assert (path / (".tmp-ckpt-00002" if mode == "mid_rows" else "ckpt-00002")).is_dir()
     # Reopened in another process than the one that wrote it: same checkpoints, same data.
     store = GradientStore(path)
-    assert [(c.index, c.step, c.epoch, c.lr) for c in store.checkpoints] == [(0, 10, 0, 0.1), (1, 20, 1, 0.2)]
+    assert [(c.index, c.step, c.epoch, c.eta) for c in store.checkpoints] == [(0, 10, 0, 0.1), (1, 20, 1, 0.2)]
     store.verify()
     assert torch.equal(store.checkpoints[1].gradients(), _rows(1))
     assert torch.equal(store.checkpoints[0].weights()["enc.weight"], _state(0)["enc.weight"])
