@@ -28,6 +28,7 @@ __all__ = [
     "SAMPLE",
     "TILE_PX",
     "gallery_figure",
+    "grid_figure",
     "query_figure",
     "tile_array",
 ]
@@ -158,4 +159,46 @@ def gallery_figure(
         fig.text(0.5, 1 - 0.08 / grid.height, suptitle, ha="center", va="top", fontsize=9)
     for i in range(n):
         _draw_tile(fig, grid.rect(i // ncols, i % ncols), images[i], titles[i], color)
+    return fig
+
+
+def grid_figure(
+    tiles: Tensor,
+    column_titles: Sequence[str],
+    *,
+    row_titles: Sequence[str] | None = None,
+    marked_column: int | None = 0,
+    suptitle: str | None = None,
+) -> Figure:
+    """A grid of image tiles ``[R, C, channels, H, W]`` in [0, 1] with column titles; one column outlined.
+
+    Args:
+        tiles: the images, one row per input.
+        column_titles: one title per column (shown above the first row).
+        row_titles: optional label per row (left of it).
+        marked_column: the column framed in ``INPUT`` blue (e.g. the inputs); others get a thin grey frame.
+        suptitle: an optional line above everything.
+    """
+    n_rows, n_cols = int(tiles.shape[0]), int(tiles.shape[1])
+    if len(column_titles) != n_cols:
+        raise ValueError(f"`column_titles` has {len(column_titles)} entries for {n_cols} columns.")
+    grid = _Grid(n_rows, n_cols, left=_LABEL_IN if row_titles else 0.0, top=0.35 if suptitle else 0.1)
+    fig = grid.figure()
+    if suptitle:
+        fig.text(0.5, 1 - 0.08 / grid.height, suptitle, ha="center", va="top", fontsize=9)
+    for r in range(n_rows):
+        if row_titles:
+            fig.text(
+                0.5 * _LABEL_IN / grid.width,
+                grid.row_center(r),
+                row_titles[r],
+                rotation=90,
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
+        for c in range(n_cols):
+            marked = c == marked_column
+            title = column_titles[c] if r == 0 else ""
+            _draw_tile(fig, grid.rect(r, c), tiles[r, c], title, INPUT if marked else "#bbbbbb", 4.0 if marked else 1.0)
     return fig

@@ -17,7 +17,11 @@ from torch.utils.data import Subset
 
 from lightning_influence import InfluenceAnalysis, log_influence
 from lightning_influence.reporting.figures import OPPONENT, PROPONENT, QUERY, SAMPLE
+from lightning_influence.reporting.relax import log_relax
+from lightning_influence.reporting.representations import log_invariances
 from lightning_influence.reporting.tensorboard import as_images, get_summary_writer
+from lightning_influence.representations.invariances import InvarianceGrids
+from lightning_influence.representations.relax.explainer import Explanation
 
 
 def _events(logdir) -> EventAccumulator:
@@ -109,3 +113,17 @@ def test_views_are_readable_tiles_with_titles(tmp_path, digits_run):
     assert "| class | samples | median self-influence |" in text
     for c in range(10):
         assert f"\n| {c} | {int((train.tensors[1] == c).sum())} |" in text
+
+
+def test_invariance_grids_and_relax_maps_mark_the_input_column(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    rows = torch.rand(3, 6, 1, 8, 8)
+    log_invariances(logger, InvarianceGrids(invariances=rows, variations=rows.flip(1)))
+    maps = torch.rand(3, 8, 8)
+    log_relax(logger, rows[:, 0], Explanation(maps, maps / 2, maps, torch.ones(8, 8), 10), tag="relax")
+    acc = _events(logger.log_dir)
+    for tag in ("supervised_vae/invariances", "supervised_vae/variations"):
+        inputs = tiles(_png(acc, tag), QUERY)
+        assert len(inputs) == 3 and all(min(t) >= 64 for t in inputs)  # one outlined input per row
+    for tag in ("relax/overlay", "relax/importance", "relax/uncertainty", "relax/u_relax"):
+        assert len(tiles(_png(acc, tag), QUERY)) == 3
