@@ -55,3 +55,9 @@ def test_post_hoc_errors_name_the_argument(run, tmp_path):
         record_from_checkpoints(files, tmp_path / "b", MLPVAE, train)
     with pytest.raises(ValueError, match="same global_step"):
         record_from_checkpoints([files[0], files[0]], tmp_path / "c", MLPVAE, loader)
+
+
+def test_a_test_set_of_none_names_setup_test(run):
+    vae, _, _, store_path, _, _, _ = run
+    with pytest.raises(TypeError, match=r"`test_data` is None.*dm.setup\('test'\)"):
+        InfluenceAnalysis(store_path, vae).tracin(None)
