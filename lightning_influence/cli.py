@@ -36,8 +36,8 @@ from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.data.batches import batch_labels, gather_samples, iterate_batches, num_samples
-from lightning_influence.reporting.influence import log_influence
+from lightning_influence.data.batches import batch_inputs, batch_labels, gather_samples, iterate_batches, num_samples
+from lightning_influence.reporting.influence import log_embedding, log_influence
 from lightning_influence.trajectory.analysis import InfluenceAnalysis, InfluenceSummary
 from lightning_influence.trajectory.posthoc import record_from_checkpoints
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
@@ -189,6 +189,18 @@ def per_sample_losses(model: pl.LightningModule, store: GradientStore, data: Any
     return torch.cat(out)
 
 
+def encoder_means(model: pl.LightningModule, data: Any, batch_size: int) -> Tensor | None:
+    """Posterior means ``encode(x)[0]`` of every sample (``None`` for a model without ``encode``)."""
+    if not callable(getattr(model, "encode", None)):
+        return None
+    out = []
+    with torch.no_grad():
+        for _, batch in iterate_batches(data, batch_size, name="train_data"):
+            encoded = model.encode(move_data_to_device(batch_inputs(batch), model.device))
+            out.append((encoded[0] if isinstance(encoded, (tuple, list)) else encoded).flatten(1).float().cpu())
+    return torch.cat(out)
+
+
 def write_csvs(
     outdir: Path,
     summary: InfluenceSummary,
@@ -232,6 +244,7 @@ def analyze(
     measurement: Optional[Callable] = None,
     n_self: int = 16,
     unbiased: bool = False,
+    embedding: bool = True,
     batch_size: int = 256,
     device: Optional[str] = None,
     progress: bool = True,
@@ -250,6 +263,8 @@ def analyze(
             instead of the training loss (cross-loss TracIn).
         n_self: training samples in the self-influence gallery.
         unbiased: the unbiased self-influence (an independent noise draw per checkpoint).
+        embedding: also write TensorBoard's embedding projector (training samples at the encoder's
+            posterior means, coloured by self-influence), for models with ``encode(x) -> (mu, ...)``.
         batch_size: samples per gradient batch.
         device: where to compute (default: CPU).
         progress: progress bars over checkpoints.
@@ -274,7 +289,11 @@ def analyze(
     losses = per_sample_losses(net, gs, train, batch_size)
     out = Path(logdir) if logdir else gs.path.with_name(gs.path.name + "_analysis")
     logger = TensorBoardLogger(str(out), name="", version="")
-    log_influence(logger, summary, test, train_data=train, losses=losses, n_self=n_self, step=gs.checkpoints[-1].step)
+    step = gs.checkpoints[-1].step
+    log_influence(logger, summary, test, train_data=train, losses=losses, n_self=n_self, step=step)
+    features = encoder_means(net, train, batch_size) if embedding else None
+    if features is not None:
+        log_embedding(logger, features, summary.self_influence, train_data=train, step=step)
     logger.experiment.close()
     topk, selfinf = write_csvs(out, summary, losses, _labels_of(train), _labels_of(test))
     print(f"{gs}\nExplained {len(test)} {split} samples (k={k}).")

@@ -34,7 +34,7 @@ from lightning_influence.reporting.figures import gallery_figure, query_figure
 from lightning_influence.reporting.tensorboard import as_images, get_summary_writer, writer_step
 from lightning_influence.trajectory.analysis import InfluenceSummary
 
-__all__ = ["influence_figures", "influence_table", "log_influence", "self_influence_figures"]
+__all__ = ["influence_figures", "influence_table", "log_embedding", "log_influence", "self_influence_figures"]
 
 
 def _images_and_labels(
@@ -260,4 +260,56 @@ def log_influence(
         writer.add_figure(f"{tag}/{name}", fig, global_step=step, close=True)
     text = influence_table(summary, query_labels=query_labels, train_labels=train_labels, n_self=n_self)
     writer.add_text(f"{tag}/summary", text, step)
+    writer.flush()
+
+
+def log_embedding(
+    trainer_or_logger: Any,
+    features: Tensor,
+    self_influence: Tensor,
+    *,
+    train_data: Any = None,
+    image_fn: Callable[[Any], Tensor] | None = None,
+    tag: str = "influence/embedding",
+    step: int | None = None,
+) -> None:
+    """TensorBoard's embedding projector: training samples at ``features``, coloured by self-influence.
+
+    The metadata has the columns ``label`` (when the data has labels), ``self_influence`` and
+    ``self_influence_decile`` (0-9, for colouring in the projector's "Color by" menu); with
+    ``train_data`` each point shows its image (a sprite).
+
+    Args:
+        trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
+        features: ``[n_train, d]`` coordinates (e.g. the encoder's posterior means).
+        self_influence: ``[n_train]`` self-influence scores.
+        train_data: the recorded training data (for labels and sprite images).
+        image_fn: maps a collated batch to images (default: the batch's input tensor).
+        tag: the projector's tag.
+        step: global step (default: the Trainer's, else 0).
+    """
+    writer = get_summary_writer(trainer_or_logger)
+    step = writer_step(trainer_or_logger) if step is None else step
+    n = int(self_influence.shape[0])
+    if features.dim() != 2 or features.shape[0] != n:
+        raise ValueError(f"`features` must be [n_train={n}, d], got shape {tuple(features.shape)}.")
+    si = torch.nan_to_num(self_influence.detach().float().cpu(), nan=float("-inf"))
+    ranks = torch.argsort(torch.argsort(si))
+    deciles = (ranks * 10 // max(n, 1)).tolist()
+    images, labels = (None, None)
+    if train_data is not None:
+        images, labels = _images_and_labels(train_data, list(range(n)), image_fn)
+    header = (["label"] if labels is not None else []) + ["self_influence", "self_influence_decile"]
+    rows = [
+        ([str(labels[i])] if labels is not None else []) + [f"{float(self_influence[i]):.6g}", str(deciles[i])]
+        for i in range(n)
+    ]
+    writer.add_embedding(
+        features.detach().float().cpu(),
+        metadata=rows,
+        metadata_header=header,
+        label_img=images,
+        global_step=step,
+        tag=tag,
+    )
     writer.flush()

@@ -181,6 +181,12 @@ def test_analyze_rebuilds_the_model_from_the_manifest(small_store, tmp_path, cap
     )
     assert out["topk"].is_file() and len(list(csv.DictReader(open(out["topk"])))) == 2 * 3 * 2
     assert str(tmp_path / "a" / "self_influence.csv") in capsys.readouterr().out
+    assert (tmp_path / "a" / "projector_config.pbtxt").is_file()  # the embedding projector, coloured by self-influence
+    (metadata,) = (tmp_path / "a").rglob("metadata.tsv")
+    lines = metadata.read_text().splitlines()
+    assert lines[0].split("\t") == ["label", "self_influence", "self_influence_decile"]
+    assert len(lines) == 1 + GradientStore(store).n_samples
+    assert len(list((tmp_path / "a").rglob("sprite.png"))) == 1
 
 
 def test_analyze_explains_what_is_missing(small_store, tmp_path):
