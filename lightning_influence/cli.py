@@ -120,18 +120,20 @@ def _store_config(store: GradientStore) -> dict[str, Any]:
 
 
 def rebuild_model(store: GradientStore, model: Any = None) -> pl.LightningModule:
-    """The store's model: ``model`` if given, else the manifest's ``model_class``/``hparams``, else the saved config."""
+    """The store's model: ``model`` if given, else the manifest's ``model_class`` with its ``hparams``, else the
+    config saved by ``lightning-influence fit``, else ``model_class`` with its defaults."""
     if isinstance(model, torch.nn.Module):
         return model
     if model is not None:
         return _instantiate(model, "--model")
     extra = store.manifest.get("extra", {})
-    if extra.get("model_class"):
-        cls = _import(extra["model_class"], "the manifest's model_class")
-        return cls(**(extra.get("hparams") or {}))
+    if extra.get("model_class") and extra.get("hparams") is not None:
+        return _import(extra["model_class"], "the manifest's model_class")(**extra["hparams"])
     saved = _store_config(store).get("model")
     if saved:
         return _instantiate(saved, f"model in {store.path / STORE_CONFIG}")
+    if extra.get("model_class"):  # no save_hyperparameters(): the class's defaults
+        return _import(extra["model_class"], "the manifest's model_class")()
     raise ValueError(
         f"Cannot rebuild the model of the store at {str(store.path)!r}: its manifest has no `model_class` and there"
         f" is no {STORE_CONFIG}. Pass --model CLASS (with --model.init_args.* as needed)."
