@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of ``lightning-influence`` and ``python -m lightning_influence``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
-        return InfluenceCLI(args=args)
+        return InfluenceCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     parser = build_parser()
     cfg = parser.parse_args(args)
     name = cfg.subcommand
