@@ -34,6 +34,7 @@ def overlay_figure(
     alpha: float = 0.5,
     row_titles: Sequence[str] | None = None,
     transpose: bool = False,
+    marked: Sequence[int] | None = None,
 ) -> Figure:
     """A matplotlib figure: one row per image, the image then each map overlaid on it.
 
@@ -45,6 +46,7 @@ def overlay_figure(
         alpha: opacity of the heatmaps.
         row_titles: optional label per image.
         transpose: one column per image instead (images side by side).
+        marked: which images are inputs, framed in blue (default: all).
 
     Returns:
         ``matplotlib.figure.Figure`` (backend-independent; no pyplot state).
@@ -77,7 +79,7 @@ def overlay_figure(
                 ax.set_title(name, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
-    for r in range(n_images):
+    for r in range(n_images) if marked is None else marked:
         _mark_input(ax_at(r, 0))
     fig.tight_layout()
     return fig

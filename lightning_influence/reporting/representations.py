@@ -28,7 +28,7 @@ def log_invariances(
     Figures ``{tag}/invariances`` and ``{tag}/variations`` have one row per input: the input
     (outlined in blue, column "input"), its reconstruction from the mean, then the samples, each
     tile at least 64 px with its column titled. ``{tag}/attributions`` overlays the
-    classifier's attribution maps on the first input and its invariance samples.
+    classifier's attribution maps on the first input (outlined in blue) and its invariance samples.
 
     Args:
         trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
@@ -67,6 +67,7 @@ def log_invariances(
             max_images=attributions.images.shape[0],
             row_titles=titles,
             transpose=True,
+            marked=[0],  # the input; the others are samples generated from it
         )
         writer.add_figure(f"{tag}/attributions", fig, global_step=step, close=True)
     writer.flush()
