@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 import warnings
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; these tiny MLPs run fastest on one (default: 1)"
     )
+    p.add_argument("--quiet", action="store_true", help="no Lightning info lines: only the results")
     return p.parse_args(argv)
 
 
@@ -80,6 +82,9 @@ def _trainer(args: argparse.Namespace, logger: TensorBoardLogger | bool) -> pl.T
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.quiet:
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)

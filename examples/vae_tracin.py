@@ -2,6 +2,7 @@
 
 Run:
     python examples/vae_tracin.py                                  # CPU, about a minute
+    python examples/vae_tracin.py --quiet                          # only the results
     python examples/vae_tracin.py --accelerator gpu --precision 16-mixed
     tensorboard --logdir runs/vae_tracin
 
@@ -13,6 +14,7 @@ most surprising (highest self-influence).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -40,11 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-queries", type=int, default=4, help="test digits shown with proponents/opponents")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (tiny model: 1 is fastest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or Lightning info lines: only the results")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.quiet:
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
@@ -69,11 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
         logger=logger,
         enable_checkpointing=False,
         log_every_n_steps=10,
+        enable_progress_bar=not args.quiet,
+        enable_model_summary=not args.quiet,
     )
     trainer.fit(vae, dm)
     t_fit = time.perf_counter() - t_start
 
-    analysis = InfluenceAnalysis(recorder.store_path, vae, train_data=dm.train_set, progress=True)
+    analysis = InfluenceAnalysis(recorder.store_path, vae, train_data=dm.train_set, progress=not args.quiet)
     print(f"\n{analysis.store}")
 
     # The paper's sanity check: a training sample should be its own strongest proponent.
@@ -86,12 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         loss = torch.cat(
             [
                 vae.per_sample_loss(move_data_to_device(b, vae.device)).cpu()
-                for b in tqdm(DataLoader(dm.train_set, batch_size=512), desc="losses", leave=False)
+                for b in tqdm(DataLoader(dm.train_set, batch_size=512), desc="losses", leave=False, disable=args.quiet)
             ]
         )
     queries = Subset(dm.test_set, range(args.n_queries))
     out = analysis.summary(queries, k=8)
-    log_influence(trainer, out, queries, train_data=dm.train_set)
+    log_influence(trainer, out, queries, train_data=dm.train_set, losses=loss)
     rho = spearman_corrcoef(out.self_influence, loss).item()
 
     labels = dm.train_set.tensors[1]

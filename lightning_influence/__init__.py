@@ -4,12 +4,14 @@ The entry points, in pipeline order:
 
 - record: :class:`TrajectoryRecorder`, a callback for ``Trainer.fit``; your model draws its
   reparameterisation noise with :func:`standard_normal` and may use :func:`negative_elbo`;
-- store: :class:`GradientStore`, the recorded trajectory on disk;
+- store: :class:`GradientStore`, the recorded trajectory on disk (or :func:`record_from_checkpoints`
+  to build one post hoc from saved Lightning checkpoints);
 - score: :class:`InfluenceAnalysis` (TracIn, self-influence, proponents) and
   :class:`InfluenceFunction` (cross-loss influence functions);
 - check: :class:`FragilityCheck`, whether estimates survive real retraining;
 - explain representations: :class:`RELAX` and :class:`SupervisedVAE`;
-- report: :func:`log_influence` to TensorBoard.
+- report: :func:`log_influence` to TensorBoard;
+- command line: ``lightning-influence fit | analyze | record`` (:mod:`lightning_influence.cli`).
 
 Everything else lives in its subpackage: ``gradients`` (the :class:`PerSampleGradientEngine` seam,
 projection, precision, noise), ``trajectory``, ``influence``, ``fragility``, ``representations``,
@@ -25,6 +27,7 @@ from lightning_influence.reporting.influence import log_influence
 from lightning_influence.representations.relax.explainer import RELAX
 from lightning_influence.representations.supervised_vae import SupervisedVAE
 from lightning_influence.trajectory.analysis import InfluenceAnalysis
+from lightning_influence.trajectory.posthoc import record_from_checkpoints
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
 from lightning_influence.trajectory.store import GradientStore
 
@@ -41,5 +44,6 @@ __all__ = [
     "TrajectoryRecorder",
     "log_influence",
     "negative_elbo",
+    "record_from_checkpoints",
     "standard_normal",
 ]

@@ -111,6 +111,11 @@ def check_ordered_loader(loader: DataLoader, name: str = "data") -> None:
 
 def num_samples(data: Any, name: str = "data") -> int:
     """Number of samples in a Dataset, DataLoader or collated batch."""
+    if data is None:
+        raise TypeError(
+            f"`{name}` is None. A LightningDataModule creates its datasets in setup(): call dm.setup('test') before"
+            " using dm.test_set (dm.setup('fit') for dm.train_set and dm.val_set)."
+        )
     if isinstance(data, DataLoader):
         return num_samples(data.dataset, name)
     if is_collated_batch(data):

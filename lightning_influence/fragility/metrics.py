@@ -23,6 +23,7 @@ from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 __all__ = [
     "agreement_metrics",
     "bootstrap_interval",
+    "correlation_confidence_interval",
     "fraction_above_noise_floor",
     "mean_confidence_interval",
     "pearson",
@@ -192,6 +193,25 @@ def mean_confidence_interval(values: ArrayLike, level: float = 0.95) -> tuple[fl
         return mean, math.nan, math.nan
     half = student_t_quantile(0.5 + level / 2, v.numel() - 1) * float(v.std()) / math.sqrt(v.numel())
     return mean, mean - half, mean + half
+
+
+def correlation_confidence_interval(values: ArrayLike, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean correlation and its confidence interval, computed on the Fisher-z scale.
+
+    Correlations are transformed with ``z = atanh(r)`` (clipped away from +-1), the Student-t
+    interval of the mean is taken on ``z`` and mapped back with ``tanh``, so the bounds always
+    lie in [-1, 1] (a Student-t interval on ``r`` itself can leave it for a few seeds).
+
+    Example:
+        >>> m, lo, hi = correlation_confidence_interval([0.9, -0.5, 0.2])
+        >>> -1.0 <= lo <= m <= hi <= 1.0
+        True
+    """
+    r = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    r = r[torch.isfinite(r)].clamp(-1 + 1e-12, 1 - 1e-12)
+    m, lo, hi = mean_confidence_interval(torch.atanh(r), level)
+    back = [min(1.0, max(-1.0, math.tanh(v))) if math.isfinite(v) else v for v in (m, lo, hi)]
+    return back[0], back[1], back[2]
 
 
 def bootstrap_interval(

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.fragility.metrics import agreement_metrics, mean_confidence_interval, pearson, spearman
+from lightning_influence.fragility.metrics import (
+    agreement_metrics,
+    correlation_confidence_interval,
+    pearson,
+    spearman,
+)
 from lightning_influence.fragility.references import density_references
 
 __all__ = ["CurvatureDiagnostics", "FragilityReport", "RemovalResult", "Verdict"]
@@ -217,7 +222,7 @@ class FragilityReport:
                 m["seed"] = float(s)
                 self.per_seed.append(m)
         for name in ("pearson", "spearman"):
-            _, lo, hi = mean_confidence_interval([m[name] for m in self.per_seed])
+            _, lo, hi = correlation_confidence_interval([m[name] for m in self.per_seed])
             self.metrics[f"{name}_seed_ci_low"], self.metrics[f"{name}_seed_ci_high"] = lo, hi
         if self.curvature is not None and self.curvature.damping_predictions:
             c = self.curvature

@@ -83,6 +83,9 @@ class InfluenceDiagnostics:
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def as_dict(self) -> dict[str, Any]:
         """Scalars only, for loggers."""
         return {

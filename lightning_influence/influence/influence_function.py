@@ -354,9 +354,18 @@ class InfluenceFunction:
         """
         t0 = time.perf_counter()
         g_test = self.test_gradients(test_data, measurement)
+        warnings: list[str] = []
+        if not bool(g_test.any()):
+            msg = (
+                f"`{'train_loss' if measurement is None else 'measurement'}` has zero gradient with respect to every"
+                f" tracked parameter ({self.param_names}) for all test samples, so every score is 0. The measurement"
+                " does not depend on these parameters: track the ones it reads (e.g. params=['encoder'] for a"
+                " measurement of the latent code)."
+            )
+            warnings.append(msg)
+            rank_zero_warn(msg)
         ihvp, solve = self._solve(g_test)
         eig = self._reported_eigenvalues()
-        warnings: list[str] = []
         if eig is not None and eig.negative_curvature:
             msg = (
                 f"The {'Gauss-Newton matrix' if self.gauss_newton else 'Hessian'} of the training loss has negative"

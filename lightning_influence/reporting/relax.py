@@ -9,11 +9,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lightning_influence.reporting.figures import INPUT
 from lightning_influence.reporting.tensorboard import as_images, get_summary_writer, writer_step
 from lightning_influence.representations.relax.encoders import as_image_batch
 from lightning_influence.representations.relax.explainer import Explanation
 
-__all__ = ["heatmap_images", "log_relax", "overlay_figure"]
+__all__ = ["heatmap_images", "log_relax", "map_figure", "overlay_figure"]
 
 _MAPS = ("importance", "uncertainty", "u_relax")
 _TITLES = {"importance": "importance", "uncertainty": "uncertainty", "u_relax": "U-RELAX"}
@@ -33,6 +34,7 @@ def overlay_figure(
     alpha: float = 0.5,
     row_titles: Sequence[str] | None = None,
     transpose: bool = False,
+    marked: Sequence[int] | None = None,
 ) -> Figure:
     """A matplotlib figure: one row per image, the image then each map overlaid on it.
 
@@ -44,6 +46,7 @@ def overlay_figure(
         alpha: opacity of the heatmaps.
         row_titles: optional label per image.
         transpose: one column per image instead (images side by side).
+        marked: which images are inputs, framed in blue (default: all).
 
     Returns:
         ``matplotlib.figure.Figure`` (backend-independent; no pyplot state).
@@ -66,7 +69,7 @@ def overlay_figure(
     for r in range(n_images):
         img = _to_numpy_image(shown[r])
         ax_at(r, 0).imshow(img, cmap=gray)
-        ax_at(r, 0).set_title("image" if row_titles is None else row_titles[r], fontsize=8)
+        ax_at(r, 0).set_title("input" if row_titles is None else row_titles[r], fontsize=8)
         for c, (name, m) in enumerate(cols.items(), start=1):
             ax = ax_at(r, c)
             ax.imshow(img, cmap=gray)
@@ -76,6 +79,50 @@ def overlay_figure(
                 ax.set_title(name, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
+    for r in range(n_images) if marked is None else marked:
+        _mark_input(ax_at(r, 0))
+    fig.tight_layout()
+    return fig
+
+
+def _mark_input(ax: Any) -> None:
+    """Frame the input panel in blue so it cannot be mistaken for a map."""
+    ax.set_axis_on()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color(INPUT)
+        spine.set_linewidth(4)
+
+
+def map_figure(images: Tensor, maps: Tensor, name: str, *, max_images: int = 8, cmap: str = "viridis") -> Figure:
+    """One row per image: the input (outlined, titled "input") and the raw map with its colour bar.
+
+    Args:
+        images: ``[B, C, H, W]`` (or one ``[C, H, W]``), any range.
+        maps: ``[B, H, W]`` (or ``[H, W]``) values; NaN pixels are left blank.
+        name: what the map is (panel titles).
+        max_images: rows at most.
+        cmap: colormap of the map.
+    """
+    xb, _ = as_image_batch(images, "images")
+    shown = as_images(xb)[:max_images]
+    m = (maps.unsqueeze(0) if maps.dim() == 2 else maps).detach().float().cpu()
+    if m.shape[0] < shown.shape[0] or m.shape[-2:] != shown.shape[-2:]:
+        raise ValueError(f"`maps` has shape {tuple(m.shape)}, which does not match images {tuple(xb.shape)}.")
+    n = shown.shape[0]
+    fig = Figure(figsize=(5.0, 2.3 * n), dpi=80)
+    axes = fig.subplots(n, 2, squeeze=False)
+    gray = "gray" if shown.shape[1] == 1 else None
+    for r in range(n):
+        axes[r][0].imshow(_to_numpy_image(shown[r]), cmap=gray, interpolation="nearest")
+        axes[r][0].set_title(f"input {r}", fontsize=9)
+        _mark_input(axes[r][0])
+        im = axes[r][1].imshow(m[r].numpy(), cmap=cmap, interpolation="nearest")
+        axes[r][1].set_title(f"{name} {r}", fontsize=9)
+        axes[r][1].set_axis_off()
+        fig.colorbar(im, ax=axes[r][1], fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
 
@@ -104,8 +151,9 @@ def log_relax(
 ) -> None:
     """Log RELAX overlays (importance, uncertainty, U-RELAX) for a batch of images to TensorBoard.
 
-    Writes a figure ``{tag}/overlay`` (one row per image; U-RELAX's dropped pixels transparent)
-    and the raw maps as grey images ``{tag}/{importance,uncertainty,u_relax}``.
+    Writes a figure ``{tag}/overlay`` (one row per image: the input outlined in blue, then each map
+    overlaid with its colour bar; U-RELAX's dropped pixels transparent) and one figure per raw map
+    ``{tag}/{importance,uncertainty,u_relax}`` (input and map side by side, titled, with a colour bar).
 
     Args:
         trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
@@ -129,5 +177,6 @@ def log_relax(
     fig = overlay_figure(images, maps, max_images=max_images, cmap=cmap, alpha=alpha)
     writer.add_figure(f"{tag}/overlay", fig, global_step=step, close=True)
     for k in _MAPS:
-        writer.add_images(f"{tag}/{k}", heatmap_images(getattr(explanation, k))[:max_images], global_step=step)
+        fig = map_figure(images, maps[_TITLES[k]], _TITLES[k], max_images=max_images)
+        writer.add_figure(f"{tag}/{k}", fig, global_step=step, close=True)
     writer.flush()

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch.nn.functional as F
-from torchvision.utils import make_grid
-
+from lightning_influence.reporting.figures import grid_figure
 from lightning_influence.reporting.relax import overlay_figure
-from lightning_influence.reporting.tensorboard import get_summary_writer, writer_step
+from lightning_influence.reporting.tensorboard import as_images, get_summary_writer, writer_step
 from lightning_influence.representations.invariances import AttributionPanel, InvarianceGrids
 
 __all__ = ["log_invariances"]
@@ -27,9 +25,10 @@ def log_invariances(
 ) -> None:
     """Log invariance and variation grids, metrics (scalars and a text summary) and attributions.
 
-    Grids ``{tag}/invariances`` and ``{tag}/variations`` have one row per input: the input, its
-    reconstruction from the mean, then the samples. ``{tag}/attributions`` overlays the
-    classifier's attribution maps on the first input and its invariance samples.
+    Figures ``{tag}/invariances`` and ``{tag}/variations`` have one row per input: the input
+    (outlined in blue, column "input"), its reconstruction from the mean, then the samples, each
+    tile at least 64 px with its column titled. ``{tag}/attributions`` overlays the
+    classifier's attribution maps on the first input (outlined in blue) and its invariance samples.
 
     Args:
         trainer_or_logger: a Trainer with a ``TensorBoardLogger``, the logger, or a ``SummaryWriter``.
@@ -43,12 +42,15 @@ def log_invariances(
     """
     writer = get_summary_writer(trainer_or_logger)
     step = writer_step(trainer_or_logger) if step is None else step
+    resampled = {"invariances": ("z_n", "same class: z_n from the prior"), "variations": ("z_s", "z_s resampled")}
     for name, rows in (("invariances", grids.invariances), ("variations", grids.variations)):
-        tiles = rows.reshape(-1, *rows.shape[2:]).clamp(0, 1)
-        if tiles.dim() == 4 and tiles.shape[-1] < 32:
-            # Small images (8x8 digits) are unreadable at TensorBoard's native size.
-            tiles = F.interpolate(tiles, scale_factor=32 // tiles.shape[-1], mode="nearest")
-        writer.add_image(f"{tag}/{name}", make_grid(tiles, nrow=rows.shape[1], pad_value=1.0), global_step=step)
+        r, c = int(rows.shape[0]), int(rows.shape[1])
+        tiles = as_images(rows.reshape(r * c, *rows.shape[2:]).float().clamp(0, 1))
+        tiles = tiles.reshape(r, c, *tiles.shape[1:])
+        latent, what = resampled[name]
+        titles = ["input", "reconstruction"] + [f"{latent} sample {i + 1}" for i in range(c - 2)]
+        fig = grid_figure(tiles, titles, marked_column=0, suptitle=f"{name.capitalize()} ({what})")
+        writer.add_figure(f"{tag}/{name}", fig, global_step=step, close=True)
     if metrics:
         for key, value in metrics.items():
             writer.add_scalar(f"{tag}/{key}", float(value), global_step=step)
@@ -65,6 +67,7 @@ def log_invariances(
             max_images=attributions.images.shape[0],
             row_titles=titles,
             transpose=True,
+            marked=[0],  # the input; the others are samples generated from it
         )
         writer.add_figure(f"{tag}/attributions", fig, global_step=step, close=True)
     writer.flush()

@@ -1,0 +1,6 @@
+"""``python -m lightning_influence``: the ``lightning-influence`` command line."""
+
+from lightning_influence.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Post-hoc recording from saved Lightning checkpoints matches recording with the callback."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import quiet_trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence.data import load_digits_tensors
+from lightning_influence.models import MLPVAE
+from lightning_influence.trajectory.posthoc import record_from_checkpoints
+
+KW = dict(input_dim=64, hidden_dim=16, latent_dim=2, likelihood="gaussian", sigma=0.3, lr=0.05, optimizer="sgd")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("posthoc")
+    pl.seed_everything(0, verbose=False)
+    x, y = load_digits_tensors()
+    train = TensorDataset(x[:96], y[:96])
+    loader = DataLoader(train, batch_size=32)  # 3 optimizer steps per epoch
+    vae = MLPVAE(**KW)
+    rec = TrajectoryRecorder(root / "callback", every_n_steps=2, batch_size=48)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    quiet_trainer(max_steps=6, callbacks=[rec, ckpt], enable_checkpointing=True).fit(vae, loader)
+    files = sorted((root / "ckpts").glob("*.ckpt"))
+    return vae, train, loader, rec.store_path, files, root, x[96:104]
+
+
+def test_three_checkpoints_post_hoc_match_the_callback(run):
+    vae, train, loader, store_path, files, root, queries = run
+    assert len(files) == 3
+    posthoc = record_from_checkpoints(files[::-1], root / "posthoc", MLPVAE, loader, batch_size=48, progress=False)
+    live = InfluenceAnalysis(store_path, vae)
+    assert [c.step for c in posthoc.checkpoints] == [c.step for c in live.store.checkpoints] == [2, 4, 6]
+    for a, b in zip(posthoc.checkpoints, live.store.checkpoints):
+        assert a.lr == pytest.approx(b.lr, rel=1e-12)
+    assert posthoc.manifest["extra"]["model_class"] == "lightning_influence.models.vae.MLPVAE"
+    rebuilt = MLPVAE(**posthoc.manifest["extra"]["hparams"])
+    ph = InfluenceAnalysis(posthoc, rebuilt)
+    torch.testing.assert_close(ph.tracin(queries), live.tracin(queries), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ph.self_influence(), live.self_influence(), atol=1e-5, rtol=0)
+
+
+def test_post_hoc_errors_name_the_argument(run, tmp_path):
+    _, train, loader, _, files, _, _ = run
+    with pytest.raises(ValueError, match="`checkpoints` is empty"):
+        record_from_checkpoints([], tmp_path / "a", MLPVAE, loader)
+    with pytest.raises(ValueError, match="`steps_per_epoch`"):
+        record_from_checkpoints(files, tmp_path / "b", MLPVAE, train)
+    with pytest.raises(ValueError, match="same global_step"):
+        record_from_checkpoints([files[0], files[0]], tmp_path / "c", MLPVAE, loader)
+
+
+def test_a_test_set_of_none_names_setup_test(run):
+    vae, _, _, store_path, _, _, _ = run
+    with pytest.raises(TypeError, match=r"`test_data` is None.*dm.setup\('test'\)"):
+        InfluenceAnalysis(store_path, vae).tracin(None)
