@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
@@ -39,6 +38,7 @@ from lightning_influence.trajectory.tracin import (
     self_influence_scores,
     tracin_scores,
 )
+from lightning_influence.utils.distributed import all_gather_objects
 
 __all__ = ["DistributedInfluence"]
 
@@ -107,7 +107,7 @@ class _BlockScorer(pl.LightningModule):
     def on_predict_epoch_end(self) -> None:
         # A collective on every rank (never inside a rank-zero branch): all ranks get every block.
         self.local_blocks = [block_id for block_id, _, _ in self._parts]
-        gathered = _gather(self.trainer, self._parts)
+        gathered = all_gather_objects(self.trainer, self._parts)
         blocks: dict[int, tuple[int, Any]] = {}
         for parts in gathered:
             for block_id, start, out in parts:
@@ -119,14 +119,6 @@ class _BlockScorer(pl.LightningModule):
     def on_predict_end(self) -> None:
         if self._saved_device is not None:
             self.analysis.device = self._saved_device
-
-
-def _gather(trainer: pl.Trainer, obj: Any) -> list[Any]:
-    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 class DistributedInfluence:

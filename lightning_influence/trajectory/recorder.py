@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +37,7 @@ from lightning_influence.trajectory.store import (
     header_for,
     shard_bounds,
 )
+from lightning_influence.utils.distributed import all_gather_objects
 from lightning_influence.utils.modes import isolated
 
 __all__ = ["TrajectoryRecorder"]
@@ -385,7 +385,7 @@ class TrajectoryRecorder(pl.Callback):
                 self._writer = GradientStoreWriter(self._store_dir, header, run_id=self._run_id, attach=True)
             except (StoreError, OSError) as err:
                 problem = f"rank {trainer.global_rank} cannot open the store rank 0 created: {err}"
-        problems = _gather(trainer, problem)
+        problems = all_gather_objects(trainer, problem)
         if any(problems):
             raise MisconfigurationException(
                 "TrajectoryRecorder: " + "; ".join(p for p in problems if p) + " (`dirpath` must be on a filesystem"
@@ -567,7 +567,7 @@ class TrajectoryRecorder(pl.Callback):
             "segment": shard_info,
             "error": None if failure is None else f"{type(failure).__name__}: {failure}",
         }
-        reports = _gather(trainer, report)
+        reports = all_gather_objects(trainer, report)
         try:
             _raise_together(trainer, failure, "compute its gradient rows", index, reports=reports)
         except BaseException:
@@ -679,15 +679,6 @@ class TrajectoryRecorder(pl.Callback):
         }
 
 
-def _gather(trainer: pl.Trainer, obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
-    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _raise_together(
     trainer: pl.Trainer,
     failure: BaseException | None,
@@ -701,7 +692,7 @@ def _raise_together(
     naming it, so no rank is left waiting in a collective while another one has stopped.
     """
     if reports is None:
-        reports = _gather(
+        reports = all_gather_objects(
             trainer,
             {"rank": trainer.global_rank, "error": None if failure is None else f"{type(failure).__name__}: {failure}"},
         )
@@ -728,11 +719,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def _json_safe_hparams(pl_module: pl.LightningModule) -> dict[str, Any] | None:
-    """``pl_module.hparams`` as JSON (``None`` unless ``save_hyperparameters()`` was used).
+    """``pl_module.hparams`` as JSON (``None`` unless ``save_hyperparameters()`` was used): ``type(pl_module)(**hparams)``.
 
     Values JSON cannot hold become their ``repr`` (e.g. a ``torch.dtype`` or a module).
     """
     hparams = getattr(pl_module, "hparams", None)
     if not hparams:
         return None
-    return {str(k): _json_safe(v) for k, v in dict(hparams).items()}
+    # LightningCLI adds bookkeeping such as `_class_path`: not constructor arguments of the module.
+    return {str(k): _json_safe(v) for k, v in dict(hparams).items() if not str(k).startswith("_")}

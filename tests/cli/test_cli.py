@@ -152,8 +152,13 @@ def small_store(tmp_path_factory):
 
 
 def _copy_without_config(store: Path, dest: Path) -> Path:
+    """A copy of the store that says nothing about its model: no saved config, no class in the manifest."""
     shutil.copytree(store, dest)
     (dest / STORE_CONFIG).unlink()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for key in ("model_class", "hparams"):
+        manifest["extra"].pop(key, None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
 

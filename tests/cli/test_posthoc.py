@@ -39,7 +39,7 @@ def test_three_checkpoints_post_hoc_match_the_callback(run):
     live = InfluenceAnalysis(store_path, vae)
     assert [c.step for c in posthoc.checkpoints] == [c.step for c in live.store.checkpoints] == [2, 4, 6]
     for a, b in zip(posthoc.checkpoints, live.store.checkpoints):
-        assert a.lr == pytest.approx(b.lr, rel=1e-12)
+        assert a.eta == pytest.approx(b.eta, rel=1e-12)
     assert posthoc.manifest["extra"]["model_class"] == "lightning_influence.models.vae.MLPVAE"
     rebuilt = MLPVAE(**posthoc.manifest["extra"]["hparams"])
     ph = InfluenceAnalysis(posthoc, rebuilt)
