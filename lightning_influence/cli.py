@@ -88,7 +88,15 @@ class InfluenceCLI(LightningCLI):
             store = Path(rec.store_path)
             if (store / "manifest.json").is_file():
                 (store / STORE_CONFIG).write_text(parser.dump(config, skip_none=False))
-                print(f"Gradient store: {store}\n  analyze it: {PROG} analyze {store}")
+                print(f"Gradient store: {store}\n  analyze it: {PROG} analyze {_shown(store)}")
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it: the command to copy stays short."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
 
 
 def _import(path: str, argname: str) -> Any:
@@ -351,7 +359,7 @@ def record(
         overwrite=overwrite,
     )
     (gs.path / STORE_CONFIG).write_text(yaml.safe_dump({"data": data.as_dict() if hasattr(data, "as_dict") else data}))
-    print(f"{gs}\n  analyze it: {PROG} analyze {gs.path}")
+    print(f"{gs}\n  analyze it: {PROG} analyze {_shown(gs.path)}")
     return gs
 
 
