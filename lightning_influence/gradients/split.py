@@ -17,7 +17,7 @@ Linear layer with ``S`` positions instead of ``d_in d_out``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -251,8 +251,3 @@ def _move(f: Block, device: torch.device) -> Block:
         return f.to(device)
     a = None if f.inputs is None else f.inputs.to(device)
     return LayerFactors(a, f.output_grads.to(device), f.shape, f.groups)
-
-
-def split_layout(names: Sequence[str], numels: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """``names`` and their sizes as the tuples :class:`SplitRows` carries."""
-    return tuple(names), tuple(int(numels[n]) for n in names)

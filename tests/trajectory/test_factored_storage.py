@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -239,8 +240,6 @@ def test_factored_storage_needs_exact_rows(tmp_path):
 
 
 def test_a_corrupted_factor_file_is_named(run, tmp_path):
-    import shutil
-
     copy = tmp_path / "store"
     shutil.copytree(run["factored"], copy)
     path = copy / "ckpt-00000" / "g.encoder.0.weight.npy"
@@ -257,8 +256,6 @@ def test_a_corrupted_factor_file_is_named(run, tmp_path):
 
 def test_an_old_dense_manifest_still_opens_and_scores(run, tmp_path):
     """A store written before factored storage existed (no ``factored``/``dense_dim`` keys) reads as before."""
-    import shutil
-
     copy = tmp_path / "old"
     shutil.copytree(run["dense"], copy)
     m = json.loads((copy / "manifest.json").read_text())
