@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 from conftest import VAE_KWARGS, quiet_trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 
 import lightning_influence.trajectory.store as store_module
 from lightning_influence import GradientStore, InfluenceAnalysis, InfluenceFunction, TrajectoryRecorder
-from lightning_influence.data import DigitsDataModule
+from lightning_influence.data import DigitsDataModule, load_digits_tensors
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients import (
     FactoredEngine,
@@ -30,11 +34,13 @@ from lightning_influence.gradients import (
     split_rowwise_inner_products,
 )
 from lightning_influence.gradients.featurizer import cast_state
+from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state
 from lightning_influence.models import MLPVAE
 from lightning_influence.trajectory.distributed import DistributedInfluence
 
 N_TRAIN = 300
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TwoGroupVAE(MLPVAE):
@@ -311,3 +317,47 @@ def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     assert np.array_equal(
         out.checkpoints[0].factors("encoder.0.weight")[1].numpy(), rows.factors["encoder.0.weight"].output_grads.numpy()
     )
+
+
+@pytest.mark.slow
+def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
+    """2-process CPU DDP: each rank writes its rows of every factor file; distributed scores equal dense ones."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    job = Path(__file__).with_name("ddp_factored_job.py")
+    proc = subprocess.run(
+        [sys.executable, str(job), str(tmp_path / "store"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANK0_DONE 6" in proc.stdout
+    store = GradientStore(tmp_path / "store")
+    store.verify()
+    assert len(store) == 2 and store.n_samples == 96
+    assert sorted(store.factored) == ["decoder.0.weight", "decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    ckpt = store.checkpoints[-1]
+    for fn in ("grads.npy", "a.encoder.0.weight.npy", "g.decoder.2.weight.npy"):
+        assert len(ckpt.entry["files"][fn]["segments"]) == 2, fn
+    x, y = load_digits_tensors()
+    data, tests = TensorDataset(x[:96], y[:96]), x[200:205]
+    vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, lr=1e-3, optimizer="sgd", influence_draws=2)
+    analysis = InfluenceAnalysis(store, vae)
+    # Dense references at the stored weights, computed in one process: full rows, their TracIn and self-influence.
+    ref_tracin = torch.zeros(5, 96)
+    ref_self = torch.zeros(96)
+    for c in store.checkpoints:
+        train_rows = analysis.gradients(data, c, stream=NoiseStream.TRAIN, name="train_data")
+        assert _rel(c.materialized(), train_rows) < 1e-5
+        ref_tracin += c.eta * analysis.gradients(tests, c) @ train_rows.T
+        ref_self += c.eta * (train_rows * train_rows).sum(1)
+    results = [torch.load(tmp_path / f"scores_rank{r}.pt") for r in (0, 1)]
+    blocks = [set(res["blocks"]) for res in results]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]
+    for res in results:
+        assert _rel(res["tracin"], ref_tracin) < 1e-5
+        assert _rel(res["self_influence"], ref_self) < 1e-5
+        assert torch.equal(res["proponents"][0], torch.topk(ref_tracin, 7, dim=1).indices)
+        assert torch.equal(res["opponents"][0], torch.topk(ref_tracin, 7, dim=1, largest=False).indices)
