@@ -361,3 +361,51 @@ def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
         assert _rel(res["self_influence"], ref_self) < 1e-5
         assert torch.equal(res["proponents"][0], torch.topk(ref_tracin, 7, dim=1).indices)
         assert torch.equal(res["opponents"][0], torch.topk(ref_tracin, 7, dim=1, largest=False).indices)
+
+
+def _header_like(src: GradientStore, **changes) -> store_module.StoreHeader:
+    fields = {k: src.manifest[k] for k in store_module._HEADER_KEYS}
+    fields.update(changes)
+    return store_module.StoreHeader(**fields, factored=src.factored)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_factor_files(run, tmp_path, dtype):
+    src = GradientStore(run["factored"])
+    w = store_module.GradientStoreWriter(tmp_path / dtype, _header_like(src, grad_dtype=dtype))
+    rows = src.checkpoints[0].block(0, N_TRAIN)
+    ck = w.begin_checkpoint()
+    ck.write_rows(torch.arange(N_TRAIN), rows)
+    ck.commit(src.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
+    out = GradientStore(tmp_path / dtype)
+    a, g = out.checkpoints[0].factors("encoder.0.weight")
+    assert g.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    full = out.checkpoints[0].materialized()
+    assert full.dtype == torch.float32
+    assert _rel(full, src.checkpoints[0].materialized()) < (1e-2 if dtype == "bfloat16" else 2e-3)
+
+
+def test_a_changed_position_count_is_refused_naming_the_factor_file(run, tmp_path):
+    src = GradientStore(run["factored"])
+    w = store_module.GradientStoreWriter(tmp_path / "s", _header_like(src))
+    rows = src.checkpoints[0].block(0, 4)
+    f = rows.factors["decoder.2.weight"]
+    fewer = LayerFactors(f.inputs[:, :8], f.output_grads[:, :8], f.shape, f.groups)
+    bad = SplitRows(rows.dense, {**rows.factors, "decoder.2.weight": fewer}, rows.names, rows.numels)
+    ck = w.begin_checkpoint()
+    with pytest.raises(StoreError, match=r"factors \(a.decoder.2.weight.npy\) of shape \(4, 16, 128\).*position count"):
+        ck.write_rows(torch.arange(4), bad)
+    ck.abort()
+
+
+def test_factored_storage_without_a_smaller_layer_stores_densely(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    x, _ = load_digits_tensors()
+    data = TensorDataset(x[:64])
+    vae = MLPVAE(**VAE_KWARGS)
+    rec = TrajectoryRecorder(tmp_path / "s", params=["encoder.0.bias", "decoder.2.bias"], factored_storage=True)
+    with pytest.warns(UserWarning, match="no tracked parameter has layer factors smaller than its gradient"):
+        quiet_trainer(max_epochs=1, callbacks=[rec]).fit(vae, torch.utils.data.DataLoader(data, batch_size=32))
+    store = GradientStore(rec.store_path)
+    assert store.factored == {} and store.manifest["schema_version"] == 1
+    assert store.checkpoints[0].gradients().shape == (64, 128 + 64)
