@@ -12,6 +12,8 @@ and prints, side by side:
   cache reuse between repeats), and end to end = all sweeps + that TracIn;
 - Captum ``TracInCP`` (default loop and ``sample_wise_grads_per_batch``) on the same checkpoints
   and learning-rate weights, when Captum is installed (optional ``bench`` extra);
+- ``factored exact (factored storage)``: the factored engine with exact factored storage (Linear-like
+  layers whose factors are smaller than their gradient are stored as ``a``/``g`` and scored from them);
 - a bare factor-trick computation (hooks + Gram/product inner products, nothing stored);
 - Pearson / Spearman (mean over queries) and top-10 overlap against our exact scores;
 - the peak RSS rise of an exact top-10 request.
@@ -64,6 +66,9 @@ try:  # optional: the `bench` extra; the table says "n/a" without it
 except ImportError:  # pragma: no cover
     TracInCP = None
 
+
+#: The variant recorded with exact factored storage (``TrajectoryRecorder(factored_storage=True)``).
+FACTORED_STORAGE = "factored exact (factored storage)"
 
 # ---------------------------------------------------------------------------------------------
 # losses and data
@@ -319,6 +324,17 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
                 # The recorder's argument check predates the kind; the spec is built at fit start.
                 rec.projection_kind = "kronecker"
             variants[label] = rec
+            if engine == "factored" and k is None:
+                # Exact factored storage: Linear-like layers whose factors are smaller than their
+                # gradient are stored as (a, g) and scored from them; the rest stays dense.
+                variants[FACTORED_STORAGE] = TrajectoryRecorder(
+                    root / w.name / "factored_exact_storage",
+                    train_loss=w.record_loss,
+                    every_n_epochs=1,
+                    batch_size=256,
+                    engine=FactoredEngine(),
+                    factored_storage=True,
+                )
     pl.seed_everything(0, verbose=False)
     vae = w.make_model()
     _trainer(device, w.epochs, list(variants.values())).fit(vae, loader)
@@ -332,6 +348,18 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
     solo_timer = _EpochTimer()
     _trainer(device, w.epochs, [solo, solo_timer]).fit(w.make_model(), loader)
     fit_ratio = min(solo_timer.times) / epoch
+    pl.seed_everything(0, verbose=False)
+    solo_fs = TrajectoryRecorder(
+        root / w.name / "solo_fs",
+        train_loss=w.record_loss,
+        every_n_epochs=1,
+        batch_size=256,
+        engine=FactoredEngine(),
+        factored_storage=True,
+    )
+    solo_fs_timer = _EpochTimer()
+    _trainer(device, w.epochs, [solo_fs, solo_fs_timer]).fit(w.make_model(), loader)
+    fit_ratio_fs = min(solo_fs_timer.times) / epoch
 
     queries = w.test_x
     rows: list[dict[str, Any]] = []
@@ -358,8 +386,17 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
         )
         if label == "factored exact":
             row["fit_ratio"] = fit_ratio
+        if label == FACTORED_STORAGE:
+            row["fit_ratio"] = fit_ratio_fs
+            stored = sum(p.stat().st_size for p in store.checkpoints[0].dir.glob("*.npy"))
+            dense_mb = 4 * store.dim * store.n_samples / 1e6
+            row["note"] = (
+                f"{len(store.factored)}/{len(store.param_names)} params as factors; {stored / 1e6:.1f} MB per"
+                f" checkpoint (dense rows {dense_mb:.1f} MB)"
+            )
         if w.draws > 1 and label.startswith("factored"):
-            row["note"] = f"sweep / ({w.draws} x epoch) = {min(sweeps) / (w.draws * epoch):.2f}"
+            note = f"sweep / ({w.draws} x epoch) = {min(sweeps) / (w.draws * epoch):.2f}"
+            row["note"] = f"{row['note']}; {note}" if "note" in row else note
         rows.append(row)
     assert exact_scores is not None
     exact_store = GradientStore(variants["vmap exact"].store_path)
@@ -395,6 +432,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", default=None, help="comma-separated workload names to run (default: all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="li_bench_factored_"))
@@ -437,6 +475,9 @@ def main() -> None:
                 draws=16,
             )
         )
+    if args.only:
+        keep = set(args.only.split(","))
+        workloads = [w for w in workloads if w.name in keep]
     rows = []
     for w in workloads:
         t = time.perf_counter()

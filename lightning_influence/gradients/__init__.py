@@ -4,7 +4,8 @@
   ``torch.func`` engine; :class:`FactoredEngine`, hooks on Linear/conv/norm layers in one batched
   forward/backward; :class:`LayerFactors`, the factored form an engine may return;
   :func:`resolve_engine` / :func:`describe_engine`, ``engine="vmap"|"factored"|"auto"`` and its manifest entry.
-- :class:`GradientFeaturizer`: a batch and some weights -> gradient rows (the one path every caller uses).
+- :class:`GradientFeaturizer`: a batch and some weights -> gradient rows (the one path every caller uses);
+  :class:`SplitRows`, exact rows kept as a dense part plus layer factors (factored storage).
 - :class:`ProjectionSpec` / :class:`RandomProjection`: seeded JL projections, generated block by block.
 - :class:`GradientPrecision`: fp32 or the trainer's mixed/true half precision.
 - :func:`standard_normal`, :func:`fixed_noise`, :class:`NoiseStream`: reparameterisation noise keyed by sample.
@@ -29,6 +30,7 @@ from lightning_influence.gradients.noise import NoiseStream, fixed_noise, keyed_
 from lightning_influence.gradients.parameters import flatten_gradients, module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import GradientPrecision, precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
+from lightning_influence.gradients.split import SplitRows, split_inner_products, split_rowwise_inner_products
 from lightning_influence.gradients.vmap import VmapEngine, per_sample_gradients
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "PerSampleLoss",
     "ProjectionSpec",
     "RandomProjection",
+    "SplitRows",
     "VmapEngine",
     "call_per_sample_loss",
     "cast_state",
@@ -57,5 +60,7 @@ __all__ = [
     "resolve_loss",
     "resolve_engine",
     "resolve_parameter_names",
+    "split_inner_products",
+    "split_rowwise_inner_products",
     "standard_normal",
 ]

@@ -9,7 +9,7 @@ constructor argument (:class:`~lightning_influence.gradients.engine.PerSampleGra
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from lightning_influence.gradients.losses import PerSampleLoss
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import RandomProjection
+from lightning_influence.gradients.split import SplitRows
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = ["GradientFeaturizer", "cast_state"]
@@ -124,6 +125,7 @@ class GradientFeaturizer:
         self.out_dtype = out_dtype
         self.argname = argname
         numels = dict((n, p.numel()) for n, p in module.named_parameters())
+        self._numels = {n: int(numels[n]) for n in self.param_names}
         self.input_dim = sum(numels[n] for n in self.param_names)
 
     def dim(self, projection: RandomProjection | None = None) -> int:
@@ -169,20 +171,84 @@ class GradientFeaturizer:
             bad = nonfinite_rows(rows)
         return rows, bad
 
-    def _rows_at_scale(
+    def split_rows(
         self,
         batch: Any,
         ids: Tensor,
         state: Mapping[str, Tensor],
-        projection: RandomProjection | None,
+        *,
+        factored: Collection[str],
+        stream: int = NoiseStream.TRAIN,
+        param_scales: Mapping[str, float] | None = None,
+    ) -> tuple[SplitRows, Tensor]:
+        """Exact gradient rows of one batch in split form: a dense part plus factors.
+
+        The same rows as :meth:`rows` without a projection (same noise keys, parameter scales and
+        fp16 loss-scale back-off), but every parameter of ``factored`` keeps its
+        :class:`~lightning_influence.gradients.engine.LayerFactors` ``a`` ``[B, S, d_in]`` and ``g``
+        ``[B, S, d_out]``, with ``s_p / loss_scale`` folded into ``g`` (or a dense ``[B, *shape]``
+        block where the engine returned no factors); the other parameters fill ``dense``
+        ``[B, D_dense]`` in ``param_names`` order. ``split.materialize()`` equals ``rows(...)[0]``.
+
+        Args:
+            batch, ids, state, stream, param_scales: as for :meth:`rows`.
+            factored: the parameters to keep as factors (a subset of ``param_names``).
+
+        Returns:
+            :class:`~lightning_influence.gradients.split.SplitRows` and ``nonfinite`` ``[B]`` bool
+            (rows with inf/NaN in any part after every back-off; left as computed).
+        """
+        wanted = set(factored)
+        unknown = sorted(wanted - set(self.param_names))
+        if unknown:
+            raise ValueError(f"`factored` names {unknown[:6]} that are not tracked parameters {self.param_names[:6]}.")
+        batch = _cast_inputs(batch, self.precision, state[self.param_names[0]].dtype)
+        device = state[self.param_names[0]].device
+        scale = self.precision.init_loss_scale if self.precision.loss_scaling else 1.0
+        grads = self._gradients(batch, ids, state, stream, scale, device)
+        split = self._split(grads, wanted, param_scales, scale)
+        bad = split.nonfinite()
+        while bad.any() and scale > 1.0:
+            scale /= 2.0
+            idx = bad.nonzero().squeeze(1)
+            grads = self._gradients(_take(batch, idx), ids[idx.cpu()], state, stream, scale, device)
+            split = _replace_rows(split, idx, self._split(grads, wanted, param_scales, scale))
+            bad = split.nonfinite()
+        return split, bad
+
+    def _split(
+        self, grads: PerSampleGradients, factored: set[str], param_scales: Mapping[str, float] | None, scale: float
+    ) -> SplitRows:
+        dense_names = [n for n in self.param_names if n not in factored]
+        dense = self._flat_rows(grads, param_scales, scale, dense_names)
+        dtype = dense.dtype
+        factors: dict[str, Tensor | LayerFactors] = {}
+        for name in self.param_names:
+            if name not in factored:
+                continue
+            block = grads[name]
+            mult = (1.0 if param_scales is None else float(param_scales.get(name, 1.0))) / scale
+            if isinstance(block, LayerFactors):
+                g = block.output_grads.to(dtype)
+                a = None if block.inputs is None else block.inputs.to(dtype)
+                factors[name] = LayerFactors(a, g * mult if mult != 1.0 else g, block.shape, block.groups)
+            else:
+                d = block.to(dtype)
+                factors[name] = d * mult if mult != 1.0 else d
+        return SplitRows(dense, factors, tuple(self.param_names), tuple(self._numels[n] for n in self.param_names))
+
+    def _gradients(
+        self,
+        batch: Any,
+        ids: Tensor,
+        state: Mapping[str, Tensor],
         stream: int,
-        param_scales: Mapping[str, float] | None,
         scale: float,
         device: torch.device,
-    ) -> Tensor:
+    ) -> PerSampleGradients:
         params = {n: state[n] for n in self.param_names}
         with self.precision.context(device):
-            grads = self.engine.gradients(
+            return self.engine.gradients(
                 self.module,
                 self.loss_fn,
                 batch,
@@ -194,16 +260,37 @@ class GradientFeaturizer:
                 loss_scale=scale,
                 argname=self.argname,
             )
+
+    def _rows_at_scale(
+        self,
+        batch: Any,
+        ids: Tensor,
+        state: Mapping[str, Tensor],
+        projection: RandomProjection | None,
+        stream: int,
+        param_scales: Mapping[str, float] | None,
+        scale: float,
+        device: torch.device,
+    ) -> Tensor:
+        grads = self._gradients(batch, ids, state, stream, scale, device)
         if projection is not None:
             if scale != 1.0:
                 param_scales = {n: (param_scales or {}).get(n, 1.0) / scale for n in self.param_names}
             return projection.project(grads, param_scales)
         return self._flat_rows(grads, param_scales, scale)
 
-    def _flat_rows(self, grads: PerSampleGradients, param_scales: Mapping[str, float] | None, scale: float) -> Tensor:
+    def _flat_rows(
+        self,
+        grads: PerSampleGradients,
+        param_scales: Mapping[str, float] | None,
+        scale: float,
+        names: Sequence[str] | None = None,
+    ) -> Tensor:
         # Each block is written straight into its columns of one preallocated [B, D] matrix (no
         # per-parameter temporaries concatenated afterwards); a factored block is the batched
         # product sum_s g_s a_s^T, formed in place.
+        names = self.param_names if names is None else list(names)
+        width = sum(self._numels[n] for n in names)
         blocks = [grads[n] for n in self.param_names]
         first = blocks[0]
         ref = first.output_grads if isinstance(first, LayerFactors) else first
@@ -217,9 +304,12 @@ class GradientFeaturizer:
             dtype = dtypes[0]
         if self.out_dtype is not None and scale == 1.0:
             dtype = self.out_dtype
-        out = torch.empty(batch, self.input_dim, dtype=dtype, device=ref.device)
+        out = torch.empty(batch, width, dtype=dtype, device=ref.device)
         offset = 0
+        chosen = set(names)
         for name, block in zip(self.param_names, blocks):
+            if name not in chosen:
+                continue
             mult = (1.0 if param_scales is None else float(param_scales.get(name, 1.0))) / scale
             numel = math.prod(block.shape) if isinstance(block, LayerFactors) else math.prod(block.shape[1:])
             view = out[:, offset : offset + numel]
@@ -235,6 +325,32 @@ class GradientFeaturizer:
             view.copy_(dense_gradient(block).reshape(batch, numel))
             if mult != 1.0:
                 view.mul_(mult)
-        if offset != self.input_dim:
-            raise ValueError(f"The engine returned {offset} gradient entries per sample, expected {self.input_dim}.")
+        if offset != width:
+            raise ValueError(f"The engine returned {offset} gradient entries per sample, expected {width}.")
         return out if self.out_dtype is None else out.to(self.out_dtype)
+
+
+def _replace_rows(split: SplitRows, idx: Tensor, redo: SplitRows) -> SplitRows:
+    """``split`` with its rows ``idx`` replaced by ``redo`` (the loss-scale back-off of those rows)."""
+    dense = split.dense.clone()
+    dense[idx] = redo.dense.to(dense.dtype)
+    factors: dict[str, Tensor | LayerFactors] = {}
+    for name, f in split.factors.items():
+        r = redo.factors[name]
+        if (
+            isinstance(f, LayerFactors)
+            and isinstance(r, LayerFactors)
+            and r.output_grads.shape[1:] == f.output_grads.shape[1:]
+        ):
+            g = f.output_grads.clone()
+            g[idx] = r.output_grads.to(g.dtype)
+            a = f.inputs
+            if a is not None and r.inputs is not None:
+                a = a.clone()
+                a[idx] = r.inputs.to(a.dtype)
+            factors[name] = LayerFactors(a, g, f.shape, f.groups)
+        else:
+            d = dense_gradient(f).clone()
+            d[idx] = dense_gradient(r).to(d.dtype)
+            factors[name] = d
+    return SplitRows(dense, factors, split.names, split.numels)

@@ -76,7 +76,8 @@ class InfluenceFunction:
             output losses); needs ``train_outputs`` and ``train_loss_on_outputs``.
         batch_size: samples per block of per-sample gradients and per batch of Hessian products.
         store: a recorded ``GradientStore`` with exact (unprojected) gradients: the training
-            gradients of its last checkpoint are used instead of being recomputed.
+            gradients of its last checkpoint are used instead of being recomputed (a store recorded
+            with ``factored_storage=True`` has its factored blocks materialised, block by block).
         train_outputs: ``train_outputs(module, batch) -> outputs`` for the Gauss-Newton split.
         train_loss_on_outputs: ``train_loss_on_outputs(outputs, batch) -> Tensor[B]``; together with
             ``train_outputs`` it must reproduce ``train_loss``. A weight-decay term enters exactly if
@@ -327,11 +328,15 @@ class InfluenceFunction:
         """Blocks ``(ids, Tensor[B, D])`` of per-sample training-loss gradients (from the store if given)."""
         if self.store is not None:
             ckpt = self.store.checkpoints[-1]
-            grads = ckpt.gradients()
+            # A store with exact factored storage keeps some parameters as layer factors: their
+            # rows are materialised block by block (exact, O(batch_size x D) at a time).
+            factored = bool(getattr(self.store, "factored", None))
+            grads = None if factored else ckpt.gradients()
             scales = getattr(ckpt, "param_scales", None)
             for start in range(0, self.n_train, self.batch_size):
                 stop = min(start + self.batch_size, self.n_train)
-                rows = grads[start:stop].to(device=self.device, dtype=self.dtype)
+                block = ckpt.materialized(start, stop) if grads is None else grads[start:stop]
+                rows = block.to(device=self.device, dtype=self.dtype)
                 if scales:
                     rows = _unscale(rows, self.params, self.param_names, scales)
                 yield torch.arange(start, stop), rows

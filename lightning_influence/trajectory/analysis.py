@@ -6,6 +6,11 @@ next is read, so a memory-mapped store never has more than one block resident on
 and test-side rows are computed once per checkpoint and cached, up to ``cache_bytes``, for the
 same queries across :meth:`InfluenceAnalysis.tracin`, :meth:`~InfluenceAnalysis.top_k`,
 :meth:`~InfluenceAnalysis.ranked` and :meth:`~InfluenceAnalysis.summary` calls.
+
+A store recorded with exact factored storage (``factored_storage=True``) is scored from its split
+rows: the test side computes the same split (:meth:`GradientFeaturizer.split_rows`), and each
+training block is the dense part plus the stored factors, scored exactly
+(:func:`~lightning_influence.gradients.split.split_inner_products`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from lightning_influence.gradients.factored import resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream
+from lightning_influence.gradients.split import SplitRows, cat_split_rows
 from lightning_influence.trajectory.store import GradientStore, StoredCheckpoint
 from lightning_influence.trajectory.tracin import (
     TopK,
@@ -174,32 +180,83 @@ class InfluenceAnalysis:
         """Gradient rows ``[n, dim]`` (fp32, on ``device``) of ``data`` at one checkpoint's weights.
 
         Rows are laid out like the stored training rows (same projection and scales), so
-        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta``. A sample's
+        ``rows @ ckpt.gradients().T`` are the checkpoint's TracIn terms before ``eta`` (for a store
+        with factored storage, ``ckpt.materialized()`` are the full training rows). A sample's
         noise is keyed by ``id_offset`` + its position in ``data``.
 
         Raises:
             FloatingPointError: if a row is non-finite.
         """
+        rows = self._rows(data, checkpoint, loss_fn, stream=stream, argname=argname, name=name, id_offset=id_offset)
+        return rows.materialize() if isinstance(rows, SplitRows) else rows
+
+    def split_gradients(
+        self,
+        data: Any,
+        checkpoint: StoredCheckpoint | int,
+        loss_fn: PerSampleLoss | None = None,
+        *,
+        stream: int = NoiseStream.TEST,
+        argname: str = "train_loss",
+        name: str = "test_data",
+        id_offset: int = 0,
+    ) -> SplitRows:
+        """Rows of ``data`` in the split form of a store with factored storage (dense part + factors).
+
+        As :meth:`gradients`, but the parameters the store keeps as factors stay factors, so
+        ``split_inner_products(rows, ckpt.block(0, n))`` are the checkpoint's TracIn terms.
+
+        Raises:
+            ValueError: the store keeps no factors (use :meth:`gradients`).
+        """
+        if not self.store.factored:
+            raise ValueError(
+                f"The store at {str(self.store.path)!r} keeps no parameter as factors (factored_storage=False):"
+                " use gradients()."
+            )
+        rows = self._rows(data, checkpoint, loss_fn, stream=stream, argname=argname, name=name, id_offset=id_offset)
+        assert isinstance(rows, SplitRows)
+        return rows
+
+    def _rows(
+        self,
+        data: Any,
+        checkpoint: StoredCheckpoint | int,
+        loss_fn: PerSampleLoss | None = None,
+        *,
+        stream: int = NoiseStream.TEST,
+        argname: str = "train_loss",
+        name: str = "test_data",
+        id_offset: int = 0,
+    ) -> Tensor | SplitRows:
+        """Rows of ``data`` at ``checkpoint`` as the store keeps them: a tensor, or split rows (factored storage)."""
         ckpt = self.store.checkpoints[checkpoint] if isinstance(checkpoint, int) else checkpoint
         featurizer = self._featurizer(loss_fn or self.train_loss, argname)
         projection = self.store.projector(ckpt.index)
-        out = []
+        factored = list(self.store.factored)
+        out: list[Any] = []
         # Gradients are needed even when called under no_grad or inference mode (Trainer.predict).
         with torch.inference_mode(False), torch.enable_grad(), isolated(self.model):
             state = cast_state(ckpt.state(), self.store.precision, self.device)
             for ids, batch in iterate_batches(data, self.batch_size, name=name):
                 ids = ids + id_offset
                 batch = move_data_to_device(batch, self.device)
-                rows, bad = featurizer.rows(
-                    batch, ids, state, projection=projection, stream=stream, param_scales=ckpt.param_scales
-                )
+                rows: Any
+                if factored:
+                    rows, bad = featurizer.split_rows(
+                        batch, ids, state, factored=factored, stream=stream, param_scales=ckpt.param_scales
+                    )
+                else:
+                    rows, bad = featurizer.rows(
+                        batch, ids, state, projection=projection, stream=stream, param_scales=ckpt.param_scales
+                    )
                 if bad.any():
                     raise FloatingPointError(
                         f"Non-finite gradients for {int(bad.sum())} sample(s) of `{name}` at checkpoint {ckpt.index}"
                         f" (ids {ids[bad.cpu()][:10].tolist()})."
                     )
                 out.append(rows)
-        return torch.cat(out)
+        return cat_split_rows(out) if factored else torch.cat(out)
 
     def _test_rows(
         self,
@@ -208,20 +265,20 @@ class InfluenceAnalysis:
         fn: PerSampleLoss,
         argname: str,
         span: tuple[int, int] | None = None,
-    ) -> Tensor:
+    ) -> Tensor | SplitRows:
         """Test-side rows of ``data`` (or of its rows ``span``) at ``ckpt``, cached for the same queries."""
         start, stop = span if span is not None else (0, num_samples(data, "test_data"))
         key = (ckpt.index, id(data), id(fn), start, stop)
         rows = self._cache.get(key, data, fn)
         if rows is None:
             part = data if span is None else subset(data, start, stop)
-            rows = self.gradients(part, ckpt, fn, argname=argname, id_offset=start)
+            rows = self._rows(part, ckpt, fn, argname=argname, id_offset=start)
             self._cache.put(key, data, fn, rows)
         return rows
 
     def _block_rows(self, n_checkpoints_at_once: int = 1) -> int:
         """Training rows per block: ``train_block``, fewer if a block would exceed ``block_bytes``."""
-        per_row = 4 * self.store.dim * n_checkpoints_at_once
+        per_row = 4 * self.store.row_values * n_checkpoints_at_once
         return max(1, min(self.train_block, self.block_bytes // per_row))
 
     def _test_loss(self, measurement: PerSampleLoss | None) -> tuple[PerSampleLoss, str]:
@@ -236,9 +293,13 @@ class InfluenceAnalysis:
     def _iter(self, items: Sequence[Any], desc: str) -> Any:
         return tqdm(items, desc=desc, leave=False) if self.progress else items
 
-    def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor:
+    def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor | SplitRows:
         # A fresh mapping per block, dropped with the block: pages of blocks already scored are
         # not kept resident by a long-lived mapping of every checkpoint.
+        if self.store.factored:
+            block = ckpt.block(start, stop)
+            assert isinstance(block, SplitRows)
+            return block.to(self.device, torch.float32)
         return ckpt.gradients()[start:stop].to(self.device).float()
 
     def tracin(self, test_data: Any, measurement: PerSampleLoss | None = None) -> Tensor:
@@ -264,7 +325,7 @@ class InfluenceAnalysis:
         for ckpt in self._iter(self.store.checkpoints, "TracIn"):
             t = self._test_rows(test_data, ckpt, fn, argname)
             if out is None:
-                out = torch.zeros(t.shape[0], n, device=self.device)
+                out = torch.zeros(len(t), n, device=self.device)
             for start, stop in iter_row_blocks(n, self._block_rows()):
                 out[:, start:stop] += tracin_scores([self._train_rows(ckpt, start, stop)], [t], [ckpt.eta])
         assert out is not None
@@ -299,12 +360,10 @@ class InfluenceAnalysis:
             # Both sides block by block: the second draw is never an n_train x dim matrix either.
             for start, stop in iter_row_blocks(n, self._block_rows(2 if unbiased else 1)):
                 g = [self._train_rows(ckpt, start, stop)]
-                second = None
+                second: list[Any] | None = None
                 if unbiased:
                     part = subset(data, start, stop)
-                    rows = self.gradients(
-                        part, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data", id_offset=start
-                    )
+                    rows = self._rows(part, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data", id_offset=start)
                     second = [rows]
                 out[start:stop] += self_influence_scores(g, [ckpt.eta], second)
         return out.cpu()
@@ -367,7 +426,7 @@ class InfluenceAnalysis:
         ckpts = self.store.checkpoints
         # Every checkpoint's test rows of a query block are held at once (and cached): bound them.
         budget = max(self.block_bytes, self.cache_bytes)
-        query_block = max(1, min(query_block, budget // (4 * self.store.dim * len(ckpts))))
+        query_block = max(1, min(query_block, budget // (4 * self.store.row_values * len(ckpts))))
         for q0, q1 in iter_row_blocks(n_test, query_block):
             span = None if (q0, q1) == (0, n_test) else (q0, q1)
             tests = [self._test_rows(test_data, c, fn, argname, span) for c in self._iter(ckpts, "test gradients")]
@@ -449,16 +508,16 @@ class _RowCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._rows: dict[tuple[int, ...], tuple[Any, Any, Tensor]] = {}
+        self._rows: dict[tuple[int, ...], tuple[Any, Any, Tensor | SplitRows]] = {}
 
-    def get(self, key: tuple[int, ...], data: Any, fn: Any) -> Tensor | None:
+    def get(self, key: tuple[int, ...], data: Any, fn: Any) -> Tensor | SplitRows | None:
         hit = self._rows.get(key)
         if hit is None or hit[0] is not data or hit[1] is not fn:
             return None
         return hit[2]
 
-    def put(self, key: tuple[int, ...], data: Any, fn: Any, rows: Tensor) -> None:
-        size = rows.numel() * rows.element_size()
+    def put(self, key: tuple[int, ...], data: Any, fn: Any, rows: Tensor | SplitRows) -> None:
+        size = rows.nbytes if isinstance(rows, SplitRows) else rows.numel() * rows.element_size()
         if key in self._rows or self.used + size > self.budget:
             return
         self._rows[key] = (data, fn, rows)

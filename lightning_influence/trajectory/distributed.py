@@ -64,7 +64,7 @@ class _BlockScorer(pl.LightningModule):
         self.measurement = measurement
         self.k = k
         self.largest = tuple(largest)
-        self._tests: list[Tensor] = []
+        self._tests: list[Any] = []
         self._parts: list[tuple[int, int, Any]] = []
         self._saved_device: torch.device | None = None
         self.result: Any = None
@@ -79,8 +79,9 @@ class _BlockScorer(pl.LightningModule):
         if self.task != "self_influence":
             fn = self.measurement if self.measurement is not None else self.analysis.train_loss
             argname = "measurement" if self.measurement is not None else "train_loss"
+            # As the store keeps them: tensors, or split rows for a store with factored storage.
             self._tests = [
-                self.analysis.gradients(self.test_data, c, fn, argname=argname) for c in self.analysis.store.checkpoints
+                self.analysis._rows(self.test_data, c, fn, argname=argname) for c in self.analysis.store.checkpoints
             ]
 
     @override
@@ -88,7 +89,7 @@ class _BlockScorer(pl.LightningModule):
         """Score the block(s) in ``batch`` (rows ``[block_id, start, stop]``); return how many blocks."""
         for block_id, start, stop in batch[0].tolist():
             ckpts = self.analysis.store.checkpoints
-            rows = [c.gradients()[start:stop].to(self.device).float() for c in ckpts]
+            rows = [self.analysis._train_rows(c, start, stop) for c in ckpts]
             etas = [c.eta for c in ckpts]
             if self.task == "self_influence":
                 out: Any = self_influence_scores(rows, etas).cpu()

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
 from lightning_influence.errors import StoreError
-from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine
 from lightning_influence.gradients.factored import describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
@@ -30,6 +30,7 @@ from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
+from lightning_influence.gradients.split import stores_smaller
 from lightning_influence.trajectory.store import (
     MANIFEST,
     CheckpointWriter,
@@ -108,6 +109,15 @@ class TrajectoryRecorder(pl.Callback):
             :class:`~lightning_influence.gradients.PerSampleGradientEngine`. The manifest records the
             engine and the rule behind every parameter block; rows do not depend on it, so analysis
             may use another engine.
+        factored_storage: exact factored storage (exact rows only; default off). Every tracked
+            parameter whose layer factors are smaller than its gradient (``S (d_in + d_out) <
+            d_in d_out / groups`` values per sample, e.g. a Linear layer without positions) is stored
+            as its inputs ``a`` ``[n, S, d_in]`` and output gradients ``g`` ``[n, S, d_out]`` (the
+            per-group learning-rate scale folded into ``g``) in ``a.<param>.npy`` / ``g.<param>.npy``
+            of each checkpoint, and ``grads.npy`` keeps only the other parameters' columns. Scores
+            from such a store are exact and equal the dense store's. Needs an engine that returns
+            factors (``"auto"``/``"factored"``) and a fixed input size (``S`` must not change
+            between batches). The manifest lists the factored parameters under ``factored``.
         seed: seed of the projection and of the reparameterisation noise.
         overwrite: a fresh fit replaces a store already at ``dirpath``, deleting only the files the
             store wrote (default: refuse, so nothing recorded is lost or mixed). A ``dirpath``
@@ -149,6 +159,7 @@ class TrajectoryRecorder(pl.Callback):
         seed: int = 0,
         overwrite: bool = False,
         verbose: bool = False,
+        factored_storage: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(dirpath, (str, Path)) or not str(dirpath):
@@ -198,6 +209,13 @@ class TrajectoryRecorder(pl.Callback):
             )
         if dataset is not None and not hasattr(dataset, "__len__"):
             raise MisconfigurationException("`dataset` must be a map-style Dataset with __len__ (ids are positions).")
+        if not isinstance(factored_storage, bool):
+            raise MisconfigurationException(f"`factored_storage` must be True or False, got {factored_storage!r}.")
+        if factored_storage and projection_dim is not None:
+            raise MisconfigurationException(
+                "`factored_storage=True` stores exact gradients as layer factors; it cannot be combined with"
+                f" `projection_dim`={projection_dim}. Use one of them."
+            )
         if isinstance(params, str):
             params = [params]
         self.dirpath = Path(dirpath)
@@ -217,6 +235,7 @@ class TrajectoryRecorder(pl.Callback):
         self.seed = seed
         self.overwrite = overwrite
         self.verbose = verbose
+        self.factored_storage = factored_storage
         # Bookkeeping (also the callback's state_dict).
         self._last_step = -1
         self._credit: dict[str, float] = {}
@@ -237,6 +256,7 @@ class TrajectoryRecorder(pl.Callback):
         self._module_params: dict[str, torch.nn.Parameter] = {}
         self._names: list[str] = []
         self._param_ids: dict[int, str] = {}
+        self._factored: list[str] = []
         self._data: Any = None
         self._collate: Callable | None = None
         self._active = False
@@ -314,6 +334,8 @@ class TrajectoryRecorder(pl.Callback):
             noise_seed=self.seed,
         )
         self._probe(pl_module)
+        layout = self._factor_layout(pl_module) if self.factored_storage else {}
+        self._factored = list(layout)
         self._n_samples = num_samples(self._data, "dataset")
         header = header_for(
             n_samples=self._n_samples,
@@ -332,6 +354,7 @@ class TrajectoryRecorder(pl.Callback):
                 **describe_engine(self._featurizer.engine, pl_module, self._names),
                 "world_size": trainer.world_size,
             },
+            factored=layout or None,
         )
         self._open_store(trainer, header)
 
@@ -445,6 +468,33 @@ class TrajectoryRecorder(pl.Callback):
             raise MisconfigurationException(
                 f"`train_loss` produced gradient rows of shape {tuple(rows.shape)} for {len(ids)} samples."
             )
+
+    def _factor_layout(self, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
+        """The parameters to store as factors (smaller than their gradient), with positions and sizes."""
+        assert self._featurizer is not None
+        with isolated(pl_module):
+            ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
+            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
+            batch = move_data_to_device(batch, pl_module.device)
+            split, _ = self._featurizer.split_rows(batch, ids, state, factored=self._names)
+        layout: dict[str, dict[str, Any]] = {}
+        for name in self._names:
+            f = split.factors[name]
+            if stores_smaller(f):
+                assert isinstance(f, LayerFactors) and f.inputs is not None
+                layout[name] = {
+                    "positions": int(f.output_grads.shape[1]),
+                    "inputs": int(f.inputs.shape[2]),
+                    "outputs": int(f.output_grads.shape[2]),
+                    "groups": int(f.groups),
+                    "shape": [int(x) for x in f.shape],
+                }
+        if not layout:
+            rank_zero_warn(
+                "TrajectoryRecorder: `factored_storage=True` but no tracked parameter has layer factors smaller than"
+                f" its gradient (engine {self._featurizer.engine.name!r}); every gradient is stored densely."
+            )
+        return layout
 
     @override
     def on_before_optimizer_step(
@@ -641,9 +691,15 @@ class TrajectoryRecorder(pl.Callback):
             for ids, batch in iterate_batches(part, self.batch_size, self._collate, name="dataset"):
                 ids = ids + start
                 batch = move_data_to_device(batch, pl_module.device)
-                rows, bad = self._featurizer.rows(
-                    batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
-                )
+                rows: Any
+                if self._factored:
+                    rows, bad = self._featurizer.split_rows(
+                        batch, ids, state, factored=self._factored, stream=NoiseStream.TRAIN, param_scales=scales
+                    )
+                else:
+                    rows, bad = self._featurizer.rows(
+                        batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
+                    )
                 if bad.any():
                     bad_ids.extend(ids[bad.cpu()].tolist())
                 out.write_rows(ids, rows)

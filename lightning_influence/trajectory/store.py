@@ -4,6 +4,8 @@ Layout of a store directory::
 
     manifest.json                  schema version, run id, parameters, projection, dtype, checkpoints, checksums
     ckpt-00000/grads.npy           [n_samples, dim] gradient rows (numpy .npy, memory-mapped on read)
+    ckpt-00000/a.<param>.npy       [n_samples, S, d_in]  layer inputs   } exact factored storage only:
+    ckpt-00000/g.<param>.npy       [n_samples, S, d_out] output grads   } one pair per factored parameter
     ckpt-00000/weights.safetensors all parameters and buffers at that checkpoint
     .tmp-ckpt-00001/               a checkpoint being written (never listed)
 
@@ -24,6 +26,16 @@ readers verify each file lazily on its first use.
 
 A store belongs to one run: the manifest's ``run_id`` is also kept in the recorder's Lightning
 state, so a resumed fit appends to its own run and a fresh fit never appends to another's.
+
+**Exact factored storage** (``TrajectoryRecorder(factored_storage=True)``, exact rows only): a
+parameter whose factors are smaller than its gradient (``S (d_in + d_out) < d_in d_out / G`` values
+per sample, e.g. a Linear layer without positions) is stored as its layer inputs ``a`` and output
+gradients ``g`` (the per-parameter scale folded into ``g``), and ``grads.npy`` holds only the other
+parameters' columns (``dense_dim`` wide, in ``param_names`` order). The manifest's ``factored`` maps
+each such parameter to ``{"positions", "inputs", "outputs", "groups", "shape"}``, and such a store
+has ``schema_version`` 2 (a reader that does not know factors refuses it instead of misreading it);
+a store without factors is written exactly as before (version 1). Factor files are written, checked
+and sharded across DDP ranks like ``grads.npy``.
 
 bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the manifest's
 ``grad_dtype`` says how to view them.
@@ -53,12 +65,24 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from lightning_influence.errors import StoreError
+from lightning_influence.gradients.engine import LayerFactors
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
+from lightning_influence.gradients.split import SplitRows
 
-__all__ = ["CheckpointWriter", "GradientStore", "GradientStoreWriter", "ShardWriter", "StoredCheckpoint"]
+__all__ = [
+    "CheckpointWriter",
+    "GradientStore",
+    "GradientStoreWriter",
+    "RowsWriter",
+    "ShardWriter",
+    "StoredCheckpoint",
+    "factor_file",
+]
 
 SCHEMA_VERSION = 1
+#: The schema of a store with factored parameters (exact factored storage); it reads like version 1 otherwise.
+FACTORED_SCHEMA_VERSION = 2
 FORMAT = "lightning_influence.gradient_store"
 MANIFEST = "manifest.json"
 GRADS_FILE = "grads.npy"
@@ -235,9 +259,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{str(mpath)!r} is not a lightning_influence gradient store manifest.")
-    if m.get("schema_version") != SCHEMA_VERSION:
+    if m.get("schema_version") not in (SCHEMA_VERSION, FACTORED_SCHEMA_VERSION):
         raise StoreError(
-            f"Store schema version {m.get('schema_version')} is not supported (this version reads {SCHEMA_VERSION})."
+            f"Store schema version {m.get('schema_version')} is not supported (this version reads"
+            f" {SCHEMA_VERSION} and {FACTORED_SCHEMA_VERSION})."
         )
     missing = [k for k in (*_HEADER_KEYS, "checkpoints") if k not in m]
     if missing:
@@ -264,9 +289,11 @@ class StoreHeader:
     noise_seed: int
     precision: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Exact factored storage: parameter -> ``{"positions", "inputs", "outputs", "groups", "shape"}`` (``None``: none).
+    factored: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "n_samples": self.n_samples,
             "dim": self.dim,
             "grad_dtype": self.grad_dtype,
@@ -277,18 +304,63 @@ class StoreHeader:
             "precision": self.precision,
             "extra": self.extra,
         }
+        if self.factored:
+            out["factored"] = self.factored
+            out["dense_dim"] = self.dense_dim
+        return out
+
+    @property
+    def schema_version(self) -> int:
+        return FACTORED_SCHEMA_VERSION if self.factored else SCHEMA_VERSION
+
+    @property
+    def dense_dim(self) -> int:
+        """Width of ``grads.npy``: ``dim`` less the factored parameters' sizes."""
+        factored = self.factored or {}
+        return self.dim - sum(int(np.prod(factored[n]["shape"])) for n in factored)
+
+    def file_rows(self) -> dict[str, tuple[int, ...]]:
+        """Every gradient file of a checkpoint -> the shape of one sample's entry (``grads.npy`` first)."""
+        out: dict[str, tuple[int, ...]] = {GRADS_FILE: (self.dense_dim,)}
+        for name in self.param_names:
+            info = (self.factored or {}).get(name)
+            if info is not None:
+                out[factor_file(name, "a")] = (int(info["positions"]), int(info["inputs"]))
+                out[factor_file(name, "g")] = (int(info["positions"]), int(info["outputs"]))
+        return out
+
+    def file_header(self, fn: str = GRADS_FILE) -> bytes:
+        return _npy_header(np.dtype(_STORAGE[self.grad_dtype][1]), (self.n_samples, *self.file_rows()[fn]))
+
+    def file_row_bytes(self, fn: str = GRADS_FILE) -> int:
+        return int(np.prod(self.file_rows()[fn])) * np.dtype(_STORAGE[self.grad_dtype][1]).itemsize
+
+    def file_bytes(self, fn: str = GRADS_FILE) -> int:
+        return len(self.file_header(fn)) + self.n_samples * self.file_row_bytes(fn)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all gradient files of one checkpoint."""
+        return sum(self.file_bytes(fn) for fn in self.file_rows())
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * np.dtype(_STORAGE[self.grad_dtype][1]).itemsize
+        return self.file_row_bytes(GRADS_FILE)
 
     @property
     def npy_header(self) -> bytes:
-        return _npy_header(np.dtype(_STORAGE[self.grad_dtype][1]), (self.n_samples, self.dim))
+        return self.file_header(GRADS_FILE)
 
     @property
     def grads_bytes(self) -> int:
-        return len(self.npy_header) + self.n_samples * self.row_bytes
+        return self.file_bytes(GRADS_FILE)
+
+
+def factor_file(param: str, which: str) -> str:
+    """The file of a factored parameter's inputs (``which="a"``) or output gradients (``"g"``)."""
+    if which not in ("a", "g"):
+        raise ValueError(f"`which` must be 'a' or 'g', got {which!r}.")
+    return f"{which}.{param}.npy"
 
 
 def shard_bounds(n_samples: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -383,7 +455,7 @@ class GradientStoreWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = {
             "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": header.schema_version,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "run_id": run_id or new_run_id(),
             **header.to_dict(),
@@ -457,22 +529,32 @@ class GradientStoreWriter:
             return CheckpointWriter(self, index, name, tmp, stop)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _wrap_os_error(err, self.path, f"checkpoint {index} ({GRADS_FILE})", self.header.grads_bytes) from err
+            what = ", ".join(self.header.file_rows())
+            raise _wrap_os_error(err, self.path, f"checkpoint {index} ({what})", self.header.total_bytes) from err
 
-    def open_shard(self, index: int, start: int, stop: int) -> ShardWriter:
+    def open_shard(self, index: int, start: int, stop: int) -> ShardWriter | RowsWriter:
         """Open rows ``[start, stop)`` of checkpoint ``index``'s ``grads.npy``, created by :meth:`begin_checkpoint`.
 
-        Used by the other ranks under DDP, after rank 0 began the checkpoint.
+        Used by the other ranks under DDP, after rank 0 began the checkpoint. With factored
+        storage, the same rows of every factor file too (a :class:`RowsWriter`).
         """
-        path = self.path / f".tmp-ckpt-{index:05d}" / GRADS_FILE
+        writers: dict[str, ShardWriter] = {}
         try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError as err:
-            raise StoreError(
-                f"{str(path)!r} (created by rank 0) is not visible here: `dirpath` must be on a filesystem every"
-                " rank shares."
-            ) from err
-        return ShardWriter(self, fd, start, stop)
+            for fn, shape in self.header.file_rows().items():
+                path = self.path / f".tmp-ckpt-{index:05d}" / fn
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                except FileNotFoundError as err:
+                    raise StoreError(
+                        f"{str(path)!r} (created by rank 0) is not visible here: `dirpath` must be on a filesystem"
+                        " every rank shares."
+                    ) from err
+                writers[fn] = ShardWriter(self, fd, start, stop, fname=fn, row_shape=shape)
+        except BaseException:
+            for w in writers.values():
+                w.close()
+            raise
+        return RowsWriter(writers) if self.header.factored else writers[GRADS_FILE]
 
     def _commit(self, entry: dict[str, Any]) -> None:
         _write_json_atomic(
@@ -482,21 +564,40 @@ class GradientStoreWriter:
 
 
 class ShardWriter:
-    """Writes the rows ``[start, stop)`` of one checkpoint's ``grads.npy`` with ordinary writes.
+    """Writes the rows ``[start, stop)`` of one checkpoint's ``grads.npy`` (or of one factor file) with ordinary writes.
 
     The SHA-256 of the segment is computed while writing when rows arrive in order (the recorder
     writes them so); rows written out of order are hashed by reading the segment back on :meth:`finish`.
+
+    Args:
+        store: the store being written.
+        fd: the file, opened for writing (closed by :meth:`finish` / :meth:`close`).
+        start, stop: the sample rows this writer holds.
+        fname: the file's name in the checkpoint directory (for messages and the header).
+        row_shape: one sample's entry (``(dim,)`` for ``grads.npy``, ``(S, d)`` for a factor file).
     """
 
-    def __init__(self, store: GradientStoreWriter, fd: int, start: int, stop: int) -> None:
+    def __init__(
+        self,
+        store: GradientStoreWriter,
+        fd: int,
+        start: int,
+        stop: int,
+        *,
+        fname: str = GRADS_FILE,
+        row_shape: tuple[int, ...] | None = None,
+    ) -> None:
         h = store.header
         if not 0 <= start <= stop <= h.n_samples:
             raise StoreError(f"Shard rows [{start}, {stop}) are outside the store's {h.n_samples} samples.")
         self.store, self.fd, self.start, self.stop = store, fd, start, stop
+        self.fname = fname
+        self.row_shape = tuple(row_shape) if row_shape is not None else h.file_rows()[fname]
         self._torch_dtype, self._np_dtype = _STORAGE[h.grad_dtype]
-        header = h.npy_header
+        header = _npy_header(np.dtype(self._np_dtype), (h.n_samples, *self.row_shape))
         self._offset = len(header)
-        self._row_bytes = h.row_bytes
+        self._file_bytes = self._offset + h.n_samples * int(np.prod(self.row_shape)) * np.dtype(self._np_dtype).itemsize
+        self._row_bytes = int(np.prod(self.row_shape)) * np.dtype(self._np_dtype).itemsize
         self._written = np.zeros(stop - start, dtype=bool)
         # The segment this writer checksums: the .npy header belongs to the shard starting at row 0.
         self.seg_start = 0 if start == 0 else self._offset + start * self._row_bytes
@@ -509,13 +610,19 @@ class ShardWriter:
             self._hash_pos = self._offset
 
     def write_rows(self, ids: Tensor, rows: Tensor) -> None:
-        """Store ``rows`` ``[B, dim]`` (any float dtype) at sample positions ``ids``."""
+        """Store ``rows`` ``[B, *row_shape]`` (any float dtype) at sample positions ``ids``."""
         ids_np = np.asarray(ids.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
         if ids_np.size == 0:
             return
-        if rows.dim() != 2 or rows.shape[0] != ids_np.size or rows.shape[1] != self.store.header.dim:
+        if tuple(rows.shape) != (ids_np.size, *self.row_shape):
+            what = "gradient rows" if self.fname == GRADS_FILE else f"factors ({self.fname})"
             raise StoreError(
-                f"Expected gradient rows of shape ({ids_np.size}, {self.store.header.dim}), got {tuple(rows.shape)}."
+                f"Expected {what} of shape {(ids_np.size, *self.row_shape)}, got {tuple(rows.shape)}."
+                + (
+                    ""
+                    if self.fname == GRADS_FILE
+                    else " A factored parameter's position count must not change between batches (fixed input sizes)."
+                )
             )
         lo, hi = int(ids_np.min()), int(ids_np.max())
         if lo < self.start or hi >= self.stop:
@@ -523,7 +630,7 @@ class ShardWriter:
                 f"Sample ids {lo}..{hi} fall outside the rows [{self.start}, {self.stop}) this writer holds: the"
                 f" store was created for {self.store.header.n_samples} samples (did the dataset change size?)."
             )
-        r = rows.detach().to(self._torch_dtype).cpu().contiguous()
+        r = rows.detach().to(self._torch_dtype).cpu().contiguous().reshape(ids_np.size, -1)
         arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
         arr = np.ascontiguousarray(arr)
         contiguous = bool(np.all(np.diff(ids_np) == 1))
@@ -534,7 +641,7 @@ class ShardWriter:
                 for i, row in zip(ids_np.tolist(), arr):
                     self._put(i, memoryview(np.ascontiguousarray(row)).cast("B"))
         except OSError as err:
-            raise _wrap_os_error(err, self.store.path, f"gradient rows ({GRADS_FILE})", self.store.header.grads_bytes)
+            raise _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
         self._written[ids_np - self.start] = True
 
     def _put(self, row: int, data: memoryview) -> None:
@@ -555,7 +662,7 @@ class ShardWriter:
         try:
             os.fsync(self.fd)
         except OSError as err:
-            raise _wrap_os_error(err, self.store.path, f"gradient rows ({GRADS_FILE})", self.store.header.grads_bytes)
+            raise _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
         if self._in_order and self._hash_pos == self.seg_stop:
             digest = self._hash.hexdigest()
         else:
@@ -586,6 +693,64 @@ class ShardWriter:
             self.fd = -1
 
 
+class RowsWriter:
+    """The rows ``[start, stop)`` of every gradient file of a factored checkpoint: ``grads.npy`` and the factor files.
+
+    :meth:`write_rows` takes :class:`~lightning_influence.gradients.split.SplitRows`: the dense part
+    goes to ``grads.npy``, each factored parameter's ``a`` and ``g`` to its files.
+    """
+
+    def __init__(self, writers: Mapping[str, ShardWriter]) -> None:
+        self.writers = dict(writers)
+        first = self.writers[GRADS_FILE]
+        self.store, self.start, self.stop = first.store, first.start, first.stop
+
+    def write_rows(self, ids: Tensor, rows: SplitRows | Tensor) -> None:
+        """Store split rows (dense part ``[B, dense_dim]`` and factors) at sample positions ``ids``."""
+        factored = self.store.header.factored or {}
+        if not isinstance(rows, SplitRows):
+            raise StoreError(
+                f"This store keeps {sorted(factored)[:4]} as factors (factored storage): write SplitRows"
+                f" (GradientFeaturizer.split_rows), not a {type(rows).__name__}."
+            )
+        if set(rows.factors) != set(factored):
+            raise StoreError(f"Expected factors of {sorted(factored)}, got factors of {sorted(rows.factors)}.")
+        self.writers[GRADS_FILE].write_rows(ids, rows.dense)
+        for name in factored:
+            f = rows.factors[name]
+            if not isinstance(f, LayerFactors) or f.inputs is None:
+                raise StoreError(
+                    f"Parameter {name!r} is stored as factors but the engine returned"
+                    f" {'a dense gradient' if not isinstance(f, LayerFactors) else 'factors without inputs'}:"
+                    " record with engine='factored' (or 'auto')."
+                )
+            self.writers[factor_file(name, "a")].write_rows(ids, f.inputs)
+            self.writers[factor_file(name, "g")].write_rows(ids, f.output_grads)
+
+    @property
+    def missing(self) -> int:
+        return max(w.missing for w in self.writers.values())
+
+    def finish(self) -> dict[str, Any]:
+        """Flush every file: ``{start, stop, missing, files: {name: segment}}`` (segments as :meth:`ShardWriter.finish`)."""
+        missing = self.missing
+        try:
+            files = {fn: w.finish() for fn, w in self.writers.items()}
+        finally:
+            self.close()
+        return {"start": self.start, "stop": self.stop, "missing": missing, "files": files}
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def _by_file(shard: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A shard report per file (a single-file report is ``grads.npy``'s)."""
+    files = shard.get("files")
+    return {fn: dict(seg) for fn, seg in files.items()} if files is not None else {GRADS_FILE: dict(shard)}
+
+
 class CheckpointWriter:
     """Writes one checkpoint's gradient rows and weights; :meth:`commit` publishes it.
 
@@ -601,18 +766,27 @@ class CheckpointWriter:
         self.store, self.index, self.name, self.tmp = store, index, name, tmp
         self.final = store.path / name
         h = store.header
-        fd = os.open(tmp / GRADS_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        stop = h.n_samples if stop is None else stop
+        self._fds: dict[str, int] = {}
+        writers: dict[str, ShardWriter] = {}
         try:
-            _preallocate(fd, h.grads_bytes)
-            _pwrite_all(fd, h.npy_header, 0)
+            for fn, shape in h.file_rows().items():
+                fd = os.open(tmp / fn, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self._fds[fn] = fd
+                _preallocate(fd, h.file_bytes(fn))
+                _pwrite_all(fd, h.file_header(fn), 0)
+                writers[fn] = ShardWriter(store, os.dup(fd), 0, stop, fname=fn, row_shape=shape)
         except BaseException:
-            os.close(fd)
+            for w in writers.values():
+                w.close()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
             raise
-        self._fd = fd
-        self.rows: ShardWriter | None = ShardWriter(store, os.dup(fd), 0, h.n_samples if stop is None else stop)
+        self.rows: ShardWriter | RowsWriter | None = RowsWriter(writers) if h.factored else writers[GRADS_FILE]
 
-    def write_rows(self, ids: Tensor, rows: Tensor) -> None:
-        """Store ``rows`` ``[B, dim]`` (any float dtype) at positions ``ids``."""
+    def write_rows(self, ids: Tensor, rows: Tensor | SplitRows) -> None:
+        """Store ``rows`` ``[B, dim]`` (any float dtype; :class:`SplitRows` for factored storage) at positions ``ids``."""
         if self.rows is None:
             raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
         self.rows.write_rows(ids, rows)
@@ -642,36 +816,42 @@ class CheckpointWriter:
             raise StoreError(f"Checkpoint {self.index}: {missing} of {n} sample rows were never written.")
         own = self.rows.finish()
         self.rows = None
-        segments = sorted([own, *[dict(s) for s in shards]], key=lambda s: s["offset"])
-        segments = [s for s in segments if s["length"] > 0 or s["offset"] == 0]
-        pos = 0
-        for s in segments:
-            if s["offset"] != pos:
-                raise StoreError(f"Checkpoint {self.index}: the shards do not tile the rows (gap at byte {pos}).")
-            pos += s["length"]
-        if pos != self.store.header.grads_bytes:
-            raise StoreError(
-                f"Checkpoint {self.index}: the shards cover {pos} of {self.store.header.grads_bytes} bytes."
-            )
-        os.close(self._fd)
-        self._fd = -1
+        reports = [_by_file(own), *[_by_file(s) for s in shards]]
+        files: dict[str, Any] = {}
+        for fn in self.store.header.file_rows():
+            size = self.store.header.file_bytes(fn)
+            segments = sorted([r[fn] for r in reports if fn in r], key=lambda s: s["offset"])
+            segments = [s for s in segments if s["length"] > 0 or s["offset"] == 0]
+            pos = 0
+            for s in segments:
+                if s["offset"] != pos:
+                    raise StoreError(
+                        f"Checkpoint {self.index}: the shards do not tile the rows of {fn} (gap at byte {pos})."
+                    )
+                pos += s["length"]
+            if pos != size:
+                raise StoreError(f"Checkpoint {self.index}: the shards cover {pos} of {size} bytes of {fn}.")
+            info: dict[str, Any] = {"bytes": size}
+            if len(segments) == 1:
+                info["sha256"] = segments[0]["sha256"]
+            else:
+                info["sha256"] = None
+                info["segments"] = [
+                    {"offset": s["offset"], "length": s["length"], "sha256": s["sha256"]} for s in segments
+                ]
+            files[fn] = info
+        self._close_fds()
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         blob = save_safetensors(tensors)
         try:
             _write_file(self.tmp / WEIGHTS_FILE, blob)
         except OSError as err:
             raise _wrap_os_error(err, self.store.path, f"checkpoint {self.index} ({WEIGHTS_FILE})", len(blob)) from err
-        grads_info: dict[str, Any] = {"bytes": self.store.header.grads_bytes}
-        if len(segments) == 1:
-            grads_info["sha256"] = segments[0]["sha256"]
-        else:
-            grads_info["sha256"] = None
-            grads_info["segments"] = [
-                {"offset": s["offset"], "length": s["length"], "sha256": s["sha256"]} for s in segments
-            ]
+        grads_info = files.pop(GRADS_FILE)
         files = {
             GRADS_FILE: grads_info,
             WEIGHTS_FILE: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
+            **files,
         }
         _fsync_dir(self.tmp)
         os.rename(self.tmp, self.final)
@@ -691,14 +871,17 @@ class CheckpointWriter:
             raise
         return entry
 
+    def _close_fds(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
     def abort(self) -> None:
         """Drop the partial checkpoint (nothing listed is touched)."""
         if self.rows is not None:
             self.rows.close()
             self.rows = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fds()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.final.exists() and self.name not in {c["dir"] for c in self.store.manifest["checkpoints"]}:
             shutil.rmtree(self.final, ignore_errors=True)
@@ -767,15 +950,65 @@ class StoredCheckpoint:
         self._seen[fn] = key
         return path
 
-    def gradients(self) -> Tensor:
-        """Gradient rows ``[n_samples, dim]`` in the storage dtype, memory-mapped (copy-on-write)."""
-        path = self._check(GRADS_FILE)
+    def _load(self, fn: str) -> Tensor:
+        path = self._check(fn)
         try:
             arr = np.load(path, mmap_mode="c")
         except (ValueError, OSError, EOFError) as err:  # pragma: no cover - caught by the checksum first
             raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
         t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self._store.grad_dtype == torch.bfloat16 else t
+
+    def gradients(self) -> Tensor:
+        """Gradient rows ``[n_samples, dim]`` in the storage dtype, memory-mapped (copy-on-write).
+
+        Raises:
+            StoreError: the store keeps some parameters as factors (``factored_storage=True``): read
+                :meth:`block` (split rows) or :meth:`materialized` (full rows, materialised) instead.
+        """
+        if self._store.factored:
+            raise StoreError(
+                f"Checkpoint {self.index} of {str(self._store.path)!r} keeps {len(self._store.factored)} parameter(s)"
+                f" as layer factors (recorded with factored_storage=True; e.g. {sorted(self._store.factored)[:3]}):"
+                " there is no dense gradient matrix to map. Read block(start, stop) (split rows, scored exactly) or"
+                " materialized(start, stop) (full rows), or record with factored_storage=False."
+            )
+        return self._load(GRADS_FILE)
+
+    def dense_gradients(self) -> Tensor:
+        """``grads.npy``: ``[n_samples, dense_dim]`` (all of ``dim`` unless the store keeps factors), memory-mapped."""
+        return self._load(GRADS_FILE)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """A factored parameter's inputs ``a`` ``[n, S, d_in]`` and scaled output gradients ``g`` ``[n, S, d_out]``, memory-mapped."""
+        if name not in self._store.factored:
+            raise StoreError(
+                f"Parameter {name!r} is not stored as factors in {str(self._store.path)!r} (factored:"
+                f" {sorted(self._store.factored)[:6]})."
+            )
+        return self._load(factor_file(name, "a")), self._load(factor_file(name, "g"))
+
+    def block(self, start: int, stop: int) -> Tensor | SplitRows:
+        """Training rows ``[start, stop)`` as stored: a ``[B, dim]`` tensor, or :class:`SplitRows` for a factored store.
+
+        Tensors are views of memory-mapped files in the storage dtype (cast them before scoring).
+        """
+        if not self._store.factored:
+            return self._load(GRADS_FILE)[start:stop]
+        dense = self._load(GRADS_FILE)[start:stop]
+        factors: dict[str, Any] = {}
+        for name, info in self._store.factored.items():
+            a, g = self.factors(name)
+            factors[name] = LayerFactors(a[start:stop], g[start:stop], tuple(info["shape"]), int(info["groups"]))
+        names = tuple(self._store.param_names)
+        numels = tuple(int(np.prod(self._store.param_shapes[n])) for n in names)
+        return SplitRows(dense, factors, names, numels)
+
+    def materialized(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Full gradient rows ``[stop - start, dim]`` (fp32 for a factored store; the stored rows otherwise)."""
+        stop = self._store.n_samples if stop is None else stop
+        rows = self.block(start, stop)
+        return rows.to(dtype=torch.float32).materialize() if isinstance(rows, SplitRows) else rows
 
     def state(self) -> dict[str, Tensor]:
         """All parameters and buffers at this checkpoint."""
@@ -839,6 +1072,10 @@ class GradientStore:
         self.run_id: str | None = m.get("run_id")
         self.n_samples: int = m["n_samples"]
         self.dim: int = m["dim"]
+        #: Factored parameters (exact factored storage) -> ``{"positions", "inputs", "outputs", "groups", "shape"}``.
+        self.factored: dict[str, dict[str, Any]] = dict(m.get("factored") or {})
+        #: Width of ``grads.npy`` (``dim`` unless some parameters are stored as factors).
+        self.dense_dim: int = int(m.get("dense_dim", self.dim)) if self.factored else self.dim
         self.grad_dtype: torch.dtype = _STORAGE[m["grad_dtype"]][0]
         self.param_names: list[str] = list(m["param_names"])
         self.param_shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in m["param_shapes"].items()}
@@ -896,11 +1133,20 @@ class GradientStore:
                         f"Checkpoint {ckpt.index}: {fn} is missing or does not match its checksum ({str(p)!r} {problem})."
                     )
 
+    @property
+    def row_values(self) -> int:
+        """Values stored per training sample and checkpoint (``dim``, less with factored storage)."""
+        return self.dense_dim + sum(
+            int(f["positions"]) * (int(f["inputs"]) + int(f["outputs"])) for f in self.factored.values()
+        )
+
     def __len__(self) -> int:
         return len(self.checkpoints)
 
     def __repr__(self) -> str:
         proj = f"projected to {self.dim}" if self.projection_spec else f"exact, dim {self.dim}"
+        if self.factored:
+            proj += f", {len(self.factored)} parameter(s) as factors"
         return (
             f"GradientStore({str(self.path)!r}: {len(self.checkpoints)} checkpoints, {self.n_samples} samples, {proj},"
             f" {self.manifest['grad_dtype']})"
@@ -916,7 +1162,11 @@ def header_for(
     noise_seed: int,
     precision: GradientPrecision,
     extra: Mapping[str, Any] | None = None,
+    factored: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> StoreHeader:
+    """The header of a store; ``factored`` (exact rows only) lists the parameters kept as factors."""
+    if factored and projection is not None:
+        raise ValueError("`factored` storage keeps exact gradients; it cannot be combined with a projection.")
     dim = projection.dim if projection is not None else int(sum(np.prod(param_shapes[n]) for n in param_names))
     return StoreHeader(
         n_samples=int(n_samples),
@@ -928,4 +1178,5 @@ def header_for(
         noise_seed=int(noise_seed),
         precision=precision.to_dict(),
         extra=dict(extra or {}),
+        factored={n: dict(factored[n]) for n in param_names if n in factored} if factored else None,
     )

@@ -6,16 +6,21 @@ sample: a gradient step on it lowered the test loss, and removing it is predicte
 .. math::
     \\mathrm{TracIn}(z, z') = \\sum_c \\eta_c \\,\\langle \\nabla \\ell(\\theta_c, z),\\, \\nabla \\ell(\\theta_c, z') \\rangle
 
-Scores accumulate in fp32 (or the dtype of the query) whatever the storage dtype.
+Scores accumulate in fp32 (or the dtype of the query) whatever the storage dtype. Rows may be
+tensors or, for a store with exact factored storage,
+:class:`~lightning_influence.gradients.split.SplitRows` (a dense part plus layer factors), scored
+exactly without materialising the factored blocks where their Gram form is cheaper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
+
+from lightning_influence.gradients.split import SplitRows, split_inner_products, split_rowwise_inner_products
 
 __all__ = [
     "TopK",
@@ -26,13 +31,29 @@ __all__ = [
     "tracin_scores",
 ]
 
+#: Gradient rows: a ``[n, d]`` tensor or their split form (factored storage).
+Rows = Union[Tensor, SplitRows]
 
-def tracin_scores(train_grads: Sequence[Tensor], test_grads: Sequence[Tensor], etas: Sequence[float]) -> Tensor:
+
+def _dense(rows: Rows) -> Tensor:
+    return rows.dense if isinstance(rows, SplitRows) else rows
+
+
+def _width(rows: Rows) -> int:
+    return rows.dim if isinstance(rows, SplitRows) else int(rows.shape[1])
+
+
+def tracin_scores(train_grads: Sequence[Rows], test_grads: Sequence[Rows], etas: Sequence[float]) -> Tensor:
     """TracIn over checkpoints: ``sum_c eta_c * test_c @ train_c.T``.
 
+    With split rows (factored storage) on both sides the product is
+    :func:`~lightning_influence.gradients.split.split_inner_products`: the dense parts' product plus,
+    per factored parameter, ``sum_{s,t} (g_test_s . g_train_t)(a_test_s . a_train_t)``.
+
     Args:
-        train_grads: per checkpoint, training gradient rows ``[n_train, d]`` (any float dtype).
-        test_grads: per checkpoint, test gradient rows ``[n_test, d]``.
+        train_grads: per checkpoint, training gradient rows ``[n_train, d]`` (any float dtype), or
+            :class:`~lightning_influence.gradients.split.SplitRows`.
+        test_grads: per checkpoint, test gradient rows ``[n_test, d]`` (split when the training rows are).
         etas: per checkpoint, the learning-rate weight ``eta_c``.
 
     Returns:
@@ -52,19 +73,27 @@ def tracin_scores(train_grads: Sequence[Tensor], test_grads: Sequence[Tensor], e
         )
     if not etas:
         raise ValueError("TracIn needs at least one checkpoint.")
-    acc_dtype = torch.float64 if test_grads[0].dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if _dense(test_grads[0]).dtype == torch.float64 else torch.float32
     out: Tensor | None = None
     for g, t, eta in zip(train_grads, test_grads, etas):
-        if g.shape[1] != t.shape[1]:
-            raise ValueError(f"Train and test gradients differ in width: {g.shape[1]} vs {t.shape[1]}.")
-        s = t.to(acc_dtype) @ g.to(device=t.device, dtype=acc_dtype).T
+        if _width(g) != _width(t):
+            raise ValueError(f"Train and test gradients differ in width: {_width(g)} vs {_width(t)}.")
+        if isinstance(g, SplitRows) or isinstance(t, SplitRows):
+            if not (isinstance(g, SplitRows) and isinstance(t, SplitRows)):
+                raise ValueError(
+                    "Training rows and test rows must both be split (factored storage) or both be tensors; got"
+                    f" {type(g).__name__} and {type(t).__name__}."
+                )
+            s = split_inner_products(t, g).to(acc_dtype)
+        else:
+            s = t.to(acc_dtype) @ g.to(device=t.device, dtype=acc_dtype).T
         out = eta * s if out is None else out.add_(s, alpha=eta)
     assert out is not None
     return out
 
 
 def self_influence_scores(
-    grads: Sequence[Tensor], etas: Sequence[float], second_grads: Sequence[Tensor] | None = None
+    grads: Sequence[Rows], etas: Sequence[float], second_grads: Sequence[Rows] | None = None
 ) -> Tensor:
     """Self-influence ``sum_c eta_c <g_c(z), g_c(z)>`` of every row.
 
@@ -74,7 +103,9 @@ def self_influence_scores(
     independent draw set gives the unbiased :math:`\\sum_c \\eta_c \\langle \\hat g_{1,c}, \\hat g_{2,c}\\rangle`.
 
     Args:
-        grads: per checkpoint, rows ``[n, d]``.
+        grads: per checkpoint, rows ``[n, d]`` (or :class:`~lightning_influence.gradients.split.SplitRows`,
+            scored row by row with
+            :func:`~lightning_influence.gradients.split.split_rowwise_inner_products`).
         etas: per checkpoint weights.
         second_grads: optional, per checkpoint, rows from an independent draw set.
 
@@ -90,6 +121,14 @@ def self_influence_scores(
         raise ValueError("Expected one gradient matrix (and one second-draw matrix) per eta.")
     out: Tensor | None = None
     for c, (g, eta) in enumerate(zip(grads, etas)):
+        if isinstance(g, SplitRows):
+            other_split = g if second_grads is None else second_grads[c]
+            if not isinstance(other_split, SplitRows):
+                raise ValueError("`second_grads` must be split rows when `grads` are (factored storage).")
+            s = split_rowwise_inner_products(g.to(dtype=torch.float32), other_split.to(g.dense.device, torch.float32))
+            s = s * eta
+            out = s if out is None else out + s
+            continue
         g32 = g.float()
         other = g32 if second_grads is None else second_grads[c].to(device=g.device).float()
         # A row-wise dot product (a batched [1, d] @ [d, 1]): no [n, d] elementwise product.
@@ -163,8 +202,8 @@ def merge_top_k(best: TopK | None, scores: Tensor, indices: Tensor, k: int, larg
 
 
 def streaming_top_k(
-    test_grads: Sequence[Tensor],
-    train_block: Callable[[int, int, int], Tensor],
+    test_grads: Sequence[Rows],
+    train_block: Callable[[int, int, int], Rows],
     etas: Sequence[float],
     n_train: int,
     k: int,
@@ -202,7 +241,7 @@ def streaming_top_k(
     """
     if len(test_grads) != len(etas) or not etas:
         raise ValueError(f"Expected one test matrix per eta (and at least one); got {len(test_grads)}, {len(etas)}.")
-    device = test_grads[0].device
+    device = _dense(test_grads[0]).device
     best: list[TopK | None] = [None for _ in largest]
     for start, stop in iter_row_blocks(n_train, block):
         scores: Tensor | None = None

@@ -1,0 +1,411 @@
+"""Exact factored storage: the same fit recorded densely and as factors scores the same."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import VAE_KWARGS, quiet_trainer
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import Subset, TensorDataset
+
+import lightning_influence.trajectory.store as store_module
+from lightning_influence import GradientStore, InfluenceAnalysis, InfluenceFunction, TrajectoryRecorder
+from lightning_influence.data import DigitsDataModule, load_digits_tensors
+from lightning_influence.errors import StoreError
+from lightning_influence.gradients import (
+    FactoredEngine,
+    GradientFeaturizer,
+    GradientPrecision,
+    LayerFactors,
+    SplitRows,
+    VmapEngine,
+    split_inner_products,
+    split_rowwise_inner_products,
+)
+from lightning_influence.gradients.featurizer import cast_state
+from lightning_influence.gradients.noise import NoiseStream
+from lightning_influence.gradients.parameters import module_state
+from lightning_influence.models import MLPVAE
+from lightning_influence.trajectory.distributed import DistributedInfluence
+
+N_TRAIN = 300
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TwoGroupVAE(MLPVAE):
+    """Different learning rates per group: the per-parameter scales are folded into the stored ``g``."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            [
+                {"params": self.encoder.parameters(), "lr": 2e-3},
+                {"params": self.decoder.parameters(), "lr": 5e-4},
+            ]
+        )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    train = Subset(dm.train_set, range(N_TRAIN))
+    vae = TwoGroupVAE(**VAE_KWARGS)
+    root = tmp_path_factory.mktemp("factored_storage")
+    common = dict(dataset=train, every_n_epochs=2, batch_size=128)
+    dense = TrajectoryRecorder(root / "dense", **common)
+    factored = TrajectoryRecorder(root / "factored", factored_storage=True, **common)
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
+    quiet_trainer(max_epochs=4, callbacks=[dense, factored]).fit(vae, loader)
+    queries = Subset(dm.test_set, range(12))
+    return dict(vae=vae, train=train, queries=queries, dense=dense.store_path, factored=factored.store_path)
+
+
+def test_the_manifest_lists_the_factored_parameters_and_dense_stores_are_unchanged(run):
+    dense, factored = GradientStore(run["dense"]), GradientStore(run["factored"])
+    assert dense.manifest["schema_version"] == 1 and "factored" not in dense.manifest
+    assert dense.factored == {} and dense.dense_dim == dense.dim
+    assert set(dense.checkpoints[0].entry["files"]) == {"grads.npy", "weights.safetensors"}
+    assert factored.manifest["schema_version"] == 2
+    # Linear layers without positions, and the decoder's output layer with 16 ELBO draws
+    # (16 x (128 + 64) < 128 x 64); decoder.0 with 16 draws (16 x 136 > 1024) and biases stay dense.
+    assert sorted(factored.factored) == ["decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    assert factored.factored["encoder.0.weight"] == {
+        "positions": 1,
+        "inputs": 64,
+        "outputs": 128,
+        "groups": 1,
+        "shape": [128, 64],
+    }
+    assert factored.factored["decoder.2.weight"]["positions"] == 16
+    assert factored.dim == dense.dim
+    assert factored.dense_dim == dense.dim - sum(math.prod(f["shape"]) for f in factored.factored.values())
+    assert factored.row_values == 4768 and dense.dim == 19792  # 1360 dense + 192 + 144 + 16 x 192
+    ckpt = factored.checkpoints[0]
+    assert {"a.encoder.0.weight.npy", "g.encoder.0.weight.npy", "grads.npy"} <= set(ckpt.entry["files"])
+    assert ckpt.dense_gradients().shape == (N_TRAIN, factored.dense_dim)
+    a, g = ckpt.factors("decoder.2.weight")
+    assert a.shape == (N_TRAIN, 16, 128) and g.shape == (N_TRAIN, 16, 64)
+    assert ckpt.entry["param_scales"] is not None, "two param groups: scales are folded into g"
+    with pytest.raises(StoreError, match="factored_storage=True.*block\\(start, stop\\).*materialized"):
+        ckpt.gradients()
+    disk = sum(p.stat().st_size for p in ckpt.dir.glob("*.npy"))
+    assert disk < (dense.checkpoints[0].dir / "grads.npy").stat().st_size / 4
+
+
+def test_materialized_rows_equal_the_dense_store(run):
+    dense, factored = GradientStore(run["dense"]), GradientStore(run["factored"])
+    for cd, cf in zip(dense.checkpoints, factored.checkpoints):
+        ref = cd.gradients()
+        got = cf.materialized()
+        assert got.shape == ref.shape
+        err = _rel(got, ref)
+        assert err < 1e-5, f"checkpoint {cd.index}: relative error {err:.2e}"
+
+
+def test_tracin_self_influence_and_top_k_equal_the_dense_store(run):
+    dense = InfluenceAnalysis(run["dense"], run["vae"], train_data=run["train"], train_block=70)
+    factored = InfluenceAnalysis(run["factored"], run["vae"], train_data=run["train"], train_block=70)
+    q = run["queries"]
+    s_dense, s_fact = dense.tracin(q), factored.tracin(q)
+    assert s_fact.shape == (12, N_TRAIN)
+    err = _rel(s_fact, s_dense)
+    print(f"TracIn relative error {err:.2e}")
+    assert err < 1e-5
+    si_d, si_f = dense.self_influence(), factored.self_influence()
+    assert _rel(si_f, si_d) < 1e-5, f"self-influence relative error {_rel(si_f, si_d):.2e}"
+    ub_d, ub_f = dense.self_influence(unbiased=True), factored.self_influence(unbiased=True)
+    assert _rel(ub_f, ub_d) < 1e-5, f"unbiased self-influence relative error {_rel(ub_f, ub_d):.2e}"
+    assert not torch.allclose(ub_f, si_f), "the unbiased estimate uses a second draw set"
+    top_d, top_f = dense.top_k(q, k=10), factored.top_k(q, k=10)
+    assert torch.equal(top_f.indices, top_d.indices)
+    assert _rel(top_f.scores, top_d.scores) < 1e-5
+    summary = factored.summary(q, k=5)
+    assert torch.equal(summary.proponents.indices, torch.topk(s_fact, 5, dim=1).indices)
+    assert torch.equal(summary.opponents.indices, torch.topk(s_fact, 5, dim=1, largest=False).indices)
+
+
+def test_a_vmap_test_side_scores_a_factored_store_the_same(run):
+    dense = InfluenceAnalysis(run["dense"], run["vae"])
+    factored = InfluenceAnalysis(run["factored"], run["vae"], engine="vmap")
+    q = Subset(run["queries"].dataset, range(4))
+    assert _rel(factored.tracin(q), dense.tracin(q)) < 1e-5
+
+
+def test_distributed_influence_on_a_factored_store(run):
+    analysis = InfluenceAnalysis(run["factored"], run["vae"], train_data=run["train"])
+    reference = InfluenceAnalysis(run["dense"], run["vae"], train_data=run["train"])
+    trainer = quiet_trainer(max_epochs=1)
+    scorer = DistributedInfluence(analysis, trainer, train_block=64)
+    q = run["queries"]
+    assert _rel(scorer.tracin(q), reference.tracin(q)) < 1e-5
+    assert _rel(scorer.self_influence(), reference.self_influence()) < 1e-5
+    top = scorer.top_k(q, k=6)
+    assert torch.equal(top.indices, reference.top_k(q, k=6).indices)
+
+
+def test_influence_function_materialises_a_factored_store(run):
+    vae = copy.deepcopy(run["vae"])
+    vae.load_state_dict(GradientStore(run["factored"]).checkpoints[-1].state())
+    kw = dict(solver="cg", damping=0.1, batch_size=128)
+    from_factored = InfluenceFunction(vae, run["train"], store=GradientStore(run["factored"]), **kw)
+    from_dense = InfluenceFunction(vae, run["train"], store=GradientStore(run["dense"]), **kw)
+    blocks_f = list(from_factored.train_gradients())
+    blocks_d = list(from_dense.train_gradients())
+    assert [len(i) for i, _ in blocks_f] == [128, 128, 44]
+    for (ids_f, rows_f), (ids_d, rows_d) in zip(blocks_f, blocks_d):
+        assert torch.equal(ids_f, ids_d)
+        assert _rel(rows_f, rows_d) < 1e-5
+
+
+def test_split_rows_materialise_to_rows_for_both_engines():
+    torch.manual_seed(0)
+    vae = MLPVAE(**VAE_KWARGS)
+    names = [n for n, _ in vae.named_parameters()]
+    x = torch.rand(5, 64)
+    ids = torch.arange(5)
+    state = cast_state(module_state(vae, upcast=False), GradientPrecision(), torch.device("cpu"))
+    scales = {n: (0.5 if n.startswith("decoder") else 1.0) for n in names}
+    factored = ["encoder.0.weight", "decoder.2.weight", "decoder.0.bias"]
+    for engine in (FactoredEngine(), VmapEngine()):
+        f = GradientFeaturizer(vae, lambda m, b: m.per_sample_loss(b), names, engine=engine)
+        rows, _ = f.rows(x, ids, state, param_scales=scales)
+        split, bad = f.split_rows(x, ids, state, factored=factored, param_scales=scales)
+        assert not bad.any()
+        assert split.dense.shape == (5, rows.shape[1] - 64 * 128 - 128 * 64 - 128)
+        assert _rel(split.materialize(), rows) < 1e-5
+        assert _rel(split_inner_products(split, split), rows @ rows.T) < 1e-5
+        assert _rel(split_rowwise_inner_products(split, split), (rows * rows).sum(1)) < 1e-5
+        if engine.name == "factored":
+            assert isinstance(split.factors["encoder.0.weight"], LayerFactors)
+        with pytest.raises(ValueError, match="`factored` names"):
+            f.split_rows(x, ids, state, factored=["nope"])
+
+
+def test_grouped_factors_score_exactly():
+    torch.manual_seed(1)
+    a, g = torch.randn(4, 3, 6), torch.randn(4, 3, 8)
+    f = LayerFactors(a, g, (8, 3), groups=2)
+    rows = SplitRows(torch.randn(4, 2), {"w": f}, ("b", "w"), (2, 24))
+    full = rows.materialize()
+    assert _rel(split_inner_products(rows, rows), full @ full.T) < 1e-5
+    assert _rel(split_rowwise_inner_products(rows, rows), (full * full).sum(1)) < 1e-5
+
+
+def test_fp16_loss_scale_back_off_in_split_rows():
+    """A loss scale that overflows is backed off per sample, and divided out of the stored ``g``."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 1))
+    names = [n for n, _ in net.named_parameters()]
+    x = torch.randn(6, 30)
+    x[2] *= 1e3  # this sample's gradient overflows at a large loss scale
+    ids = torch.arange(6)
+
+    def loss(m, b):
+        return m(b).squeeze(-1) ** 2 * 1e4
+
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    precision = GradientPrecision(mode="fp32")
+    plain = GradientFeaturizer(net, loss, names, engine=FactoredEngine(), precision=precision)
+    ref, _ = plain.rows(x, ids, state)
+    scaled = GradientFeaturizer(net, loss, names, engine=FactoredEngine(), precision=precision)
+    scaled.precision = _ScaledPrecision(mode="fp32", init_loss_scale=2.0**120)
+    split, bad = scaled.split_rows(x, ids, state, factored=["0.weight"])
+    assert not bad.any()
+    assert _rel(split.materialize(), ref) < 1e-5
+
+
+class _ScaledPrecision(GradientPrecision):
+    """fp32 numerics with a huge initial loss scale, so the back-off path runs on CPU."""
+
+    @property
+    def loss_scaling(self) -> bool:
+        return True
+
+
+def test_factored_storage_needs_exact_rows(tmp_path):
+    with pytest.raises(MisconfigurationException, match="factored_storage=True.*projection_dim"):
+        TrajectoryRecorder(tmp_path, factored_storage=True, projection_dim=16)
+    with pytest.raises(MisconfigurationException, match="`factored_storage` must be True or False"):
+        TrajectoryRecorder(tmp_path, factored_storage="yes")
+
+
+def test_a_corrupted_factor_file_is_named(run, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(run["factored"], copy)
+    path = copy / "ckpt-00000" / "g.encoder.0.weight.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    store = GradientStore(copy)
+    store.checkpoints[0].dense_gradients()  # other files are fine
+    with pytest.raises(StoreError, match="g.encoder.0.weight.npy does not match its checksum"):
+        store.checkpoints[0].block(0, 10)
+    with pytest.raises(StoreError, match="g.encoder.0.weight.npy"):
+        store.verify()
+
+
+def test_an_old_dense_manifest_still_opens_and_scores(run, tmp_path):
+    """A store written before factored storage existed (no ``factored``/``dense_dim`` keys) reads as before."""
+    copy = tmp_path / "old"
+    shutil.copytree(run["dense"], copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    assert "factored" not in m and "dense_dim" not in m and m["schema_version"] == 1
+    a = InfluenceAnalysis(copy, run["vae"])
+    b = InfluenceAnalysis(run["dense"], run["vae"])
+    q = Subset(run["queries"].dataset, range(3))
+    assert torch.equal(a.tracin(q), b.tracin(q))
+
+
+def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, monkeypatch):
+    store = GradientStore(run["factored"])
+    header = store_module.StoreHeader(
+        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
+    )
+    writer = store_module.GradientStoreWriter(tmp_path / "full", header)
+    real = store_module._preallocate
+
+    def full(fd, size):
+        if size == header.file_bytes("a.decoder.2.weight.npy"):
+            raise OSError(28, "No space left on device")
+        real(fd, size)
+
+    monkeypatch.setattr(store_module, "_preallocate", full)
+    with pytest.raises(OSError, match="Not enough disk space for the gradient store at .*full.*a.encoder"):
+        writer.begin_checkpoint()
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
+
+
+def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
+    """What DDP ranks do with factored storage: disjoint row ranges of every file, one checksum segment each."""
+    src = GradientStore(run["factored"])
+    header = store_module.StoreHeader(**{k: src.manifest[k] for k in store_module._HEADER_KEYS}, factored=src.factored)
+    w = store_module.GradientStoreWriter(tmp_path / "s", header)
+    rows = src.checkpoints[0].block(0, N_TRAIN)
+    bounds = [store_module.shard_bounds(N_TRAIN, 3, r) for r in range(3)]
+    ck = w.begin_checkpoint(stop=bounds[0][1])
+    infos = []
+    for start, stop in bounds[1:]:
+        other = store_module.GradientStoreWriter(tmp_path / "s", header, run_id=w.run_id, attach=True)
+        shard = other.open_shard(ck.index, start, stop)
+        shard.write_rows(torch.arange(start, stop), rows[start:stop])
+        infos.append(shard.finish())
+    with pytest.raises(StoreError, match="write SplitRows"):
+        ck.write_rows(torch.arange(2), torch.zeros(2, header.dim))
+    ck.write_rows(torch.arange(*bounds[0]), rows[bounds[0][0] : bounds[0][1]])
+    ck.commit(src.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1}, shards=infos)
+    out = GradientStore(tmp_path / "s")
+    out.verify()
+    assert len(out.checkpoints[0].entry["files"]["a.encoder.0.weight.npy"]["segments"]) == 3
+    got = out.checkpoints[0].materialized()
+    assert torch.equal(got, src.checkpoints[0].materialized())
+    assert np.array_equal(
+        out.checkpoints[0].factors("encoder.0.weight")[1].numpy(), rows.factors["encoder.0.weight"].output_grads.numpy()
+    )
+
+
+@pytest.mark.slow
+def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
+    """2-process CPU DDP: each rank writes its rows of every factor file; distributed scores equal dense ones."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    job = Path(__file__).with_name("ddp_factored_job.py")
+    proc = subprocess.run(
+        [sys.executable, str(job), str(tmp_path / "store"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANK0_DONE 6" in proc.stdout
+    store = GradientStore(tmp_path / "store")
+    store.verify()
+    assert len(store) == 2 and store.n_samples == 96
+    assert sorted(store.factored) == ["decoder.0.weight", "decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    ckpt = store.checkpoints[-1]
+    for fn in ("grads.npy", "a.encoder.0.weight.npy", "g.decoder.2.weight.npy"):
+        assert len(ckpt.entry["files"][fn]["segments"]) == 2, fn
+    x, y = load_digits_tensors()
+    data, tests = TensorDataset(x[:96], y[:96]), x[200:205]
+    vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, lr=1e-3, optimizer="sgd", influence_draws=2)
+    analysis = InfluenceAnalysis(store, vae)
+    # Dense references at the stored weights, computed in one process: full rows, their TracIn and self-influence.
+    ref_tracin = torch.zeros(5, 96)
+    ref_self = torch.zeros(96)
+    for c in store.checkpoints:
+        train_rows = analysis.gradients(data, c, stream=NoiseStream.TRAIN, name="train_data")
+        assert _rel(c.materialized(), train_rows) < 1e-5
+        ref_tracin += c.eta * analysis.gradients(tests, c) @ train_rows.T
+        ref_self += c.eta * (train_rows * train_rows).sum(1)
+    results = [torch.load(tmp_path / f"scores_rank{r}.pt") for r in (0, 1)]
+    blocks = [set(res["blocks"]) for res in results]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]
+    for res in results:
+        assert _rel(res["tracin"], ref_tracin) < 1e-5
+        assert _rel(res["self_influence"], ref_self) < 1e-5
+        assert torch.equal(res["proponents"][0], torch.topk(ref_tracin, 7, dim=1).indices)
+        assert torch.equal(res["opponents"][0], torch.topk(ref_tracin, 7, dim=1, largest=False).indices)
+
+
+def _header_like(src: GradientStore, **changes) -> store_module.StoreHeader:
+    fields = {k: src.manifest[k] for k in store_module._HEADER_KEYS}
+    fields.update(changes)
+    return store_module.StoreHeader(**fields, factored=src.factored)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_factor_files(run, tmp_path, dtype):
+    src = GradientStore(run["factored"])
+    w = store_module.GradientStoreWriter(tmp_path / dtype, _header_like(src, grad_dtype=dtype))
+    rows = src.checkpoints[0].block(0, N_TRAIN)
+    ck = w.begin_checkpoint()
+    ck.write_rows(torch.arange(N_TRAIN), rows)
+    ck.commit(src.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
+    out = GradientStore(tmp_path / dtype)
+    a, g = out.checkpoints[0].factors("encoder.0.weight")
+    assert g.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    full = out.checkpoints[0].materialized()
+    assert full.dtype == torch.float32
+    assert _rel(full, src.checkpoints[0].materialized()) < (1e-2 if dtype == "bfloat16" else 2e-3)
+
+
+def test_a_changed_position_count_is_refused_naming_the_factor_file(run, tmp_path):
+    src = GradientStore(run["factored"])
+    w = store_module.GradientStoreWriter(tmp_path / "s", _header_like(src))
+    rows = src.checkpoints[0].block(0, 4)
+    f = rows.factors["decoder.2.weight"]
+    fewer = LayerFactors(f.inputs[:, :8], f.output_grads[:, :8], f.shape, f.groups)
+    bad = SplitRows(rows.dense, {**rows.factors, "decoder.2.weight": fewer}, rows.names, rows.numels)
+    ck = w.begin_checkpoint()
+    with pytest.raises(StoreError, match=r"factors \(a.decoder.2.weight.npy\) of shape \(4, 16, 128\).*position count"):
+        ck.write_rows(torch.arange(4), bad)
+    ck.abort()
+
+
+def test_factored_storage_without_a_smaller_layer_stores_densely(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    x, _ = load_digits_tensors()
+    data = TensorDataset(x[:64])
+    vae = MLPVAE(**VAE_KWARGS)
+    rec = TrajectoryRecorder(tmp_path / "s", params=["encoder.0.bias", "decoder.2.bias"], factored_storage=True)
+    with pytest.warns(UserWarning, match="no tracked parameter has layer factors smaller than its gradient"):
+        quiet_trainer(max_epochs=1, callbacks=[rec]).fit(vae, torch.utils.data.DataLoader(data, batch_size=32))
+    store = GradientStore(rec.store_path)
+    assert store.factored == {} and store.manifest["schema_version"] == 1
+    assert store.checkpoints[0].gradients().shape == (64, 128 + 64)
