@@ -18,6 +18,7 @@ import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
@@ -122,7 +123,8 @@ class TrajectoryRecorder(pl.Callback):
         overwrite: a fresh fit replaces a store already at ``dirpath``, deleting only the files the
             store wrote (default: refuse, so nothing recorded is lost or mixed). A ``dirpath``
             holding other files is always refused.
-        verbose: log a line per checkpoint.
+        verbose: log a line per checkpoint. A progress bar over each checkpoint's batches shows on rank zero
+            unless the Trainer has `enable_progress_bar=False`.
 
     Raises:
         MisconfigurationException: on invalid arguments (eagerly); in ``setup`` for a sharded
@@ -599,7 +601,7 @@ class TrajectoryRecorder(pl.Callback):
             try:
                 if stop > start:
                     bad_ids = self._compute_shard(
-                        pl_module, start, stop, ckpt.index if ckpt else index, scales, rows_out
+                        pl_module, start, stop, ckpt.index if ckpt else index, scales, rows_out, self._progress(trainer)
                     )
                 if ckpt is None:
                     shard_info = rows_out.finish()
@@ -680,6 +682,7 @@ class TrajectoryRecorder(pl.Callback):
         index: int,
         scales: dict[str, float] | None,
         out: Any,
+        progress: bool = False,
     ) -> list[int]:
         """Rows of samples ``[start, stop)`` written to ``out``, in order; returns the non-finite ids."""
         assert self._featurizer is not None
@@ -688,7 +691,10 @@ class TrajectoryRecorder(pl.Callback):
         with isolated(pl_module):
             state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
             part = subset(self._data, start, stop)
-            for ids, batch in iterate_batches(part, self.batch_size, self._collate, name="dataset"):
+            batches = iterate_batches(part, self.batch_size, self._collate, name="dataset")
+            total = math.ceil((stop - start) / self.batch_size)
+            desc = f"TrajectoryRecorder: checkpoint {index}"
+            for ids, batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
                 ids = ids + start
                 batch = move_data_to_device(batch, pl_module.device)
                 rows: Any
@@ -704,6 +710,10 @@ class TrajectoryRecorder(pl.Callback):
                     bad_ids.extend(ids[bad.cpu()].tolist())
                 out.write_rows(ids, rows)
         return bad_ids
+
+    def _progress(self, trainer: pl.Trainer) -> bool:
+        # On rank zero only, and off with the trainer's `enable_progress_bar=False`.
+        return bool(trainer.is_global_zero and trainer.progress_bar_callback is not None)
 
     @override
     def state_dict(self) -> dict[str, Any]:
