@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.data.batches import iterate_batches, num_samples, subset, tensor_leaves
 from lightning_influence.gradients.engine import PerSampleGradientEngine
 from lightning_influence.gradients.factored import resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
@@ -130,6 +130,7 @@ class InfluenceAnalysis:
         self.block_bytes = block_bytes
         self.cache_bytes = cache_bytes
         self._cache = _RowCache(cache_bytes)
+        self._warned_zero_measurement = False
         _warn_nonfinite(self.store)
 
     def _check_model(self, model: nn.Module) -> None:
@@ -242,21 +243,39 @@ class InfluenceAnalysis:
                 ids = ids + id_offset
                 batch = move_data_to_device(batch, self.device)
                 rows: Any
-                if factored:
-                    rows, bad = featurizer.split_rows(
-                        batch, ids, state, factored=factored, stream=stream, param_scales=ckpt.param_scales
-                    )
-                else:
-                    rows, bad = featurizer.rows(
-                        batch, ids, state, projection=projection, stream=stream, param_scales=ckpt.param_scales
-                    )
+                try:
+                    if factored:
+                        rows, bad = featurizer.split_rows(
+                            batch, ids, state, factored=factored, stream=stream, param_scales=ckpt.param_scales
+                        )
+                    else:
+                        rows, bad = featurizer.rows(
+                            batch, ids, state, projection=projection, stream=stream, param_scales=ckpt.param_scales
+                        )
+                except RuntimeError as err:
+                    if not _is_shape_error(err):
+                        raise
+                    shapes = [tuple(t.shape) for t in tensor_leaves(batch)]
+                    raise ValueError(
+                        f"`{argname}` failed on a batch of `{name}` with tensors of shapes {shapes}: {err}. The store was"
+                        f" recorded for {type(self.model).__name__}; `{name}` must hold samples shaped like its"
+                        " training data."
+                    ) from err
                 if bad.any():
                     raise FloatingPointError(
                         f"Non-finite gradients for {int(bad.sum())} sample(s) of `{name}` at checkpoint {ckpt.index}"
                         f" (ids {ids[bad.cpu()][:10].tolist()})."
                     )
                 out.append(rows)
-        return cat_split_rows(out) if factored else torch.cat(out)
+        result = cat_split_rows(out) if factored else torch.cat(out)
+        if argname == "measurement" and not self._warned_zero_measurement and _all_zero(result):
+            self._warned_zero_measurement = True
+            rank_zero_warn(
+                f"`measurement` has zero gradient with respect to every tracked parameter ({self.store.param_names})"
+                f" for all samples of `{name}` at checkpoint {ckpt.index}, so its TracIn scores are 0. The store tracks"
+                " parameters the measurement does not depend on: record the ones it reads."
+            )
+        return result
 
     def _test_rows(
         self,
@@ -422,6 +441,8 @@ class InfluenceAnalysis:
             raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
         fn, argname = self._test_loss(measurement)
         n_test = num_samples(test_data, "test_data")
+        if n_test == 0:
+            raise ValueError("`test_data` is empty: there is no query to rank training samples for.")
         parts: list[list[TopK]] = [[] for _ in largest]
         ckpts = self.store.checkpoints
         # Every checkpoint's test rows of a query block are held at once (and cached): bound them.
@@ -532,3 +553,16 @@ def _warn_nonfinite(store: GradientStore) -> None:
     bad = sorted({i for c in store.checkpoints for i in c.nonfinite})
     if bad:
         rank_zero_warn(f"{len(bad)} training sample(s) have non-finite recorded gradients; their scores are NaN.")
+
+
+def _is_shape_error(err: RuntimeError) -> bool:
+    # torch reports mismatched inputs as RuntimeErrors about shapes or sizes (matmul, conv, reshape, broadcasting).
+    msg = str(err)
+    return any(key in msg for key in ("shape", "size of tensor", "sizes", "Expected input", "expected input"))
+
+
+def _all_zero(rows: Tensor | SplitRows) -> bool:
+    if isinstance(rows, SplitRows):
+        parts = [rows.dense, *(f if isinstance(f, Tensor) else f.output_grads for f in rows.factors.values())]
+        return not any(bool(t.any()) for t in parts)
+    return not bool(rows.any())
