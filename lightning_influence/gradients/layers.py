@@ -23,6 +23,7 @@ Everything here is a pure function of tensors except the rule objects, which onl
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,7 +113,7 @@ def couples_samples(module: nn.Module) -> bool:
     return False
 
 
-class LayerRule:
+class LayerRule(abc.ABC):
     """A tracked-module type: what its forward hook keeps and the per-sample gradients that follow.
 
     Attributes:
@@ -130,11 +131,11 @@ class LayerRule:
         """What the forward hook keeps of one call (detached)."""
         return inputs[0].detach()
 
+    @abc.abstractmethod
     def gradients(
         self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
     ) -> dict[str, Tensor | LayerFactors]:
         """Per-sample gradients, attribute name (``"weight"``, ``"bias"``) -> dense ``[B, *shape]`` or factors."""
-        raise NotImplementedError
 
 
 def _stack_calls(parts: list[Tensor]) -> Tensor:
