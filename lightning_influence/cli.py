@@ -43,7 +43,7 @@ from lightning_influence.trajectory.posthoc import record_from_checkpoints
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
 from lightning_influence.trajectory.store import GradientStore
 
-__all__ = ["InfluenceCLI", "analyze", "main", "record"]
+__all__ = ["InfluenceCLI", "analyze", "main", "record", "run"]
 
 PROG = "lightning-influence"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -417,8 +417,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of ``lightning-influence`` and ``python -m lightning_influence``."""
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run one command; returns what it produced (the ``LightningCLI``, ``analyze``'s paths, the store)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         return InfluenceCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
@@ -437,3 +437,13 @@ def main(argv: Sequence[str] | None = None) -> Any:
             measurement = _import(measurement, "--measurement")
         return analyze(measurement=measurement, **sub)
     return record(**sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-influence`` and ``python -m lightning_influence``: exit status 0 on success.
+
+    The console script calls ``sys.exit(main())``, so ``main`` returns a status, not the command's result
+    (a result object would be printed and turned into exit status 1); use :func:`run` for the result.
+    """
+    run(argv)
+    return 0

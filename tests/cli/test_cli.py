@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import tomllib
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_influence import GradientStore
-from lightning_influence.cli import STORE_CONFIG, main
+from lightning_influence.cli import STORE_CONFIG, main, run
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
@@ -118,7 +119,7 @@ def test_every_preset_names_a_command_that_works(preset, tmp_path, monkeypatch, 
     assert command[:2] == ["lightning-influence", "fit"]
     shutil.copytree(ROOT / "callbacks", tmp_path / "callbacks")
     monkeypatch.chdir(tmp_path)
-    cli = main([*command[1:], *TINY])
+    cli = run([*command[1:], *TINY])
     recorders = cli.recorders()
     assert len(recorders) == 1
     store = GradientStore(recorders[0].store_path)
@@ -133,7 +134,7 @@ def small_store(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        main(
+        run(
             [
                 "fit",
                 "--model",
@@ -169,7 +170,7 @@ def test_analyze_rebuilds_the_model_from_the_manifest(small_store, tmp_path, cap
     manifest["extra"]["model_class"] = "lightning_influence.models.vae.MLPVAE"
     manifest["extra"]["hparams"] = {"hidden_dim": 16}
     (store / "manifest.json").write_text(json.dumps(manifest))
-    out = main(
+    out = run(
         [
             "analyze",
             str(store),
@@ -198,11 +199,11 @@ def test_analyze_rebuilds_the_model_from_the_manifest(small_store, tmp_path, cap
 def test_analyze_explains_what_is_missing(small_store, tmp_path):
     store = _copy_without_config(small_store, tmp_path / "store")
     with pytest.raises(ValueError, match="Pass --model CLASS"):
-        main(["analyze", str(store), "--data", "lightning_influence.data.DigitsDataModule"])
+        run(["analyze", str(store), "--data", "lightning_influence.data.DigitsDataModule"])
     with pytest.raises(ValueError, match="pass --data CLASS"):
-        main(["analyze", str(store), "--model", "lightning_influence.models.MLPVAE", "--model.hidden_dim", "16"])
+        run(["analyze", str(store), "--model", "lightning_influence.models.MLPVAE", "--model.hidden_dim", "16"])
     with pytest.raises(ValueError, match="does not match the store"):
-        main(
+        run(
             [
                 "analyze",
                 str(store),
@@ -219,7 +220,7 @@ def test_analyze_with_a_measurement_from_an_import_path(small_store, tmp_path, m
         "def latent_position(module, batch):\n    mu, _ = module.encode(batch[0])\n    return mu[:, 0]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    plain = main(
+    plain = run(
         [
             "analyze",
             str(small_store),
@@ -233,7 +234,7 @@ def test_analyze_with_a_measurement_from_an_import_path(small_store, tmp_path, m
             "false",
         ]
     )
-    cross = main(
+    cross = run(
         [
             "analyze",
             str(small_store),
@@ -250,3 +251,14 @@ def test_analyze_with_a_measurement_from_an_import_path(small_store, tmp_path, m
         ]
     )
     assert plain["topk"].read_text() != cross["topk"].read_text()
+
+
+def test_the_console_entry_point_exits_with_status_zero(small_store, tmp_path):
+    """The installed script runs ``sys.exit(main())``: a successful command must return 0, not its result."""
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "lightning-influence"]
+    assert script.value == "lightning_influence.cli:main" and script.load() is main
+    args = ["analyze", str(small_store), "--k", "2", "--queries", "1", "--logdir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(args))
+    assert exit_info.value.code == 0
+    assert (tmp_path / "out" / "topk.csv").is_file()
