@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -479,10 +480,14 @@ def main() -> None:
         keep = set(args.only.split(","))
         workloads = [w for w in workloads if w.name in keep]
     rows = []
-    for w in workloads:
-        t = time.perf_counter()
-        rows.extend(run_workload(w, args, root))
-        print(f"[{w.name} done in {time.perf_counter() - t:.0f} s]", flush=True)
+    try:
+        for w in workloads:
+            t = time.perf_counter()
+            rows.extend(run_workload(w, args, root))
+            shutil.rmtree(root / w.name, ignore_errors=True)  # scored: its stores take GBs of disk
+            print(f"[{w.name} done in {time.perf_counter() - t:.0f} s]", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     print_table(rows, args)
     if torch.cuda.is_available():
         gpu_rows(args, torch.device("cuda"))

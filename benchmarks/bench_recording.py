@@ -69,7 +69,11 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
-    root = Path(tempfile.mkdtemp(prefix="li_bench_"))
+    with tempfile.TemporaryDirectory(prefix="li_bench_") as tmp:
+        run(args, dm, Path(tmp))
+
+
+def run(args: argparse.Namespace, dm: DigitsDataModule, root: Path) -> None:
 
     # Plain epochs, then the same training with recorders; the recorders' own timings give the
     # sweep cost. Timer callbacks come last so the sweep (at epoch end) is inside the epoch time.

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset, default_collate
 
 __all__ = [
     "batch_inputs",
@@ -164,12 +164,35 @@ def iterate_batches(
             stop = min(start + batch_size, n)
             yield torch.arange(start, stop), slice_batch(data, start, stop)
         return
+    sliced = _tensor_rows(data) if collate_fn in (None, default_collate) else None
+    if sliced is not None:
+        # What default_collate makes of a TensorDataset's samples (a list of stacked tensors), as
+        # views: no per-sample __getitem__ and stack, which cost more than a small model's gradients.
+        tensors, offset = sliced
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield torch.arange(start, stop), [t[offset + start : offset + stop] for t in tensors]
+        return
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     start = 0
     for batch in loader:
         b = batch_size_of(batch)
         yield torch.arange(start, start + b), batch
         start += b
+
+
+def _tensor_rows(data: Any) -> tuple[tuple[Tensor, ...], int] | None:
+    """``(tensors, offset)`` when ``data`` is a ``TensorDataset`` or a contiguous ``Subset`` of one, else ``None``."""
+    offset = 0
+    while isinstance(data, Subset):
+        indices = data.indices
+        if not isinstance(indices, range) or indices.step != 1:
+            return None
+        offset += indices.start
+        data = data.dataset
+    if type(data) is TensorDataset:
+        return tuple(data.tensors), offset
+    return None
 
 
 def gather_samples(data: Any, indices: Sequence[int], collate_fn: Callable[[list[Any]], Any] | None = None) -> Any:

@@ -129,11 +129,17 @@ class SplitRows:
 
     def nonfinite(self) -> Tensor:
         """``[B]`` bool: rows with inf/NaN in the dense part or in any factor."""
-        bad = ~torch.isfinite(self.dense).all(dim=1)
+        # A row's sum is non-finite whenever one of its entries is, so one reduction per part
+        # finds the suspects (a finite row whose sum overflows is cleared entry by entry).
+        parts = [self.dense]
         for f in self.factors.values():
-            parts = [f] if isinstance(f, Tensor) else [t for t in (f.inputs, f.output_grads) if t is not None]
-            for t in parts:
-                bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).to(bad.device)
+            parts.extend([f] if isinstance(f, Tensor) else [t for t in (f.inputs, f.output_grads) if t is not None])
+        rows = [t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in parts]
+        sums = torch.stack([t.sum(dim=1, dtype=_acc(t)) for t in rows], 1)
+        bad = ~torch.isfinite(sums.sum(dim=1))
+        if bad.any():
+            idx = bad.nonzero().squeeze(1)
+            bad[idx] = torch.stack([~torch.isfinite(t[idx]).all(dim=1) for t in rows], 1).any(dim=1)
         return bad
 
 

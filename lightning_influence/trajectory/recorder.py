@@ -588,7 +588,11 @@ class TrajectoryRecorder(pl.Callback):
         if self._rank == 0:
             try:
                 ckpt = self._writer.begin_checkpoint(stop=stop)
+                ckpt.write_weights(module_state(pl_module, upcast=False))  # written behind the sweep
             except (OSError, StoreError) as err:
+                if ckpt is not None:
+                    ckpt.abort()
+                    ckpt = None
                 failure = err
         _raise_together(trainer, failure, "create checkpoint", index)
         # 2. Every rank computes and writes the rows of its own shard.
@@ -603,8 +607,8 @@ class TrajectoryRecorder(pl.Callback):
                     bad_ids = self._compute_shard(
                         pl_module, start, stop, ckpt.index if ckpt else index, scales, rows_out, self._progress(trainer)
                     )
-                if ckpt is None:
-                    shard_info = rows_out.finish()
+                # Durable before the clock stops: the sweep's time includes the write-behind and fsync.
+                shard_info = rows_out.finish() if ckpt is None else ckpt.finish_rows()
             finally:
                 if ckpt is None:
                     rows_out.close()
@@ -652,7 +656,7 @@ class TrajectoryRecorder(pl.Callback):
                 "shards": [{k: r[k] for k in ("rank", "start", "stop", "seconds")} for r in reports],
             }
             try:
-                ckpt.commit(module_state(pl_module, upcast=False), meta, shards=[r["segment"] for r in reports[1:]])
+                ckpt.commit(None, meta, shards=[r["segment"] for r in reports[1:]])
             except BaseException as err:
                 ckpt.abort()
                 failure = err

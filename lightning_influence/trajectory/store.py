@@ -69,6 +69,7 @@ from lightning_influence.gradients.engine import LayerFactors
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.split import SplitRows
+from lightning_influence.trajectory.write_behind import WriteBehind
 
 __all__ = [
     "CheckpointWriter",
@@ -539,6 +540,8 @@ class GradientStoreWriter:
         storage, the same rows of every factor file too (a :class:`RowsWriter`).
         """
         writers: dict[str, ShardWriter] = {}
+        behind = WriteBehind()
+        single = not self.header.factored
         try:
             for fn, shape in self.header.file_rows().items():
                 path = self.path / f".tmp-ckpt-{index:05d}" / fn
@@ -549,12 +552,15 @@ class GradientStoreWriter:
                         f"{str(path)!r} (created by rank 0) is not visible here: `dirpath` must be on a filesystem"
                         " every rank shares."
                     ) from err
-                writers[fn] = ShardWriter(self, fd, start, stop, fname=fn, row_shape=shape)
+                writers[fn] = ShardWriter(
+                    self, fd, start, stop, fname=fn, row_shape=shape, behind=behind, owns_behind=single
+                )
         except BaseException:
             for w in writers.values():
                 w.close()
+            behind.close()
             raise
-        return RowsWriter(writers) if self.header.factored else writers[GRADS_FILE]
+        return writers[GRADS_FILE] if single else RowsWriter(writers, behind)
 
     def _commit(self, entry: dict[str, Any]) -> None:
         _write_json_atomic(
@@ -568,6 +574,8 @@ class ShardWriter:
 
     The SHA-256 of the segment is computed while writing when rows arrive in order (the recorder
     writes them so); rows written out of order are hashed by reading the segment back on :meth:`finish`.
+    With ``behind``, writes and hash updates run on its background thread (write-behind) and
+    :meth:`write_rows` returns at once: the rows passed must not be modified afterwards.
 
     Args:
         store: the store being written.
@@ -575,6 +583,8 @@ class ShardWriter:
         start, stop: the sample rows this writer holds.
         fname: the file's name in the checkpoint directory (for messages and the header).
         row_shape: one sample's entry (``(dim,)`` for ``grads.npy``, ``(S, d)`` for a factor file).
+        behind: the checkpoint's write-behind queue (``None``: write synchronously).
+        owns_behind: close ``behind`` with this writer.
     """
 
     def __init__(
@@ -586,6 +596,8 @@ class ShardWriter:
         *,
         fname: str = GRADS_FILE,
         row_shape: tuple[int, ...] | None = None,
+        behind: WriteBehind | None = None,
+        owns_behind: bool = False,
     ) -> None:
         h = store.header
         if not 0 <= start <= stop <= h.n_samples:
@@ -605,6 +617,9 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._hash_pos = self.seg_start
         self._in_order = True
+        self._behind = behind
+        self._owns_behind = owns_behind
+        self._unsynced = 0
         if start == 0:
             self._hash.update(header)
             self._hash_pos = self._offset
@@ -646,12 +661,27 @@ class ShardWriter:
 
     def _put(self, row: int, data: memoryview) -> None:
         offset = self._offset + row * self._row_bytes
-        _pwrite_all(self.fd, data, offset)
-        if self._in_order and offset == self._hash_pos:
-            self._hash.update(data)
+        hashed = self._in_order and offset == self._hash_pos
+        if hashed:
             self._hash_pos += len(data)
         else:
             self._in_order = False
+        if self._behind is None:
+            self._write(data, offset, hashed)
+        else:
+            self._behind.submit(self._write, len(data), data, offset, hashed)
+
+    def _write(self, data: memoryview, offset: int, hashed: bool) -> None:
+        _pwrite_all(self.fd, data, offset)
+        if hashed:
+            self._hash.update(data)
+        if self._behind is not None:
+            self._unsynced += len(data)
+            if self._unsynced >= _SYNC_EVERY_BYTES:
+                # Start the disk writes now, on the background thread, so the fsync that makes the
+                # checkpoint durable finds little left to flush.
+                os.fdatasync(self.fd)
+                self._unsynced = 0
 
     @property
     def missing(self) -> int:
@@ -660,6 +690,8 @@ class ShardWriter:
     def finish(self) -> dict[str, Any]:
         """Flush the rows to disk and describe the segment: ``{start, stop, missing, offset, length, sha256}``."""
         try:
+            if self._behind is not None:
+                self._behind.drain()
             os.fsync(self.fd)
         except OSError as err:
             raise _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
@@ -688,6 +720,15 @@ class ShardWriter:
         }
 
     def close(self) -> None:
+        if self._behind is not None:
+            # Pending writes use the descriptor: wait for them before closing it.
+            if self._owns_behind:
+                self._behind.close()
+            else:
+                try:
+                    self._behind.drain()
+                except BaseException:  # noqa: BLE001 - abandoning the file; the error was or will be raised by finish
+                    pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -700,10 +741,11 @@ class RowsWriter:
     goes to ``grads.npy``, each factored parameter's ``a`` and ``g`` to its files.
     """
 
-    def __init__(self, writers: Mapping[str, ShardWriter]) -> None:
+    def __init__(self, writers: Mapping[str, ShardWriter], behind: WriteBehind | None = None) -> None:
         self.writers = dict(writers)
         first = self.writers[GRADS_FILE]
         self.store, self.start, self.stop = first.store, first.start, first.stop
+        self._behind = behind  # owned: closed with the writers
 
     def write_rows(self, ids: Tensor, rows: SplitRows | Tensor) -> None:
         """Store split rows (dense part ``[B, dense_dim]`` and factors) at sample positions ``ids``."""
@@ -743,6 +785,8 @@ class RowsWriter:
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
+        if self._behind is not None:
+            self._behind.close()
 
 
 def _by_file(shard: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -768,6 +812,7 @@ class CheckpointWriter:
         h = store.header
         stop = h.n_samples if stop is None else stop
         self._fds: dict[str, int] = {}
+        self._behind = WriteBehind()
         writers: dict[str, ShardWriter] = {}
         try:
             for fn, shape in h.file_rows().items():
@@ -775,29 +820,77 @@ class CheckpointWriter:
                 self._fds[fn] = fd
                 _preallocate(fd, h.file_bytes(fn))
                 _pwrite_all(fd, h.file_header(fn), 0)
-                writers[fn] = ShardWriter(store, os.dup(fd), 0, stop, fname=fn, row_shape=shape)
+                writers[fn] = ShardWriter(store, os.dup(fd), 0, stop, fname=fn, row_shape=shape, behind=self._behind)
         except BaseException:
             for w in writers.values():
                 w.close()
+            self._behind.close()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds = {}
             raise
         self.rows: ShardWriter | RowsWriter | None = RowsWriter(writers) if h.factored else writers[GRADS_FILE]
+        self._own: dict[str, Any] | None = None  # this process's segment report, once its rows are flushed
+        self._closed = False
+        self._weights: dict[str, Any] | None = None  # the manifest's entry for the weights, once queued
+        self._weights_error: OSError | None = None
+
+    def write_weights(self, state: Mapping[str, Tensor]) -> None:
+        """Queue the weights (``weights.safetensors``: all weights and buffers) behind the rows' writes.
+
+        The weights do not change while a checkpoint's rows are computed, so the recorder hands them
+        over first and their write and fsync overlap the sweep. :meth:`commit` reports a failure.
+        """
+        if self._closed or self._weights is not None:
+            raise StoreError(f"Checkpoint {self.index}: the weights were already written, or it was committed/aborted.")
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+        blob = save_safetensors(tensors)
+        self._weights = {"sha256": None, "bytes": len(blob)}
+        if self._own is None:
+            self._behind.submit(self._write_weights, len(blob), blob)
+        else:  # the rows are already durable and the queue closed
+            self._write_weights(blob)
+
+    def _write_weights(self, blob: bytes) -> None:
+        # On the write-behind thread: a failure is kept for commit, which names the file.
+        assert self._weights is not None
+        try:
+            _write_file(self.tmp / WEIGHTS_FILE, blob)
+        except OSError as err:
+            self._weights_error = err
+            return
+        self._weights["sha256"] = hashlib.sha256(blob).hexdigest()
 
     def write_rows(self, ids: Tensor, rows: Tensor | SplitRows) -> None:
         """Store ``rows`` ``[B, dim]`` (any float dtype; :class:`SplitRows` for factored storage) at positions ``ids``."""
         if self.rows is None:
-            raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
+            raise StoreError(f"Checkpoint {self.index} was already committed, aborted or its rows finished.")
         self.rows.write_rows(ids, rows)
 
+    def finish_rows(self) -> dict[str, Any]:
+        """Make this process's rows durable (wait for the write-behind, fsync) and describe them.
+
+        :meth:`commit` does it if not done before; calling it first lets the caller time the rows
+        apart from the weights and the manifest. Idempotent.
+
+        Raises:
+            OSError: a write or the fsync failed (out of disk space: the error says how much is needed).
+        """
+        if self._own is None:
+            if self.rows is None or self._closed:
+                raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
+            self._own = self.rows.finish()
+            self.rows = None
+            self._behind.close()
+        return self._own
+
     def commit(
-        self, state: Mapping[str, Tensor], meta: Mapping[str, Any], shards: Sequence[Mapping[str, Any]] = ()
+        self, state: Mapping[str, Tensor] | None, meta: Mapping[str, Any], shards: Sequence[Mapping[str, Any]] = ()
     ) -> dict[str, Any]:
         """Write the weights, rename the checkpoint into place and list it in the manifest.
 
         Args:
-            state: all weights and buffers.
+            state: all weights and buffers (``None`` when already given to :meth:`write_weights`).
             meta: ``step``, ``epoch``, ``lr`` and anything else to keep in the manifest entry.
             shards: what :meth:`ShardWriter.finish` returned on the other ranks (DDP).
 
@@ -808,14 +901,18 @@ class CheckpointWriter:
         missing_meta = [key for key in ("step", "epoch", "lr") if key not in meta]
         if missing_meta:
             raise StoreError(f"Checkpoint {self.index}: metadata lacks {missing_meta}; nothing was listed.")
-        if self.rows is None:
+        if self._closed:
             raise StoreError(f"Checkpoint {self.index} was already committed or aborted.")
+        if self._weights is None:
+            if state is None:
+                raise StoreError(f"Checkpoint {self.index}: no weights; pass `state` or call write_weights first.")
+            self.write_weights(state)
         n = self.store.header.n_samples
-        missing = self.rows.missing + sum(int(s["missing"]) for s in shards)
+        own = self.finish_rows()
+        missing = int(own["missing"]) + sum(int(s["missing"]) for s in shards)
         if missing:
             raise StoreError(f"Checkpoint {self.index}: {missing} of {n} sample rows were never written.")
-        own = self.rows.finish()
-        self.rows = None
+        self._closed = True
         reports = [_by_file(own), *[_by_file(s) for s in shards]]
         files: dict[str, Any] = {}
         for fn in self.store.header.file_rows():
@@ -841,18 +938,12 @@ class CheckpointWriter:
                 ]
             files[fn] = info
         self._close_fds()
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        blob = save_safetensors(tensors)
-        try:
-            _write_file(self.tmp / WEIGHTS_FILE, blob)
-        except OSError as err:
-            raise _wrap_os_error(err, self.store.path, f"checkpoint {self.index} ({WEIGHTS_FILE})", len(blob)) from err
+        assert self._weights is not None
+        if self._weights_error is not None:
+            err, needed = self._weights_error, self._weights["bytes"]
+            raise _wrap_os_error(err, self.store.path, f"checkpoint {self.index} ({WEIGHTS_FILE})", needed) from err
         grads_info = files.pop(GRADS_FILE)
-        files = {
-            GRADS_FILE: grads_info,
-            WEIGHTS_FILE: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
-            **files,
-        }
+        files = {GRADS_FILE: grads_info, WEIGHTS_FILE: dict(self._weights), **files}
         _fsync_dir(self.tmp)
         os.rename(self.tmp, self.final)
         _fsync_dir(self.store.path)
@@ -878,9 +969,11 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop the partial checkpoint (nothing listed is touched)."""
+        self._closed = True
         if self.rows is not None:
             self.rows.close()
             self.rows = None
+        self._behind.close()
         self._close_fds()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.final.exists() and self.name not in {c["dir"] for c in self.store.manifest["checkpoints"]}:
@@ -889,6 +982,8 @@ class CheckpointWriter:
 
 #: Files already verified in this process: (path, inode, size, mtime_ns, expected checksums).
 _VERIFIED: set[tuple[Any, ...]] = set()
+#: Written-behind bytes of one file after which the background thread flushes them to disk.
+_SYNC_EVERY_BYTES = 4 << 20
 #: A file modified less than this long ago is re-hashed by every new reader (mtime granularity).
 _FRESH_NS = 2_000_000_000
 
@@ -927,6 +1022,7 @@ class StoredCheckpoint:
         self.nonfinite: list[int] = list(entry.get("nonfinite", []))
         self.dir = store.path / entry["dir"]
         self._seen: dict[str, tuple[Any, ...]] = {}
+        self._layouts: dict[str, tuple[tuple[Any, ...], np.dtype, tuple[int, ...], int]] = {}
 
     def _check(self, fn: str) -> Path:
         """Verify ``fn`` on first use (and again if it changed on disk); return its path."""
@@ -952,8 +1048,16 @@ class StoredCheckpoint:
 
     def _load(self, fn: str) -> Tensor:
         path = self._check(fn)
+        layout = self._layouts.get(fn)
         try:
-            arr = np.load(path, mmap_mode="c")
+            if layout is not None and layout[0] == self._seen[fn]:
+                # The header was parsed before: map the data directly (np.load re-parses it on every
+                # call, a noticeable share of scoring a small store block by block).
+                arr = np.memmap(path, dtype=layout[1], mode="c", offset=layout[3], shape=layout[2])
+            else:
+                arr = np.load(path, mmap_mode="c")
+                if isinstance(arr, np.memmap) and not arr.dtype.hasobject and arr.flags.c_contiguous:
+                    self._layouts[fn] = (self._seen[fn], arr.dtype, tuple(arr.shape), int(arr.offset))
         except (ValueError, OSError, EOFError) as err:  # pragma: no cover - caught by the checksum first
             raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
         t = torch.from_numpy(arr)

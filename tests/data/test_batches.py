@@ -8,6 +8,7 @@ from torch.utils.data import (
     Dataset,
     RandomSampler,
     SequentialSampler,
+    Subset,
     SubsetRandomSampler,
     TensorDataset,
 )
@@ -195,3 +196,30 @@ def test_gather_samples(make):
     out = gather_samples(make(), idx)
     x, y = (out["x"], out["y"]) if isinstance(out, dict) else out
     assert torch.equal(x, X[idx]) and torch.equal(y, Y[idx])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ds: ds,
+        lambda ds: Subset(ds, range(3, 17)),
+        lambda ds: Subset(Subset(ds, range(2, 19)), range(1, 15)),
+        lambda ds: Subset(ds, list(range(3, 17))),  # not a range: the per-sample path
+        lambda ds: Subset(ds, range(3, 17, 2)),  # a strided range: the per-sample path
+    ],
+)
+def test_tensor_datasets_are_sliced_like_default_collate_stacks_them(make):
+    ds = TensorDataset(torch.randn(20, 3), torch.arange(20))
+    data = make(ds)
+    fast = list(iterate_batches(data, 4))
+    reference = list(DataLoader(data, batch_size=4, shuffle=False))
+    assert len(fast) == len(reference)
+    start = 0
+    for (ids, batch), ref in zip(fast, reference):
+        assert type(batch) is type(ref)
+        assert torch.equal(ids, torch.arange(start, start + len(ref[0])))
+        assert all(torch.equal(a, b) for a, b in zip(batch, ref))
+        start += len(ref[0])
+    # The loader's own default collate takes the same path; another collate function is honoured.
+    zeros = list(iterate_batches(data, 4, collate_fn=lambda items: torch.zeros(len(items), 3)))
+    assert all(torch.equal(b, torch.zeros(len(ids), 3)) for ids, b in zeros)

@@ -1,0 +1,95 @@
+"""Write-behind for the store: a checkpoint's file writes and checksum updates run on one background thread.
+
+A recording sweep alternates computing a batch of gradient rows with writing it; ``os.pwrite`` and
+``hashlib``'s ``update`` both release the GIL, so handing the write (and the incremental SHA-256 of
+the rows) to a thread lets the next batch's forward/backward run meanwhile. The durability
+contract does not change: a writer :meth:`WriteBehind.drain`\\ s before it fsyncs, and nothing is
+listed in the manifest before every write of the checkpoint succeeded.
+
+Tasks run in submission order (one worker), so a file's rows are hashed in order. Memory is
+bounded: :meth:`WriteBehind.submit` blocks while more than ``limit_bytes`` are queued. The first
+error is re-raised, to the caller, by the next :meth:`~WriteBehind.submit` or by
+:meth:`~WriteBehind.drain`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["WriteBehind"]
+
+
+class WriteBehind:
+    """An ordered background queue of I/O tasks with a bound on the bytes in flight.
+
+    Args:
+        limit_bytes: queued bytes above which :meth:`submit` waits for the oldest tasks (at least
+            one task is always allowed in flight, whatever its size).
+
+    Example:
+        >>> out = []
+        >>> wb = WriteBehind()
+        >>> for i in range(3):
+        ...     wb.submit(out.append, 1, i)
+        >>> wb.drain()
+        >>> out
+        [0, 1, 2]
+        >>> wb.close()
+    """
+
+    def __init__(self, limit_bytes: int = 64 << 20) -> None:
+        self.limit_bytes = int(limit_bytes)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[Any], int]] = deque()
+        self._queued = 0
+        self._error: BaseException | None = None
+
+    def submit(self, fn: Callable[..., Any], nbytes: int, *args: Any) -> None:
+        """Run ``fn(*args)`` after every task submitted before it; ``nbytes`` counts against the bound.
+
+        Raises:
+            BaseException: the first error of an earlier task (not raised again afterwards).
+        """
+        while self._pending and self._pending[0][0].done():
+            self._wait_oldest()
+        self._raise()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-influence-store")
+        self._pending.append((self._pool.submit(fn, *args), int(nbytes)))
+        self._queued += int(nbytes)
+        while self._queued > self.limit_bytes and len(self._pending) > 1:
+            self._wait_oldest()
+        self._raise()
+
+    def drain(self) -> None:
+        """Wait for every submitted task; re-raise the first error."""
+        while self._pending:
+            self._wait_oldest()
+        self._raise()
+
+    def close(self) -> None:
+        """Wait for every submitted task (errors are dropped: the caller is abandoning the writes) and stop the thread."""
+        while self._pending:
+            self._wait_oldest()
+        self._error = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _wait_oldest(self) -> None:
+        fut, nbytes = self._pending.popleft()
+        self._queued -= nbytes
+        err = fut.exception()
+        if err is not None and self._error is None:
+            self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            # The caller will close the files after this error: nothing may still be writing to them.
+            while self._pending:
+                self._wait_oldest()
+            err, self._error = self._error, None
+            raise err

@@ -1,0 +1,91 @@
+import threading
+import time
+
+import pytest
+
+from lightning_influence.trajectory.write_behind import WriteBehind
+
+
+def test_tasks_run_in_submission_order_off_the_calling_thread():
+    seen, threads = [], set()
+
+    def task(i):
+        time.sleep(0.001 * (5 - i))  # later tasks are quicker: order must still hold
+        seen.append(i)
+        threads.add(threading.get_ident())
+
+    wb = WriteBehind()
+    for i in range(5):
+        wb.submit(task, 1, i)
+    wb.drain()
+    wb.close()
+    assert seen == [0, 1, 2, 3, 4]
+    assert threading.get_ident() not in threads
+
+
+def test_bytes_in_flight_are_bounded():
+    running = threading.Semaphore(0)
+    release = threading.Event()
+    started = []
+
+    def task(i):
+        started.append(i)
+        running.release()
+        release.wait(5)
+
+    wb = WriteBehind(limit_bytes=10)
+    wb.submit(task, 8, 0)
+    running.acquire()
+    submitted = threading.Event()
+
+    def second():
+        wb.submit(task, 8, 1)  # 16 > 10 queued: blocks until the first finishes
+        submitted.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.05)
+    assert not submitted.is_set()
+    release.set()
+    t.join(5)
+    assert submitted.is_set()
+    wb.drain()
+    wb.close()
+    assert started == [0, 1]
+
+
+def test_first_error_is_raised_by_the_next_submit_or_drain_after_everything_stopped():
+    done = []
+    gate = threading.Event()
+
+    def fail():
+        gate.wait(5)
+        raise OSError(28, "No space left on device")
+
+    wb = WriteBehind()
+    wb.submit(fail, 1)
+    wb.submit(done.append, 1, "after")
+    gate.set()
+    with pytest.raises(OSError, match="No space"):
+        wb.drain()
+    assert done == ["after"]  # queued tasks finished before the error reached the caller
+    wb.drain()  # raised once
+    wb.submit(fail, 1)
+    time.sleep(0.05)
+    with pytest.raises(OSError, match="No space"):
+        wb.submit(done.append, 1, "late")
+    wb.close()
+
+
+def test_close_waits_for_pending_tasks_and_drops_their_errors():
+    out = []
+
+    def slow():
+        time.sleep(0.05)
+        out.append(1)
+        raise RuntimeError("ignored on close")
+
+    wb = WriteBehind()
+    wb.submit(slow, 1)
+    wb.close()
+    assert out == [1]
