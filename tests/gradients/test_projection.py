@@ -6,12 +6,17 @@ import torch
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 
 KINDS = ["sjlt", "rademacher", "gaussian"]
+ALL_KINDS = KINDS + ["kronecker"]
 NAMES = ["enc.weight", "enc.bias", "dec.weight"]
 NUMELS = [600, 30, 1200]
+SHAPES = {"enc.weight": (20, 30), "enc.bias": (30,), "dec.weight": (40, 30)}
 
 
-def _proj(kind, dim=512, seed=0, names=NAMES, numels=NUMELS, **kw):
-    return RandomProjection(ProjectionSpec(dim=dim, seed=seed, kind=kind, **kw), names, numels)
+def _proj(kind, dim=512, seed=0, names=NAMES, numels=NUMELS, checkpoint=0, **kw):
+    # kronecker needs the matrix view of flat rows: the shapes above, or the parameter kept flat
+    shapes = [SHAPES.get(n, (m,)) for n, m in zip(names, numels)] if kind == "kronecker" else None
+    spec = ProjectionSpec(dim=dim, seed=seed, kind=kind, **kw)
+    return RandomProjection(spec, names, numels, checkpoint=checkpoint, param_shapes=shapes)
 
 
 def _gram_rel_error(x: torch.Tensor, px: torch.Tensor) -> float:
@@ -36,7 +41,7 @@ def test_gram_matrix_approximately_preserved(kind):
     assert errs[1024] < errs[64]  # error shrinks with k
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_unbiased_over_seeds(kind):
     torch.manual_seed(1)
     names, numels = ["w"], [300]
@@ -55,7 +60,7 @@ def test_unbiased_over_seeds(kind):
     assert se > 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_deterministic_across_instances(kind):
     torch.manual_seed(2)
     x = torch.randn(5, sum(NUMELS))
@@ -77,7 +82,7 @@ def test_cache_free_instance_matches_cached(kind):
     assert torch.allclose(no_cache.project_flat(x), cached.project_flat(x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_independent_of_batch_size_and_block_chunking(kind):
     torch.manual_seed(4)
     x = torch.randn(9, sum(NUMELS))
@@ -90,7 +95,7 @@ def test_independent_of_batch_size_and_block_chunking(kind):
     assert torch.allclose(full, halves, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_parameter_projection_depends_only_on_seed_and_name(kind):
     torch.manual_seed(5)
     g = {n: torch.randn(3, m) for n, m in zip(NAMES, NUMELS)}
@@ -105,17 +110,17 @@ def test_parameter_projection_depends_only_on_seed_and_name(kind):
     assert not torch.allclose(renamed, parts[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_project_dict_equals_project_flat_and_accepts_shaped_tensors(kind):
     torch.manual_seed(6)
-    shapes = {"enc.weight": (20, 30), "enc.bias": (30,), "dec.weight": (40, 30)}
-    g = {n: torch.randn(4, *shapes[n]) for n in NAMES}
+    g = {n: torch.randn(4, *SHAPES[n]) for n in NAMES}
     p = _proj(kind, dim=80, seed=7)
     flat = torch.cat([g[n].reshape(4, -1) for n in NAMES], dim=1)
-    assert torch.allclose(p.project(g), p.project_flat(flat), rtol=1e-6, atol=1e-6)
+    tol = 1e-5 if kind == "kronecker" else 1e-6  # its matrix products round by memory layout
+    assert torch.allclose(p.project(g), p.project_flat(flat), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_projection_is_linear(kind):
     torch.manual_seed(7)
     a, b = torch.randn(2, sum(NUMELS)), torch.randn(2, sum(NUMELS))
@@ -214,16 +219,113 @@ def test_random_blocks_are_bounded_by_block_elements(kind, monkeypatch):
     assert sum(sizes) >= 6000  # every coordinate got its random entries
 
 
-def test_each_checkpoint_gets_an_independent_projection_unless_disabled():
+@pytest.mark.parametrize("kind", ["sjlt", "kronecker"])
+def test_each_checkpoint_gets_an_independent_projection_unless_disabled(kind):
     x = torch.randn(3, sum(NUMELS))
-    spec = ProjectionSpec(dim=64, seed=2)
-    a = RandomProjection(spec, NAMES, NUMELS, checkpoint=0).project_flat(x)
-    b = RandomProjection(spec, NAMES, NUMELS, checkpoint=1).project_flat(x)
-    again = RandomProjection(spec, NAMES, NUMELS, checkpoint=1).project_flat(x)
+    a = _proj(kind, dim=64, seed=2, checkpoint=0).project_flat(x)
+    b = _proj(kind, dim=64, seed=2, checkpoint=1).project_flat(x)
+    again = _proj(kind, dim=64, seed=2, checkpoint=1).project_flat(x)
     assert not torch.allclose(a, b)
     assert torch.equal(b, again)
-    shared = ProjectionSpec(dim=64, seed=2, per_checkpoint=False)
     assert torch.equal(
-        RandomProjection(shared, NAMES, NUMELS, checkpoint=0).project_flat(x),
-        RandomProjection(shared, NAMES, NUMELS, checkpoint=5).project_flat(x),
+        _proj(kind, dim=64, seed=2, checkpoint=0, per_checkpoint=False).project_flat(x),
+        _proj(kind, dim=64, seed=2, checkpoint=5, per_checkpoint=False).project_flat(x),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# kronecker: parameters kept whole, the one-pass CountSketch mixing, the recorded map version
+
+
+def test_kronecker_keeps_parameters_up_to_4k_entries_whole():
+    p = _proj("kronecker", dim=1024)
+    assert p.kron_dims((64, 8, 8)) == (64, 64, 64, 64)  # 4096 = 4k entries: whole
+    d0, d1, kg, ka = p.kron_dims((65, 64))
+    assert (d0, d1) == (65, 64) and kg * ka <= 1024 and (kg, ka) != (65, 64)
+
+
+def test_kronecker_single_parameter_up_to_k_entries_is_an_exact_isometry():
+    # Kept whole and mixed in without collisions: a signed injection, so inner products are exact.
+    torch.manual_seed(10)
+    x = torch.randn(5, 20, 30)
+    p = RandomProjection(ProjectionSpec(dim=600, seed=3, kind="kronecker"), ["w"], [600])
+    px = p.project({"w": x})
+    flat = x.reshape(5, -1).double()
+    torch.testing.assert_close(px.double() @ px.double().T, flat @ flat.T, rtol=1e-5, atol=1e-4)
+    assert (px != 0).sum(1).eq(600).all()  # 600 distinct buckets of the 600 outputs
+
+
+def _collision_variance(x, y, chunk_of, k):
+    """``(1/k) sum_{i<j, different chunks} (x_i y_j + x_j y_i)^2``: the CountSketch variance of ``<x, y>``
+    when coordinates of different chunks collide with probability ``1/k`` and those of one chunk never."""
+    x, y = x.double(), y.double()
+    pair = (x[:, None] * y[None, :] + x[None, :] * y[:, None]) ** 2
+    apart = chunk_of[:, None] != chunk_of[None, :]
+    return float(pair[apart].sum() / 2 / k)
+
+
+def test_kronecker_mixing_is_unbiased_with_the_variance_of_a_random_hash():
+    # One parameter kept whole across four chunks of k (24 x 20 = 480 <= 4k) and a bias: every
+    # collision (between chunks, between parameters) must be zero-mean, and their variance that of
+    # a CountSketch with collision probability 1/k -- what the per-chunk random offsets claim.
+    torch.manual_seed(11)
+    k, names, numels = 128, ["w", "b"], [480, 30]
+    x = torch.randn(2, 510)
+    x[1] = 0.6 * x[0] + 0.8 * x[1]  # correlated pair
+    # A common positive mean makes every unsigned collision bias the estimate, and spikes at the same
+    # place in each chunk would collide every time if the chunks shared an offset (6.8x the variance).
+    x = x + 1.0
+    x[:, (torch.arange(4)[:, None] * k + torch.arange(8)).flatten()] += 6.0
+    exact = float(x[0].double() @ x[1].double())
+    chunk_of = torch.cat([torch.arange(480) // k, torch.full((30,), -1)])  # the bias: its own "chunk"
+    predicted = _collision_variance(x[0], x[1], chunk_of, k)
+    est = []
+    for seed in range(600):
+        spec = ProjectionSpec(dim=k, seed=seed, kind="kronecker")
+        p = RandomProjection(spec, names, numels, param_shapes=[(24, 20), (30,)])
+        assert p.kron_dims((24, 20)) == (24, 20, 24, 20)
+        px = p.project_flat(x).double()
+        est.append(float(px[0] @ px[1]))
+    est = torch.tensor(est, dtype=torch.float64)
+    se = float(est.std()) / math.sqrt(len(est))
+    assert abs(float(est.mean()) - exact) < 4 * se, (float(est.mean()), exact, se)
+    assert 0.75 < float(est.var()) / predicted < 1.33, (float(est.var()), predicted)
+
+
+def test_kronecker_cross_terms_between_sketched_parameters_average_out():
+    # Two Gaussian-sketched parameters (not kept whole) land in the same outputs: the estimate of the
+    # full inner product stays unbiased over seeds.
+    torch.manual_seed(12)
+    shapes = [(40, 30), (30, 40)]
+    a, b = torch.randn(2400), torch.randn(2400)
+    b = 0.6 * a + 0.8 * b
+    exact = float(a.double() @ b.double())
+    est = []
+    for seed in range(300):
+        p = RandomProjection(ProjectionSpec(dim=64, seed=seed, kind="kronecker"), ["u", "v"], [1200, 1200],
+                             param_shapes=shapes)  # fmt: skip
+        assert all(p.kron_dims(s)[2] * p.kron_dims(s)[3] <= 64 for s in shapes)
+        pa, pb = p.project_flat(torch.stack([a, b])).double()
+        est.append(float(pa @ pb))
+    est = torch.tensor(est, dtype=torch.float64)
+    se = float(est.std()) / math.sqrt(len(est))
+    assert abs(float(est.mean()) - exact) < 4 * se and se > 0, (float(est.mean()), exact, se)
+
+
+def test_kronecker_spec_records_its_map_version_and_refuses_an_older_one():
+    import json
+
+    spec = ProjectionSpec(dim=64, kind="kronecker")
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert d["kronecker_version"] == 2 and ProjectionSpec.from_dict(d) == spec
+    # A manifest written before the field existed was projected with the old map: refused, not rebuilt.
+    old = {key: v for key, v in d.items() if key != "kronecker_version"}
+    with pytest.raises(ValueError, match="older kronecker projection; re-record"):
+        ProjectionSpec.from_dict(old)
+    with pytest.raises(ValueError, match="`kronecker_version` 1"):
+        ProjectionSpec.from_dict({**d, "kronecker_version": 1})
+    # The other kinds never changed: their old manifests still load.
+    sjlt = {key: v for key, v in ProjectionSpec(dim=64).to_dict().items() if key != "kronecker_version"}
+    assert ProjectionSpec.from_dict(sjlt) == ProjectionSpec(dim=64)
+    # nnz belongs to sjlt only: a tiny kronecker projection does not trip over its default
+    assert ProjectionSpec(dim=2, kind="kronecker").dim == 2
