@@ -94,7 +94,7 @@ class TrajectoryRecorder(pl.Callback):
             (never a dense ``D x k`` matrix).
         projection_kind: ``"sjlt"`` (sparse JL, fast), ``"rademacher"``, ``"gaussian"``, or
             ``"kronecker"`` (per layer ``(P_g g)(P_a a)^T`` straight from a factored engine's layer
-            inputs and output gradients, never expanding a per-sample gradient).
+            inputs and output gradients; only parameters of at most ``4 k`` entries are formed whole).
         grad_dtype: storage dtype of the gradient rows (scores always accumulate in fp32).
         grad_precision: ``"fp32"`` computes gradients from fp32 copies outside autocast (default,
             also for the ``*-true`` precisions); ``"autocast"`` follows the trainer's precision,

@@ -16,7 +16,10 @@ training goes on and a checkpoint killed mid-write is never listed.
 Writes are ordinary file writes (``pwrite``) into a file preallocated with ``posix_fallocate``,
 never a growing memory map: a full disk raises an :class:`OSError` naming the store and the space
 needed (the partial checkpoint is removed, earlier ones are untouched) instead of killing the
-process with SIGBUS.
+process with SIGBUS. The writes, their checksums and the weights run behind the computation on one
+background thread (:class:`~lightning_influence.trajectory.write_behind.WriteBehind`, flushing to
+disk as it goes): the next batch's gradients are computed meanwhile, and a checkpoint's rows are
+durable (drained and fsynced) before it can be listed.
 
 Under DDP every rank writes a disjoint, contiguous range of rows of the same ``grads.npy``
 (:meth:`GradientStoreWriter.open_shard`); rank 0 creates and preallocates the file, then lists the
