@@ -56,8 +56,10 @@ def _cast_inputs(batch: Any, precision: GradientPrecision, weight_dtype: torch.d
     return tree_map(lambda t: t.to(target) if isinstance(t, Tensor) and t.is_floating_point() else t, batch)
 
 
-#: Row matrices at least this large (bytes) are allocated on transparent huge pages on CPU.
-HUGE_ROWS_BYTES = 8 << 20
+#: Row matrices at least this large (bytes) are allocated on transparent huge pages on CPU: glibc's
+#: largest dynamic mmap threshold. Smaller blocks glibc recycles from its heap (no fresh pages);
+#: larger ones are always fresh mappings.
+HUGE_ROWS_BYTES = 32 << 20
 
 
 def empty_rows(batch: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
