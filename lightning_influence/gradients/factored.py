@@ -20,6 +20,7 @@ parameters only.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +246,78 @@ class FactoredEngine:
         return f"FactoredEngine(fallback={self.fallback!r})"
 
 
+#: Modules whose loss modifies a tracked layer's output or kept input in place (see :func:`_hooked_forward`).
+_NEEDS_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _hooked_forward(
+    module: nn.Module,
+    loss_fn: PerSampleLoss,
+    batch: Any,
+    plan: EnginePlan,
+    state: Mapping[str, Tensor],
+    sample_ids: Tensor,
+    noise_seed: int,
+    noise_stream: int,
+    subs: Mapping[str, nn.Module],
+    *,
+    copy: bool,
+) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]] | None:
+    """The batched forward with capture hooks: ``(loss, kept, sources, owners)``, or ``None`` when not exact.
+
+    The gradient is taken at ``sources``, the tracked layers' outputs. With ``copy=False`` downstream
+    code gets those very tensors and the kept inputs alias the layers' inputs (no copies); an
+    in-place op after a layer (``ReLU(inplace=True)``) would change what is differentiated at or
+    kept, so every such tensor's version counter is compared after the forward and ``None`` returned
+    on any change (or when autograd refuses the in-place op on a leaf). With ``copy=True`` downstream
+    code gets copies of the outputs and kept tensors that alias an input are copied.
+    """
+    kept: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
+    sources: list[Tensor] = []
+    owners: list[str] = []
+    watched: list[tuple[Tensor, int]] = []
+
+    def hook_for(name: str, rule: LayerRule) -> Any:
+        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"Tracked layer {name!r} returned {type(output).__name__}, not a tensor.")
+            a = rule.capture(sub, inputs, output)
+            source = output if output.requires_grad else output.detach().requires_grad_(True)
+            sources.append(source)
+            owners.append(name)
+            if copy:
+                if isinstance(inputs[0], Tensor) and _aliases(a, inputs[0]):
+                    a = a.clone()
+                kept[name].append(a)
+                return source.clone()
+            kept[name].append(a)
+            watched.extend(((a, a._version), (source, source._version)))
+            return source
+
+        return hook
+
+    handles = [subs[name].register_forward_hook(hook_for(name, rule)) for name, (rule, _) in plan.tracked.items()]
+    try:
+        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
+            loss = functional_call(
+                ModuleCall(module, loss_fn), {"m." + k: v for k, v in state.items()}, (batch,), strict=False
+            )
+    except RuntimeError as err:
+        if copy or "in-place" not in str(err):
+            raise
+        return None  # an in-place op on a tracked output that is a leaf: autograd refuses it
+    finally:
+        for h in handles:
+            h.remove()
+    if any(t._version != v for t, v in watched):
+        return None
+    return loss, kept, sources, owners
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _hooked_gradients(
     module: nn.Module,
     loss_fn: PerSampleLoss,
@@ -259,33 +332,15 @@ def _hooked_gradients(
 ) -> dict[str, Tensor | LayerFactors]:
     bsz = int(sample_ids.shape[0])
     subs = dict(module.named_modules())
-    kept: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
-    sources: list[Tensor] = []
-    owners: list[str] = []
-
-    def hook_for(name: str, rule: LayerRule) -> Any:
-        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
-            if not isinstance(output, Tensor):
-                raise TypeError(f"Tracked layer {name!r} returned {type(output).__name__}, not a tensor.")
-            kept[name].append(rule.capture(sub, inputs, output))
-            # The gradient is taken at `source`; downstream code gets a copy, so an in-place op
-            # after the layer (ReLU(inplace=True)) cannot change the tensor differentiated at.
-            source = output if output.requires_grad else output.detach().requires_grad_(True)
-            sources.append(source)
-            owners.append(name)
-            return source.clone()
-
-        return hook
-
-    handles = [subs[name].register_forward_hook(hook_for(name, rule)) for name, (rule, _) in plan.tracked.items()]
-    try:
-        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
-            loss = functional_call(
-                ModuleCall(module, loss_fn), {"m." + k: v for k, v in state.items()}, (batch,), strict=False
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    copy = module in _NEEDS_COPIES
+    args = (module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, subs)
+    traced = None if copy else _hooked_forward(*args, copy=False)
+    if traced is None:
+        # Something after a tracked layer modified its output or a kept input in place: differentiate
+        # at copies instead (and for this module from now on: the same loss would do it again).
+        _NEEDS_COPIES.add(module)
+        traced = _hooked_forward(*args, copy=True)
+    loss, kept, sources, owners = traced
     loss = check_per_sample_loss(loss, bsz, argname)
     total = (loss * loss_scale).sum()
     grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()

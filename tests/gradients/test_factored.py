@@ -177,6 +177,42 @@ def test_inplace_activation_after_a_tracked_layer():
     _assert_same(fact, ref)
 
 
+def test_inplace_op_on_a_non_leaf_tracked_output():
+    # The second Linear's output already requires grad (it depends on the first's), so the in-place
+    # ReLU is allowed by autograd and only the version counter reveals it.
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    fact, ref = _both(net, torch.randn(6, 4))
+    _assert_same(fact, ref)
+
+
+def test_inplace_op_on_a_kept_input_after_the_layer():
+    class Scribble(nn.Module):
+        def __init__(self, scribble: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.scribble = nn.Linear(4, 5), nn.Linear(5, 3), scribble
+
+        def forward(self, x):
+            h = self.a(x) * 2.0
+            y = self.b(h)
+            if self.scribble:
+                h.add_(1.0)  # after `b` consumed it: must not change b's kept input
+            return y
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 4)
+    net = Scribble(True)
+    clean = Scribble(False)
+    clean.load_state_dict(net.state_dict())
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=dict(params), sample_ids=torch.arange(6), noise_seed=0, noise_stream=0)
+    # the vmap engine needs `h` intact for the weight gradient of `b`: the reference is the clean twin
+    ref = VmapEngine().gradients(clean, _square_loss, x, params, **kw)
+    _assert_same(FactoredEngine().gradients(net, _square_loss, x, params, **kw), ref)
+    # the module is now known to need copies: the same rows from one forward
+    _assert_same(FactoredEngine().gradients(net, _square_loss, x, params, **kw), ref)
+
+
 def test_unsupported_layer_falls_back_to_vmap_for_its_parameters_only():
     torch.manual_seed(4)
     net = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 2))

@@ -191,3 +191,18 @@ def test_fp32_mode_flags_nonfinite_without_loss_scaling():
     rows, bad = GradientFeaturizer(net, loss_fn, names).rows(batch, torch.arange(5), state)
     assert bad.tolist() == [False, True, False, False, False]
     assert torch.isnan(rows[1]).all() and torch.isfinite(rows[[0, 2, 3, 4]]).all()
+
+
+def test_rows_on_huge_pages_equal_rows_on_small_pages(monkeypatch):
+    import lightning_influence.gradients.featurizer as featurizer
+
+    vae, names, x, ids, state = _setup()
+    feat = GradientFeaturizer(vae, _loss, names, noise_seed=3)
+    small, _ = feat.rows(x, ids, state)
+    monkeypatch.setattr(featurizer, "HUGE_ROWS_BYTES", 0)
+    huge, _ = feat.rows(x, ids, state)
+    assert torch.equal(huge, small)
+    fresh = featurizer.empty_rows(3, 5, torch.float64, CPU)
+    assert fresh.shape == (3, 5) and fresh.dtype == torch.float64
+    fresh.fill_(1.0)  # writable, and usable like any tensor
+    assert float(torch.cat([fresh, fresh]).sum()) == 30.0
