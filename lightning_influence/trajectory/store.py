@@ -182,7 +182,11 @@ def _space_error(err: OSError, store: Path, what: str, needed: int) -> OSError:
 
 
 def _wrap_os_error(err: OSError, store: Path, what: str, needed: int) -> OSError:
-    return _space_error(err, store, what, needed) if err.errno in _SPACE_ERRNOS else err
+    if err.errno not in _SPACE_ERRNOS or getattr(err, "store_message", False):
+        return err
+    out = _space_error(err, store, what, needed)
+    out.store_message = True  # type: ignore[attr-defined]  # raised again through a finish: not re-wrapped
+    return out
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -629,9 +633,12 @@ class ShardWriter:
 
     def write_rows(self, ids: Tensor, rows: Tensor) -> None:
         """Store ``rows`` ``[B, *row_shape]`` (any float dtype) at sample positions ``ids``."""
-        ids_np = np.asarray(ids.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
-        if ids_np.size == 0:
-            return
+        ids_np = _ids_array(ids)
+        if ids_np.size:
+            self._submit([(self, self._blocks(ids_np, rows))], self._behind)
+
+    def _blocks(self, ids_np: np.ndarray, rows: Tensor) -> list[tuple[memoryview, int, bool]]:
+        """Check ``rows`` at ``ids_np`` and plan their writes ``(data, offset, hashed)``, in order (marks them written)."""
         if tuple(rows.shape) != (ids_np.size, *self.row_shape):
             what = "gradient rows" if self.fname == GRADS_FILE else f"factors ({self.fname})"
             raise StoreError(
@@ -651,28 +658,34 @@ class ShardWriter:
         r = rows.detach().to(self._torch_dtype).cpu().contiguous().reshape(ids_np.size, -1)
         arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
         arr = np.ascontiguousarray(arr)
-        contiguous = bool(np.all(np.diff(ids_np) == 1))
-        try:
-            if contiguous:
-                self._put(lo, memoryview(arr).cast("B"))
-            else:
-                for i, row in zip(ids_np.tolist(), arr):
-                    self._put(i, memoryview(np.ascontiguousarray(row)).cast("B"))
-        except OSError as err:
-            raise _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
+        if hi - lo + 1 == ids_np.size and bool(np.all(np.diff(ids_np) == 1)):
+            blocks = [self._plan(lo, memoryview(arr).cast("B"))]
+        else:
+            blocks = [
+                self._plan(i, memoryview(np.ascontiguousarray(row)).cast("B")) for i, row in zip(ids_np.tolist(), arr)
+            ]
         self._written[ids_np - self.start] = True
+        return blocks
 
-    def _put(self, row: int, data: memoryview) -> None:
+    def _plan(self, row: int, data: memoryview) -> tuple[memoryview, int, bool]:
         offset = self._offset + row * self._row_bytes
         hashed = self._in_order and offset == self._hash_pos
         if hashed:
             self._hash_pos += len(data)
         else:
             self._in_order = False
-        if self._behind is None:
-            self._write(data, offset, hashed)
+        return data, offset, hashed
+
+    @staticmethod
+    def _submit(work: list[tuple[ShardWriter, list[tuple[memoryview, int, bool]]]], behind: WriteBehind | None) -> None:
+        """Write planned blocks of one or several files: now, or as ONE task behind the computation."""
+        if behind is None:
+            _write_planned(work)
         else:
-            self._behind.submit(self._write, len(data), data, offset, hashed)
+            behind.submit(_write_planned, sum(len(b[0]) for _, blocks in work for b in blocks), work)
+
+    def _wrap(self, err: OSError) -> OSError:
+        return _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
 
     def _write(self, data: memoryview, offset: int, hashed: bool) -> None:
         _pwrite_all(self.fd, data, offset)
@@ -737,6 +750,20 @@ class ShardWriter:
             self.fd = -1
 
 
+def _ids_array(ids: Tensor) -> np.ndarray:
+    return np.asarray(ids.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
+
+
+def _write_planned(work: list[tuple[ShardWriter, list[tuple[memoryview, int, bool]]]]) -> None:
+    for writer, blocks in work:
+        try:
+            for data, offset, hashed in blocks:
+                writer._write(data, offset, hashed)
+        except OSError as err:
+            # Named here: one task may carry several files' rows.
+            raise writer._wrap(err) from err
+
+
 class RowsWriter:
     """The rows ``[start, stop)`` of every gradient file of a factored checkpoint: ``grads.npy`` and the factor files.
 
@@ -760,7 +787,7 @@ class RowsWriter:
             )
         if set(rows.factors) != set(factored):
             raise StoreError(f"Expected factors of {sorted(factored)}, got factors of {sorted(rows.factors)}.")
-        self.writers[GRADS_FILE].write_rows(ids, rows.dense)
+        parts: list[tuple[ShardWriter, Tensor]] = [(self.writers[GRADS_FILE], rows.dense)]
         for name in factored:
             f = rows.factors[name]
             if not isinstance(f, LayerFactors) or f.inputs is None:
@@ -769,8 +796,13 @@ class RowsWriter:
                     f" {'a dense gradient' if not isinstance(f, LayerFactors) else 'factors without inputs'}:"
                     " record with engine='factored' (or 'auto')."
                 )
-            self.writers[factor_file(name, "a")].write_rows(ids, f.inputs)
-            self.writers[factor_file(name, "g")].write_rows(ids, f.output_grads)
+            parts.append((self.writers[factor_file(name, "a")], f.inputs))
+            parts.append((self.writers[factor_file(name, "g")], f.output_grads))
+        ids_np = _ids_array(ids)
+        if ids_np.size:
+            # Every file's rows checked before any is written, then one write task for the batch.
+            work = [(w, w._blocks(ids_np, t)) for w, t in parts]
+            ShardWriter._submit(work, self.writers[GRADS_FILE]._behind)
 
     @property
     def missing(self) -> int:

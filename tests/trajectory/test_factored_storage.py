@@ -291,6 +291,31 @@ def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, mo
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
 
 
+def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
+    """One write task carries every file's rows of a batch: the error still names the file that failed."""
+    store = GradientStore(run["factored"])
+    header = store_module.StoreHeader(
+        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
+    )
+    writer = store_module.GradientStoreWriter(tmp_path / "full", header)
+    rows = store.checkpoints[0].block(0, N_TRAIN)
+    real = store_module.ShardWriter._write
+
+    def full(self, data, offset, hashed):
+        if self.fname == "g.decoder.2.weight.npy":
+            raise OSError(28, "No space left on device")
+        real(self, data, offset, hashed)
+
+    monkeypatch.setattr(store_module.ShardWriter, "_write", full)
+    ckpt = writer.begin_checkpoint()
+    with pytest.raises(OSError, match=r"while writing gradient rows \(g\.decoder\.2\.weight\.npy\): it needs"):
+        ckpt.write_rows(torch.arange(N_TRAIN), rows)
+        ckpt.commit(store.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
+    ckpt.abort()
+    assert GradientStore(tmp_path / "full").checkpoints == []
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
+
+
 def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     """What DDP ranks do with factored storage: disjoint row ranges of every file, one checksum segment each."""
     src = GradientStore(run["factored"])
