@@ -19,6 +19,7 @@ from lightning_influence.gradients import (
     RandomProjection,
     VmapEngine,
     cast_state,
+    layers,
     module_state,
 )
 from lightning_influence.gradients.engine import dense_gradient
@@ -135,6 +136,59 @@ def test_every_layer_rule_matches_vmap(kind):
     conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d))]  # fmt: skip
     _assert_same(fact, ref, factored=conv_like)
     assert "vmap" not in plan_engine(net, list(ref)).rules().values()
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "conv_same_zeros", "conv_transpose2d", "conv_transpose1d"])
+def test_direct_conv_weight_gradients_match_vmap(kind, monkeypatch):
+    """Every conv layer whose factors are no smaller than its gradient takes the direct weight backward."""
+    monkeypatch.setattr(layers, "DIRECT_CONV_VALUES", 0)
+    torch.manual_seed(0)
+    build, shape = LAYERS[kind]
+    net = build().eval()
+    fact, ref = _both(net, torch.randn(shape))
+    _assert_same(fact, ref)
+    direct = [n for n, b in fact.items() if n.endswith("weight") and not isinstance(b, LayerFactors)]
+    assert direct, "no layer took the direct form: the test would prove nothing"
+
+
+def test_direct_conv_weight_gradients_with_every_transpose_option_and_draws(monkeypatch):
+    # stride 2, output padding 1, dilation 2, groups 2 (output padding beyond the input's reach),
+    # and three rows per sample (ELBO draws) summed inside the weight backward.
+    monkeypatch.setattr(layers, "DIRECT_CONV_VALUES", 0)
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(6, 4, 3, stride=2, groups=2),
+    )
+    x = torch.randn(5, 4, 6, 6)
+
+    def loss(m, b):
+        rows = b.repeat_interleave(3, dim=0) + 0.1 * torch.arange(3.0).repeat(len(b))[:, None, None, None]
+        return m(rows).pow(2).flatten(1).sum(1).reshape(len(b), 3).sum(1)
+
+    fact, ref = _both(net, x, loss=loss)
+    _assert_same(fact, ref)
+    assert not isinstance(fact["0.weight"], LayerFactors) and not isinstance(fact["2.weight"], LayerFactors)
+    # Output padding at stride 1 (dilation 2) adds an output location beyond the input's reach.
+    net = nn.Sequential(
+        nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=2, output_padding=1), nn.Tanh(), nn.Conv1d(3, 2, 2)
+    )
+    fact, ref = _both(net, torch.randn(4, 2, 7))
+    _assert_same(fact, ref)
+    assert not isinstance(fact["0.weight"], LayerFactors)
+
+
+def test_the_conv_vae_takes_the_cheaper_form_per_layer():
+    torch.manual_seed(2)
+    vae = ConvVAE(image_size=28, channels=1, width=16, latent_dim=8).eval()
+    fact, ref = _both(vae, torch.rand(3, 1, 28, 28), loss=lambda m, b: m.per_sample_loss(b, n_draws=2))
+    _assert_same(fact, ref)
+    # 16-32 channel 4x4 layers: direct; the single-channel ones unfold; Linear layers stay factors.
+    assert not isinstance(fact["encoder.2.weight"], LayerFactors)
+    assert not isinstance(fact["decoder.1.weight"], LayerFactors)
+    assert isinstance(fact["encoder.0.weight"], LayerFactors)
+    assert isinstance(fact["encoder.5.weight"], LayerFactors)
 
 
 def test_conv_transpose_with_every_option_at_once():
