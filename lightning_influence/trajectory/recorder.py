@@ -114,8 +114,8 @@ class TrajectoryRecorder(pl.Callback):
             parameter whose layer factors are smaller than its gradient (``S (d_in + d_out) <
             d_in d_out / groups`` values per sample, e.g. a Linear layer without positions) is stored
             as its inputs ``a`` ``[n, S, d_in]`` and output gradients ``g`` ``[n, S, d_out]`` (the
-            per-group learning-rate scale folded into ``g``) in ``a.<param>.npy`` / ``g.<param>.npy``
-            of each checkpoint, and ``grads.npy`` keeps only the other parameters' columns. Scores
+            per-group learning-rate scale folded into ``g``) side by side in ``f.<param>.npy`` of each
+            checkpoint, and ``grads.npy`` keeps only the other parameters' columns. Scores
             from such a store are exact and equal the dense store's. Needs an engine that returns
             factors (``"auto"``/``"factored"``) and a fixed input size (``S`` must not change
             between batches). The manifest lists the factored parameters under ``factored``.

@@ -4,8 +4,8 @@ Layout of a store directory::
 
     manifest.json                  schema version, run id, parameters, projection, dtype, checkpoints, checksums
     ckpt-00000/grads.npy           [n_samples, dim] gradient rows (numpy .npy, memory-mapped on read)
-    ckpt-00000/a.<param>.npy       [n_samples, S, d_in]  layer inputs   } exact factored storage only:
-    ckpt-00000/g.<param>.npy       [n_samples, S, d_out] output grads   } one pair per factored parameter
+    ckpt-00000/f.<param>.npy       [n_samples, S, d_in + d_out]  exact factored storage only, one file per
+                                   factored parameter: layer inputs a, then output gradients g
     ckpt-00000/weights.safetensors all parameters and buffers at that checkpoint
     .tmp-ckpt-00001/               a checkpoint being written (never listed)
 
@@ -33,12 +33,14 @@ state, so a resumed fit appends to its own run and a fresh fit never appends to 
 **Exact factored storage** (``TrajectoryRecorder(factored_storage=True)``, exact rows only): a
 parameter whose factors are smaller than its gradient (``S (d_in + d_out) < d_in d_out / G`` values
 per sample, e.g. a Linear layer without positions) is stored as its layer inputs ``a`` and output
-gradients ``g`` (the per-parameter scale folded into ``g``), and ``grads.npy`` holds only the other
-parameters' columns (``dense_dim`` wide, in ``param_names`` order). The manifest's ``factored`` maps
-each such parameter to ``{"positions", "inputs", "outputs", "groups", "shape"}``, and such a store
-has ``schema_version`` 2 (a reader that does not know factors refuses it instead of misreading it);
-a store without factors is written exactly as before (version 1). Factor files are written, checked
-and sharded across DDP ranks like ``grads.npy``.
+gradients ``g`` (the per-parameter scale folded into ``g``) side by side in one file
+``f.<param>.npy`` (``[n, S, d_in + d_out]``: one file, one fsync, per parameter), and ``grads.npy``
+holds only the other parameters' columns (``dense_dim`` wide, in ``param_names`` order). The
+manifest's ``factored`` maps each such parameter to ``{"positions", "inputs", "outputs", "groups",
+"shape"}``, and such a store has ``schema_version`` 3 (a reader that does not know factors refuses it
+instead of misreading it); version 2 stores, which kept ``a`` and ``g`` in two files
+(``a.<param>.npy``, ``g.<param>.npy``), are still read. A store without factors is written exactly as
+before (version 1). Factor files are written, checked and sharded across DDP ranks like ``grads.npy``.
 
 bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the manifest's
 ``grad_dtype`` says how to view them.
@@ -86,7 +88,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 #: The schema of a store with factored parameters (exact factored storage); it reads like version 1 otherwise.
-FACTORED_SCHEMA_VERSION = 2
+FACTORED_SCHEMA_VERSION = 3
+#: The first factored schema: ``a`` and ``g`` of a parameter in two files (read, no longer written).
+TWO_FILE_FACTORED_SCHEMA_VERSION = 2
 FORMAT = "lightning_influence.gradient_store"
 MANIFEST = "manifest.json"
 GRADS_FILE = "grads.npy"
@@ -267,10 +271,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{str(mpath)!r} is not a lightning_influence gradient store manifest.")
-    if m.get("schema_version") not in (SCHEMA_VERSION, FACTORED_SCHEMA_VERSION):
+    readable = (SCHEMA_VERSION, TWO_FILE_FACTORED_SCHEMA_VERSION, FACTORED_SCHEMA_VERSION)
+    if m.get("schema_version") not in readable:
         raise StoreError(
             f"Store schema version {m.get('schema_version')} is not supported (this version reads"
-            f" {SCHEMA_VERSION} and {FACTORED_SCHEMA_VERSION})."
+            f" {', '.join(map(str, readable))})."
         )
     missing = [k for k in (*_HEADER_KEYS, "checkpoints") if k not in m]
     if missing:
@@ -333,8 +338,7 @@ class StoreHeader:
         for name in self.param_names:
             info = (self.factored or {}).get(name)
             if info is not None:
-                out[factor_file(name, "a")] = (int(info["positions"]), int(info["inputs"]))
-                out[factor_file(name, "g")] = (int(info["positions"]), int(info["outputs"]))
+                out[factor_file(name)] = (int(info["positions"]), int(info["inputs"]) + int(info["outputs"]))
         return out
 
     def file_header(self, fn: str = GRADS_FILE) -> bytes:
@@ -364,10 +368,15 @@ class StoreHeader:
         return self.file_bytes(GRADS_FILE)
 
 
-def factor_file(param: str, which: str) -> str:
-    """The file of a factored parameter's inputs (``which="a"``) or output gradients (``"g"``)."""
+def factor_file(param: str, which: str | None = None) -> str:
+    """The file of a factored parameter: ``f.<param>.npy`` (inputs then output gradients on the last axis).
+
+    ``which="a"`` / ``"g"`` name the two files of a version-2 store, which kept them apart.
+    """
+    if which is None:
+        return f"f.{param}.npy"
     if which not in ("a", "g"):
-        raise ValueError(f"`which` must be 'a' or 'g', got {which!r}.")
+        raise ValueError(f"`which` must be None, 'a' or 'g', got {which!r}.")
     return f"{which}.{param}.npy"
 
 
@@ -796,8 +805,14 @@ class RowsWriter:
                     f" {'a dense gradient' if not isinstance(f, LayerFactors) else 'factors without inputs'}:"
                     " record with engine='factored' (or 'auto')."
                 )
-            parts.append((self.writers[factor_file(name, "a")], f.inputs))
-            parts.append((self.writers[factor_file(name, "g")], f.output_grads))
+            if f.inputs.shape[:2] != f.output_grads.shape[:2]:
+                raise StoreError(
+                    f"Parameter {name!r}: inputs {tuple(f.inputs.shape)} and output gradients"
+                    f" {tuple(f.output_grads.shape)} differ in samples or positions."
+                )
+            # a and g side by side: one file (one write, one fsync) per parameter.
+            both = torch.cat([f.inputs, f.output_grads.to(f.inputs.dtype)], dim=-1)
+            parts.append((self.writers[factor_file(name)], both))
         ids_np = _ids_array(ids)
         if ids_np.size:
             # Every file's rows checked before any is written, then one write task for the batch.
@@ -1125,7 +1140,11 @@ class StoredCheckpoint:
                 f"Parameter {name!r} is not stored as factors in {str(self._store.path)!r} (factored:"
                 f" {sorted(self._store.factored)[:6]})."
             )
-        return self._load(factor_file(name, "a")), self._load(factor_file(name, "g"))
+        if self._store.manifest["schema_version"] == TWO_FILE_FACTORED_SCHEMA_VERSION:
+            return self._load(factor_file(name, "a")), self._load(factor_file(name, "g"))
+        both = self._load(factor_file(name))
+        d_in = int(self._store.factored[name]["inputs"])
+        return both[..., :d_in], both[..., d_in:]
 
     def block(self, start: int, stop: int) -> Tensor | SplitRows:
         """Training rows ``[start, stop)`` as stored: a ``[B, dim]`` tensor, or :class:`SplitRows` for a factored store.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -81,7 +82,7 @@ def test_the_manifest_lists_the_factored_parameters_and_dense_stores_are_unchang
     assert dense.manifest["schema_version"] == 1 and "factored" not in dense.manifest
     assert dense.factored == {} and dense.dense_dim == dense.dim
     assert set(dense.checkpoints[0].entry["files"]) == {"grads.npy", "weights.safetensors"}
-    assert factored.manifest["schema_version"] == 2
+    assert factored.manifest["schema_version"] == 3
     # Linear layers without positions, and the decoder's output layer with 16 ELBO draws
     # (16 x (128 + 64) < 128 x 64); decoder.0 with 16 draws (16 x 136 > 1024) and biases stay dense.
     assert sorted(factored.factored) == ["decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
@@ -97,7 +98,8 @@ def test_the_manifest_lists_the_factored_parameters_and_dense_stores_are_unchang
     assert factored.dense_dim == dense.dim - sum(math.prod(f["shape"]) for f in factored.factored.values())
     assert factored.row_values == 4768 and dense.dim == 19792  # 1360 dense + 192 + 144 + 16 x 192
     ckpt = factored.checkpoints[0]
-    assert {"a.encoder.0.weight.npy", "g.encoder.0.weight.npy", "grads.npy"} <= set(ckpt.entry["files"])
+    assert {"f.encoder.0.weight.npy", "grads.npy"} <= set(ckpt.entry["files"])
+    assert not any(fn.startswith(("a.", "g.")) for fn in ckpt.entry["files"]), "a and g share one file"
     assert ckpt.dense_gradients().shape == (N_TRAIN, factored.dense_dim)
     a, g = ckpt.factors("decoder.2.weight")
     assert a.shape == (N_TRAIN, 16, 128) and g.shape == (N_TRAIN, 16, 64)
@@ -248,15 +250,15 @@ def test_factored_storage_needs_exact_rows(tmp_path):
 def test_a_corrupted_factor_file_is_named(run, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(run["factored"], copy)
-    path = copy / "ckpt-00000" / "g.encoder.0.weight.npy"
+    path = copy / "ckpt-00000" / "f.encoder.0.weight.npy"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
     store = GradientStore(copy)
     store.checkpoints[0].dense_gradients()  # other files are fine
-    with pytest.raises(StoreError, match="g.encoder.0.weight.npy does not match its checksum"):
+    with pytest.raises(StoreError, match="f.encoder.0.weight.npy does not match its checksum"):
         store.checkpoints[0].block(0, 10)
-    with pytest.raises(StoreError, match="g.encoder.0.weight.npy"):
+    with pytest.raises(StoreError, match="f.encoder.0.weight.npy"):
         store.verify()
 
 
@@ -272,6 +274,36 @@ def test_an_old_dense_manifest_still_opens_and_scores(run, tmp_path):
     assert torch.equal(a.tracin(q), b.tracin(q))
 
 
+def test_a_version_2_store_with_a_and_g_in_two_files_still_reads_and_scores_the_same(run, tmp_path):
+    """Stores written before a and g shared one file (schema 2: a.<param>.npy and g.<param>.npy) are read as such."""
+    old = tmp_path / "v2"
+    shutil.copytree(run["factored"], old)
+    m = json.loads((old / "manifest.json").read_text())
+    for entry in m["checkpoints"]:
+        files = entry["files"]
+        for name, info in m["factored"].items():
+            path = old / entry["dir"] / f"f.{name}.npy"
+            both = np.load(path)
+            path.unlink()
+            del files[path.name]
+            for which, part in (("a", both[..., : info["inputs"]]), ("g", both[..., info["inputs"] :])):
+                target = old / entry["dir"] / f"{which}.{name}.npy"
+                np.save(target, np.ascontiguousarray(part))
+                data = target.read_bytes()
+                files[target.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    m["schema_version"] = 2
+    (old / "manifest.json").write_text(json.dumps(m))
+    store = GradientStore(old)
+    store.verify()
+    a, g = store.checkpoints[0].factors("decoder.2.weight")
+    a3, g3 = GradientStore(run["factored"]).checkpoints[0].factors("decoder.2.weight")
+    assert torch.equal(a, a3) and torch.equal(g, g3)
+    q = Subset(run["queries"].dataset, range(3))
+    assert torch.equal(
+        InfluenceAnalysis(old, run["vae"]).tracin(q), InfluenceAnalysis(run["factored"], run["vae"]).tracin(q)
+    )
+
+
 def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, monkeypatch):
     store = GradientStore(run["factored"])
     header = store_module.StoreHeader(
@@ -281,12 +313,12 @@ def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, mo
     real = store_module._preallocate
 
     def full(fd, size):
-        if size == header.file_bytes("a.decoder.2.weight.npy"):
+        if size == header.file_bytes("f.decoder.2.weight.npy"):
             raise OSError(28, "No space left on device")
         real(fd, size)
 
     monkeypatch.setattr(store_module, "_preallocate", full)
-    with pytest.raises(OSError, match="Not enough disk space for the gradient store at .*full.*a.encoder"):
+    with pytest.raises(OSError, match="Not enough disk space for the gradient store at .*full.*f.encoder"):
         writer.begin_checkpoint()
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
 
@@ -302,13 +334,13 @@ def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, t
     real = store_module.ShardWriter._write
 
     def full(self, data, offset, hashed):
-        if self.fname == "g.decoder.2.weight.npy":
+        if self.fname == "f.decoder.2.weight.npy":
             raise OSError(28, "No space left on device")
         real(self, data, offset, hashed)
 
     monkeypatch.setattr(store_module.ShardWriter, "_write", full)
     ckpt = writer.begin_checkpoint()
-    with pytest.raises(OSError, match=r"while writing gradient rows \(g\.decoder\.2\.weight\.npy\): it needs"):
+    with pytest.raises(OSError, match=r"while writing gradient rows \(f\.decoder\.2\.weight\.npy\): it needs"):
         ckpt.write_rows(torch.arange(N_TRAIN), rows)
         ckpt.commit(store.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
     ckpt.abort()
@@ -336,7 +368,7 @@ def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     ck.commit(src.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1}, shards=infos)
     out = GradientStore(tmp_path / "s")
     out.verify()
-    assert len(out.checkpoints[0].entry["files"]["a.encoder.0.weight.npy"]["segments"]) == 3
+    assert len(out.checkpoints[0].entry["files"]["f.encoder.0.weight.npy"]["segments"]) == 3
     got = out.checkpoints[0].materialized()
     assert torch.equal(got, src.checkpoints[0].materialized())
     assert np.array_equal(
@@ -364,7 +396,7 @@ def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
     assert len(store) == 2 and store.n_samples == 96
     assert sorted(store.factored) == ["decoder.0.weight", "decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
     ckpt = store.checkpoints[-1]
-    for fn in ("grads.npy", "a.encoder.0.weight.npy", "g.decoder.2.weight.npy"):
+    for fn in ("grads.npy", "f.encoder.0.weight.npy", "f.decoder.2.weight.npy"):
         assert len(ckpt.entry["files"][fn]["segments"]) == 2, fn
     x, y = load_digits_tensors()
     data, tests = TensorDataset(x[:96], y[:96]), x[200:205]
@@ -418,7 +450,7 @@ def test_a_changed_position_count_is_refused_naming_the_factor_file(run, tmp_pat
     fewer = LayerFactors(f.inputs[:, :8], f.output_grads[:, :8], f.shape, f.groups)
     bad = SplitRows(rows.dense, {**rows.factors, "decoder.2.weight": fewer}, rows.names, rows.numels)
     ck = w.begin_checkpoint()
-    with pytest.raises(StoreError, match=r"factors \(a.decoder.2.weight.npy\) of shape \(4, 16, 128\).*position count"):
+    with pytest.raises(StoreError, match=r"factors \(f.decoder.2.weight.npy\) of shape \(4, 16, 192\).*position count"):
         ck.write_rows(torch.arange(4), bad)
     ck.abort()
 
