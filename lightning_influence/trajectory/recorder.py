@@ -696,9 +696,12 @@ class TrajectoryRecorder(pl.Callback):
             state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
             part = subset(self._data, start, stop)
             batches = iterate_batches(part, self.batch_size, self._collate, name="dataset")
-            total = math.ceil((stop - start) / self.batch_size)
-            desc = f"TrajectoryRecorder: checkpoint {index}"
-            for ids, batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress):
+            if progress:
+                # Only then: even a disabled tqdm takes tqdm's process-shared lock, which a process
+                # killed while holding it (SIGKILL during a sweep) never releases for its relatives.
+                total = math.ceil((stop - start) / self.batch_size)
+                batches = tqdm(batches, total=total, desc=f"TrajectoryRecorder: checkpoint {index}", leave=False)
+            for ids, batch in batches:
                 ids = ids + start
                 batch = move_data_to_device(batch, pl_module.device)
                 rows: Any
