@@ -44,8 +44,10 @@ __all__ = [
     "LayerRule",
     "LinearRule",
     "NormRule",
+    "conv_weight_gradients",
     "couples_samples",
     "fold_positions",
+    "rows_per_sample",
     "rule_for",
     "unfold_patches",
 ]
@@ -59,14 +61,19 @@ def fold_positions(t: Tensor, batch: int, layer: str = "layer") -> Tensor:
         >>> fold_positions(torch.arange(12.).reshape(6, 2, 1), 3).shape
         torch.Size([3, 4, 1])
     """
-    n = int(t.shape[0])
+    k = rows_per_sample(int(t.shape[0]), batch, layer)
+    return t.reshape(batch, k * int(t.shape[1]), *t.shape[2:])
+
+
+def rows_per_sample(n: int, batch: int, layer: str = "layer") -> int:
+    """``K = n / batch``: the rows a tracked layer saw per sample (its ELBO draws), or a clear error."""
     if n % batch:
         raise ValueError(
             f"Layer {layer!r} saw {n} rows for a batch of {batch} samples; the factored engine needs every"
             " tracked layer's leading dimension to be the batch (or batch x draws, sample-major). Use"
             " engine='vmap' for this model."
         )
-    return t.reshape(batch, (n // batch) * int(t.shape[1]), *t.shape[2:])
+    return n // batch
 
 
 def unfold_patches(
@@ -352,13 +359,7 @@ def conv_weight_gradients(
         >>> bool(torch.allclose(per.sum(0), total, atol=1e-5))
         True
     """
-    n = int(x.shape[0])
-    if n % batch:
-        raise ValueError(
-            f"Layer {layer!r} saw {n} rows for a batch of {batch} samples; the factored engine needs every"
-            " tracked layer's leading dimension to be the batch (or batch x draws, sample-major). Use"
-            " engine='vmap' for this model."
-        )
+    k = rows_per_sample(int(x.shape[0]), batch, layer)
     w = weight.detach().to(x.dtype)
     zeros = [0] * len(stride)
 
@@ -367,7 +368,6 @@ def conv_weight_gradients(
             gi, xi, w, None, list(stride), list(padding), list(dilation), False, zeros, groups, [False, True, False]
         )[1]
 
-    k = n // batch
     return vmap(one)(x.reshape(batch, k, *x.shape[1:]), g.reshape(batch, k, *g.shape[1:]))
 
 
