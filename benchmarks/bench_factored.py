@@ -41,6 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
+from timing import EpochTimer, bench_trainer, sync  # benchmarks/timing.py (the script's folder is on sys.path)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
@@ -105,38 +106,6 @@ def synthetic_images(n: int, seed: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
-
-
-class _EpochTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _sync(pl_module.device)
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _sync(pl_module.device)
-        self.times.append(time.perf_counter() - self._t)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _trainer(device: str, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
 
 
 def _rss() -> int:
@@ -302,8 +271,8 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
     loader = DataLoader(w.train, batch_size=64, shuffle=True)
     # Plain fit: epoch times, and the fit time without recorders.
     pl.seed_everything(0, verbose=False)
-    plain_timer = _EpochTimer()
-    _trainer(device, w.epochs, [plain_timer]).fit(w.make_model(), loader)
+    plain_timer = EpochTimer()
+    bench_trainer(device, w.epochs, [plain_timer]).fit(w.make_model(), loader)
     epoch = min(plain_timer.times)
 
     projections = [None, 1024, 4096] if not args.quick else [None, 4096]
@@ -337,7 +306,7 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
                 )
     pl.seed_everything(0, verbose=False)
     vae = w.make_model()
-    _trainer(device, w.epochs, list(variants.values())).fit(vae, loader)
+    bench_trainer(device, w.epochs, list(variants.values())).fit(vae, loader)
 
     # A fit with only the factored exact recorder, against the plain fit: fastest epoch with the
     # recording sweep inside it (the timer runs last) over the fastest plain epoch.
@@ -345,8 +314,8 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
     solo = TrajectoryRecorder(
         root / w.name / "solo", train_loss=w.record_loss, every_n_epochs=1, batch_size=256, engine=FactoredEngine()
     )
-    solo_timer = _EpochTimer()
-    _trainer(device, w.epochs, [solo, solo_timer]).fit(w.make_model(), loader)
+    solo_timer = EpochTimer()
+    bench_trainer(device, w.epochs, [solo, solo_timer]).fit(w.make_model(), loader)
     fit_ratio = min(solo_timer.times) / epoch
     pl.seed_everything(0, verbose=False)
     solo_fs = TrajectoryRecorder(
@@ -357,8 +326,8 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
         engine=FactoredEngine(),
         factored_storage=True,
     )
-    solo_fs_timer = _EpochTimer()
-    _trainer(device, w.epochs, [solo_fs, solo_fs_timer]).fit(w.make_model(), loader)
+    solo_fs_timer = EpochTimer()
+    bench_trainer(device, w.epochs, [solo_fs, solo_fs_timer]).fit(w.make_model(), loader)
     fit_ratio_fs = min(solo_fs_timer.times) / epoch
 
     queries = w.test_x
@@ -529,12 +498,12 @@ def gpu_rows(args: argparse.Namespace, dev: torch.device, sizes: tuple[int, int,
         feat = GradientFeaturizer(vae, elbo_loss(1), names, engine=FactoredEngine(), precision=prec)
         state = cast_state(dict(vae.state_dict()), prec, dev)
         out = torch.empty(n, 4096, device=dev)
-        _sync(dev)
+        sync(dev)
         t = time.perf_counter()
         for start in range(0, n, 1024):
             stop = min(start + 1024, n)
             out[start:stop], _ = feat.rows(x[start:stop], torch.arange(start, stop), state, projection=proj)
-        _sync(dev)
+        sync(dev)
         secs = time.perf_counter() - t
         if ref is None:
             ref, base = out, secs
@@ -556,10 +525,10 @@ def gpu_rows(args: argparse.Namespace, dev: torch.device, sizes: tuple[int, int,
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(dev)
+    sync(dev)
     t = time.perf_counter()
     streaming_top_k(tests, block, [1.0], n_train, 10, block=16_384)
-    _sync(dev)
+    sync(dev)
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
     print(f"| top-10, {q} queries x {n_train} x {dim} (fp16 rows) | fp32 accumulation | {time.perf_counter() - t:.1f} |"
           f" | peak GPU memory {peak:.2f} GB | |")  # fmt: skip

@@ -21,40 +21,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from timing import EpochTimer, bench_trainer  # benchmarks/timing.py (the script's folder is on sys.path)
 from torch.utils.data import Subset
 
 from lightning_influence import InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data import DigitsDataModule
 from lightning_influence.models import MLPVAE
-
-
-def _trainer(device: str, max_epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-
-
-class _EpochTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._t)
 
 
 def main() -> None:
@@ -77,8 +49,8 @@ def run(args: argparse.Namespace, dm: DigitsDataModule, root: Path) -> None:
 
     # Plain epochs, then the same training with recorders; the recorders' own timings give the
     # sweep cost. Timer callbacks come last so the sweep (at epoch end) is inside the epoch time.
-    plain_timer = _EpochTimer()
-    _trainer(args.device, args.epochs, [plain_timer]).fit(MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3), dm)
+    plain_timer = EpochTimer()
+    bench_trainer(args.device, args.epochs, [plain_timer]).fit(MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3), dm)
     plain_epoch = statistics.median(plain_timer.times[1:])
 
     exact = TrajectoryRecorder(root / "exact", every_n_epochs=1, batch_size=256)
@@ -87,7 +59,7 @@ def run(args: argparse.Namespace, dm: DigitsDataModule, root: Path) -> None:
         root / "one_draw", every_n_epochs=1, batch_size=256, train_loss=lambda m, b: m.per_sample_loss(b, n_draws=1)
     )
     vae = MLPVAE(likelihood="gaussian", sigma=0.2, lr=2e-3)
-    _trainer(args.device, args.epochs, [exact, proj, one_draw]).fit(vae, dm)
+    bench_trainer(args.device, args.epochs, [exact, proj, one_draw]).fit(vae, dm)
     sweeps = {}
     for name, rec in (("exact", exact), ("projected k=1024", proj), ("exact, 1 draw", one_draw)):
         analysis = InfluenceAnalysis(rec.store_path, vae)

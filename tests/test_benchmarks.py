@@ -19,12 +19,14 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_factored.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(BENCH.parent))  # as when run as a script: its folder's helpers import
     spec = importlib.util.spec_from_file_location("bench_factored", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_factored"] = module
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("bench_factored", None)
+    sys.path.remove(str(BENCH.parent))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def conv_run(bench, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     rec = TrajectoryRecorder(root / "s", train_loss=bench.elbo_loss(2), every_n_epochs=1, batch_size=16)
     torch.manual_seed(0)
-    bench._trainer("cpu", 2, [rec]).fit(vae, DataLoader(train, batch_size=8, shuffle=True))
+    bench.bench_trainer("cpu", 2, [rec]).fit(vae, DataLoader(train, batch_size=8, shuffle=True))
     return dict(vae=vae, train=x[:32], queries=x[32:], store=GradientStore(rec.store_path), loss=bench.elbo_loss(2))
 
 
