@@ -30,7 +30,12 @@ from lightning_influence.gradients.noise import NoiseStream, fixed_noise, keyed_
 from lightning_influence.gradients.parameters import flatten_gradients, module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import GradientPrecision, precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.gradients.split import SplitRows, split_inner_products, split_rowwise_inner_products
+from lightning_influence.gradients.split import (
+    SplitRows,
+    bias_partners,
+    split_inner_products,
+    split_rowwise_inner_products,
+)
 from lightning_influence.gradients.vmap import VmapEngine, per_sample_gradients
 
 __all__ = [
@@ -45,6 +50,7 @@ __all__ = [
     "ProjectionSpec",
     "RandomProjection",
     "SplitRows",
+    "bias_partners",
     "VmapEngine",
     "call_per_sample_loss",
     "cast_state",

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
-from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule, couples_samples, rule_for
+from lightning_influence.gradients.layers import (
+    DEFAULT_RULES,
+    MODE_DEPENDENT_MIXERS,
+    LayerRule,
+    couples_samples,
+    rule_for,
+)
 from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.noise import fixed_noise
 from lightning_influence.gradients.vmap import VmapEngine
@@ -53,11 +59,23 @@ class EnginePlan:
         tracked: module name -> (rule, {attribute: parameter name}).
         fallback: parameters computed by the fallback engine.
         coupled: modules that mix samples in a batched forward (everything falls back when non-empty).
+        modules: module name -> the tracked submodule.
+        mixers: the submodules that can mix samples depending on their mode (BatchNorm, dropout).
     """
 
     tracked: dict[str, tuple[LayerRule, dict[str, str]]] = field(default_factory=dict)
     fallback: list[str] = field(default_factory=list)
     coupled: list[str] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    mixers: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
+
+    def still_holds(self, module: nn.Module) -> bool:
+        """Whether ``module`` still has these tracked submodules and its mode-dependent ones are as planned."""
+        try:
+            same = all(module.get_submodule(name) is sub for name, sub in self.modules.items() if name)
+        except AttributeError:
+            return False
+        return same and bool(self.coupled) == any(couples_samples(m) for m in self.mixers)
 
     def rules(self) -> dict[str, str]:
         """Parameter name -> the rule that produces it (``"vmap"`` for the fallback)."""
@@ -87,12 +105,14 @@ def plan_engine(
     unknown = wanted - {n for n, _ in module.named_parameters()}
     if unknown:
         raise ValueError(f"`param_names` {sorted(unknown)[:6]} are not parameters of {type(module).__name__}.")
-    coupled = [name or type(module).__name__ for name, sub in module.named_modules() if couples_samples(sub)]
+    subs = dict(module.named_modules())
+    mixers = tuple(sub for sub in subs.values() if isinstance(sub, MODE_DEPENDENT_MIXERS))
+    coupled = [name or type(module).__name__ for name, sub in subs.items() if couples_samples(sub)]
     if coupled:
-        return EnginePlan(fallback=list(param_names), coupled=coupled)
+        return EnginePlan(fallback=list(param_names), coupled=coupled, mixers=mixers)
     tracked: dict[str, tuple[LayerRule, dict[str, str]]] = {}
     claimed: set[str] = set()
-    for name, sub in module.named_modules():
+    for name, sub in subs.items():
         rule = rule_for(sub, rules)
         if rule is None:
             continue
@@ -104,7 +124,12 @@ def plan_engine(
         if attrs:
             tracked[name] = (rule, attrs)
             claimed.update(attrs.values())
-    return EnginePlan(tracked=tracked, fallback=[n for n in param_names if n not in claimed])
+    return EnginePlan(
+        tracked=tracked,
+        fallback=[n for n in param_names if n not in claimed],
+        modules={name: subs[name] for name in tracked},
+        mixers=mixers,
+    )
 
 
 def resolve_engine(
@@ -189,9 +214,19 @@ class FactoredEngine:
     ) -> None:
         self.fallback: PerSampleGradientEngine = fallback if fallback is not None else VmapEngine(chunk_size)
         self.rules = tuple(rules)
+        self._plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], EnginePlan]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def plan(self, module: nn.Module, param_names: Sequence[str]) -> EnginePlan:
-        return plan_engine(module, param_names, self.rules)
+        """:func:`plan_engine`, kept per module and parameter list while it still holds (walking the
+        module tree on every batch costs as much as a small model's backward)."""
+        plans = self._plans.setdefault(module, {})
+        key = tuple(param_names)
+        plan = plans.get(key)
+        if plan is None or not plan.still_holds(module):
+            plan = plans[key] = plan_engine(module, param_names, self.rules)
+        return plan
 
     def describe(self, module: nn.Module, param_names: Sequence[str]) -> dict[str, Any]:
         """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule or ``"vmap"``)."""
@@ -331,7 +366,7 @@ def _hooked_gradients(
     argname: str,
 ) -> dict[str, Tensor | LayerFactors]:
     bsz = int(sample_ids.shape[0])
-    subs = dict(module.named_modules())
+    subs = plan.modules
     copy = module in _NEEDS_COPIES
     args = (module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, subs)
     traced = None if copy else _hooked_forward(*args, copy=False)
@@ -363,12 +398,15 @@ def _hooked_gradients(
     return out
 
 
-def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) -> Tensor:
+def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors, *, with_bias: bool = False) -> Tensor:
     """``<dW_i, dW_j>`` for every pair of samples, in whichever exact form is cheaper.
 
     .. math::
         \\langle \\nabla_W \\ell_i, \\nabla_W \\ell_j \\rangle
             = \\sum_{s,t} (g_{is} \\cdot g_{jt})(a_{is} \\cdot a_{jt})
+
+    With ``with_bias`` the layer's bias gradients ``db_i = sum_s g_{is}`` are included: in the Gram
+    form for free, ``sum_{s,t} (g_{is} \\cdot g_{jt})(a_{is} \\cdot a_{jt} + 1)``.
 
     The Gram form costs ``S_x S_y (d_in + d_out)`` per pair, materialising costs ``d_in d_out`` per
     pair (plus ``S d_in d_out`` per sample): the Gram form is used when
@@ -377,6 +415,7 @@ def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) 
     Args:
         x: ``[Bx, *shape]`` dense gradients or factors.
         y: ``[By, *shape]`` dense gradients or factors of the same parameter.
+        with_bias: also add the bias's inner products (both sides must be factors).
 
     Returns:
         ``[Bx, By]`` in fp32 (fp64 for fp64 inputs).
@@ -388,30 +427,51 @@ def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors) 
         >>> bool(torch.allclose(factored_inner_products(f, f), d @ d.T, rtol=1e-4))
         True
     """
+    if with_bias and not (
+        isinstance(x, LayerFactors) and isinstance(y, LayerFactors) and x.inputs is not None and y.inputs is not None
+    ):
+        raise ValueError(
+            "`with_bias` needs a weight's factors (with inputs) on both sides; the bias gradient is sum_s g_s."
+        )
     if isinstance(x, LayerFactors) and isinstance(y, LayerFactors) and x.groups == y.groups:
         sx, sy = int(x.output_grads.shape[1]), int(y.output_grads.shape[1])
         d_out = int(x.output_grads.shape[2])
         d_in = 1 if x.inputs is None else int(x.inputs.shape[2])
         if sx * sy * (d_in + d_out) < math.prod(x.shape):
-            return _gram(x, y)
+            return _gram(x, y, plus_one=with_bias)
     dx = _flat(x)
     dy = _flat(y)
-    return dx @ dy.to(dx.dtype).T
+    out = dx @ dy.to(dx.dtype).T
+    if with_bias:
+        assert isinstance(x, LayerFactors) and isinstance(y, LayerFactors)
+        bx, by = x.output_grads.sum(dim=1).to(out.dtype), y.output_grads.sum(dim=1).to(out.dtype)
+        out += bx @ by.T
+    return out
 
 
-def _gram(x: LayerFactors, y: LayerFactors) -> Tensor:
-    # sum_{s,t} (g_is . g_jt)(a_is . a_jt), one group at a time, as two matrix products of the
-    # flattened (sample, position) rows and a sum over the position pairs.
+def _gram(x: LayerFactors, y: LayerFactors, plus_one: bool = False) -> Tensor:
+    # sum_{s,t} (g_is . g_jt)(a_is . a_jt [+ 1]), one group at a time, as two matrix products of the
+    # flattened (sample, position) rows and a sum over the position pairs. The + 1 adds the bias
+    # (its gradient sum_s g_s, split over the groups like g).
     ax, gx = x.grouped()
     ay, gy = y.grouped()
     bx, sx = gx.shape[:2]
     by, sy = gy.shape[:2]
     acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
+    if x.groups == 1 and sx == 1 and sy == 1:
+        # One position (a Linear layer on vectors): the two Gram matrices and their product, without
+        # the accumulator and the position sum.
+        gg = gx.reshape(bx, -1).to(acc) @ gy.reshape(by, -1).to(acc).T
+        if ax is not None and ay is not None:
+            aa = ax.reshape(bx, -1).to(acc) @ ay.reshape(by, -1).to(acc).T
+            gg.mul_(aa.add_(1.0) if plus_one else aa)
+        return gg
     out = torch.zeros(bx, by, dtype=acc, device=gx.device)
     for j in range(x.groups):
         gg = gx[:, :, j].reshape(bx * sx, -1).to(acc) @ gy[:, :, j].reshape(by * sy, -1).to(acc).T
         if ax is not None and ay is not None:
-            gg = gg * (ax[:, :, j].reshape(bx * sx, -1).to(acc) @ ay[:, :, j].reshape(by * sy, -1).to(acc).T)
+            aa = ax[:, :, j].reshape(bx * sx, -1).to(acc) @ ay[:, :, j].reshape(by * sy, -1).to(acc).T
+            gg = gg * (aa + 1.0 if plus_one else aa)
         out += gg.reshape(bx, sx, by, sy).sum(dim=(1, 3))
     return out
 

@@ -262,15 +262,22 @@ class GradientFeaturizer:
         dense = self._flat_rows(grads, param_scales, scale, dense_names)
         dtype = dense.dtype
         factors: dict[str, Tensor | LayerFactors] = {}
+        scaled: dict[tuple[int, float], Tensor] = {}
         for name in self.param_names:
             if name not in factored:
                 continue
             block = grads[name]
             mult = (1.0 if param_scales is None else float(param_scales.get(name, 1.0))) / scale
             if isinstance(block, LayerFactors):
-                g = block.output_grads.to(dtype)
+                # A bias and its weight share the engine's g; with the same scale they share the scaled
+                # one too (stored once, scored with the weight's Gram matrices).
+                key = (id(block.output_grads), mult)
+                if key not in scaled:
+                    g = block.output_grads.to(dtype)
+                    scaled[key] = g * mult if mult != 1.0 else g
+                g = scaled[key]
                 a = None if block.inputs is None else block.inputs.to(dtype)
-                factors[name] = LayerFactors(a, g * mult if mult != 1.0 else g, block.shape, block.groups)
+                factors[name] = LayerFactors(a, g, block.shape, block.groups)
             else:
                 d = block.to(dtype)
                 factors[name] = d * mult if mult != 1.0 else d
@@ -374,6 +381,15 @@ def _replace_rows(split: SplitRows, idx: Tensor, redo: SplitRows) -> SplitRows:
     dense = split.dense.clone()
     dense[idx] = redo.dense.to(dense.dtype)
     factors: dict[str, Tensor | LayerFactors] = {}
+    done: dict[int, Tensor] = {}
+
+    def patched(t: Tensor, new: Tensor) -> Tensor:
+        # A g shared by a weight and its bias is patched once and stays shared.
+        if id(t) not in done:
+            done[id(t)] = t.clone()
+            done[id(t)][idx] = new.to(t.dtype)
+        return done[id(t)]
+
     for name, f in split.factors.items():
         r = redo.factors[name]
         if (
@@ -381,12 +397,10 @@ def _replace_rows(split: SplitRows, idx: Tensor, redo: SplitRows) -> SplitRows:
             and isinstance(r, LayerFactors)
             and r.output_grads.shape[1:] == f.output_grads.shape[1:]
         ):
-            g = f.output_grads.clone()
-            g[idx] = r.output_grads.to(g.dtype)
+            g = patched(f.output_grads, r.output_grads)
             a = f.inputs
             if a is not None and r.inputs is not None:
-                a = a.clone()
-                a[idx] = r.inputs.to(a.dtype)
+                a = patched(a, r.inputs)
             factors[name] = LayerFactors(a, g, f.shape, f.groups)
         else:
             d = dense_gradient(f).clone()

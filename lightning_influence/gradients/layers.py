@@ -120,6 +120,10 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+#: Module types whose forward mixes samples in some modes (see :func:`couples_samples`).
+MODE_DEPENDENT_MIXERS: tuple[type, ...] = (_BatchNorm, _DropoutNd)
+
+
 def couples_samples(module: nn.Module) -> bool:
     """Whether a batched forward of ``module`` mixes samples (batch statistics, training-mode dropout).
 

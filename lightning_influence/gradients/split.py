@@ -12,6 +12,12 @@ products between rows are exact either way:
 
 This is what exact factored storage keeps on disk: ``S (d_in + d_out)`` values per sample for a
 Linear layer with ``S`` positions instead of ``d_in d_out``.
+
+A layer's bias gradient is ``sum_s g_{is}``: in split form the bias is ``LayerFactors(None, g)`` with
+the very ``g`` tensor of its weight (:func:`bias_partners` finds such pairs), so it costs no storage
+and its inner products ride on the weight's Gram matrices, ``sum_{s,t} (g_is . g'_jt)(a_is . a'_jt + 1)``
+(the "append a one to the inputs" of Kronecker-factored methods). Operations on
+split rows keep that sharing: one tensor transformed once.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from lightning_influence.gradients.factored import factored_inner_products
 
 __all__ = [
     "SplitRows",
+    "bias_partners",
     "cat_split_rows",
     "factor_values",
     "rowwise_inner_products",
@@ -82,25 +89,40 @@ class SplitRows:
         """Width of the full rows (``sum(numels)``)."""
         return int(sum(self.numels))
 
+    def tensors(self) -> list[Tensor]:
+        """The distinct tensors held: the dense part and every factor tensor, a shared ``g`` once."""
+        seen: dict[int, Tensor] = {id(self.dense): self.dense}
+        for f in self.factors.values():
+            for t in [f] if isinstance(f, Tensor) else [f.inputs, f.output_grads]:
+                if t is not None:
+                    seen.setdefault(id(t), t)
+        return list(seen.values())
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by the dense part and the factors."""
-        total = self.dense.numel() * self.dense.element_size()
-        for f in self.factors.values():
-            parts = [f] if isinstance(f, Tensor) else [t for t in (f.inputs, f.output_grads) if t is not None]
-            total += sum(t.numel() * t.element_size() for t in parts)
-        return total
+        """Bytes held by the dense part and the factors (a shared ``g`` counted once)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> SplitRows:
-        """``fn`` applied to the dense part and every factor tensor (a device move, a dtype cast, a slice)."""
+        """``fn`` applied to the dense part and every factor tensor (a device move, a dtype cast, a slice).
+
+        A tensor shared by several factors (a bias and its weight's ``g``) is transformed once and stays shared.
+        """
+        done: dict[int, Tensor] = {}
+
+        def once(t: Tensor) -> Tensor:
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+            return done[id(t)]
+
         factors: dict[str, Block] = {}
         for name, f in self.factors.items():
             if isinstance(f, Tensor):
-                factors[name] = fn(f)
+                factors[name] = once(f)
             else:
-                a = None if f.inputs is None else fn(f.inputs)
-                factors[name] = LayerFactors(a, fn(f.output_grads), f.shape, f.groups)
-        return SplitRows(fn(self.dense), factors, self.names, self.numels)
+                a = None if f.inputs is None else once(f.inputs)
+                factors[name] = LayerFactors(a, once(f.output_grads), f.shape, f.groups)
+        return SplitRows(once(self.dense), factors, self.names, self.numels)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplitRows:
         """Moved and/or cast (every floating tensor)."""
@@ -131,9 +153,7 @@ class SplitRows:
         """``[B]`` bool: rows with inf/NaN in the dense part or in any factor."""
         # A row's sum is non-finite whenever one of its entries is, so one reduction per part
         # finds the suspects (a finite row whose sum overflows is cleared entry by entry).
-        parts = [self.dense]
-        for f in self.factors.values():
-            parts.extend([f] if isinstance(f, Tensor) else [t for t in (f.inputs, f.output_grads) if t is not None])
+        parts = self.tensors()
         rows = [t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in parts]
         sums = torch.stack([t.sum(dim=1, dtype=_acc(t)) for t in rows], 1)
         bad = ~torch.isfinite(sums.sum(dim=1))
@@ -148,15 +168,46 @@ def cat_split_rows(parts: Sequence[SplitRows]) -> SplitRows:
     if not parts:
         raise ValueError("`parts` is empty: nothing to concatenate.")
     first = parts[0]
+    done: dict[tuple[int, ...], Tensor] = {}
+
+    def cat(tensors: list[Tensor]) -> Tensor:
+        # A g shared by a weight and its bias in every part is concatenated once and stays shared.
+        key = tuple(id(t) for t in tensors)
+        if key not in done:
+            done[key] = torch.cat(tensors)
+        return done[key]
+
     factors: dict[str, Block] = {}
     for name, f in first.factors.items():
         blocks = [p.factors[name] for p in parts]
         if all(isinstance(x, LayerFactors) for x in blocks) and len({x.output_grads.shape[1:] for x in blocks}) == 1:
-            a = None if f.inputs is None else torch.cat([x.inputs for x in blocks])
-            factors[name] = LayerFactors(a, torch.cat([x.output_grads for x in blocks]), f.shape, f.groups)
+            a = None if f.inputs is None else cat([x.inputs for x in blocks])
+            factors[name] = LayerFactors(a, cat([x.output_grads for x in blocks]), f.shape, f.groups)
         else:
             factors[name] = torch.cat([dense_gradient(x) for x in blocks])
     return SplitRows(torch.cat([p.dense for p in parts]), factors, first.names, first.numels)
+
+
+def bias_partners(rows: SplitRows) -> dict[str, str]:
+    """Bias -> weight, for every bias factor ``LayerFactors(None, g)`` sharing its ``g`` tensor with a weight's factors.
+
+    Example:
+        >>> import torch
+        >>> g = torch.randn(3, 1, 4)
+        >>> w, b = LayerFactors(torch.randn(3, 1, 2), g, (4, 2)), LayerFactors(None, g, (4,))
+        >>> bias_partners(SplitRows(torch.zeros(3, 0), {"w": w, "b": b}, ("w", "b"), (8, 4)))
+        {'b': 'w'}
+    """
+    owners = {
+        id(f.output_grads): name
+        for name, f in rows.factors.items()
+        if isinstance(f, LayerFactors) and f.inputs is not None
+    }
+    return {
+        name: owners[id(f.output_grads)]
+        for name, f in rows.factors.items()
+        if isinstance(f, LayerFactors) and f.inputs is None and id(f.output_grads) in owners
+    }
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -192,9 +243,15 @@ def split_inner_products(x: SplitRows, y: SplitRows) -> Tensor:
         )
     acc = _acc(x.dense)
     out = x.dense.to(acc) @ y.dense.to(device=x.dense.device, dtype=acc).T
+    # A bias sharing g with its weight on both sides is scored with that weight's Gram matrices.
+    px, py = bias_partners(x), bias_partners(y)
+    folded = {b: w for b, w in px.items() if py.get(b) == w}
+    with_bias = set(folded.values())
     for name, fx in x.factors.items():
+        if name in folded:
+            continue
         fy = _move(y.factors[name], x.dense.device)
-        out += factored_inner_products(fx, fy).to(acc)
+        out += factored_inner_products(fx, fy, with_bias=name in with_bias).to(acc)
     return out
 
 

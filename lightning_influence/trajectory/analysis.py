@@ -130,6 +130,7 @@ class InfluenceAnalysis:
         self.block_bytes = block_bytes
         self.cache_bytes = cache_bytes
         self._cache = _RowCache(cache_bytes)
+        self._featurizers: dict[tuple[Any, ...], GradientFeaturizer] = {}
         self._warned_zero_measurement = False
         _warn_nonfinite(self.store)
 
@@ -157,15 +158,22 @@ class InfluenceAnalysis:
         return self.store.checkpoints
 
     def _featurizer(self, fn: PerSampleLoss, argname: str) -> GradientFeaturizer:
-        return GradientFeaturizer(
-            self.model,
-            fn,
-            self.store.param_names,
-            engine=self.engine,
-            precision=self.store.precision,
-            noise_seed=self.store.noise_seed,
-            argname=argname,
-        )
+        # One per loss, reused across checkpoints and calls (a few, keeping the losses alive).
+        key = (fn, argname, self.model, self.engine, self.store.noise_seed)
+        featurizer = self._featurizers.get(key)
+        if featurizer is None:
+            if len(self._featurizers) >= 8:
+                self._featurizers.clear()
+            featurizer = self._featurizers[key] = GradientFeaturizer(
+                self.model,
+                fn,
+                self.store.param_names,
+                engine=self.engine,
+                precision=self.store.precision,
+                noise_seed=self.store.noise_seed,
+                argname=argname,
+            )
+        return featurizer
 
     def gradients(
         self,

@@ -31,7 +31,7 @@ from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.gradients.split import stores_smaller
+from lightning_influence.gradients.split import bias_partners, stores_smaller
 from lightning_influence.trajectory.store import (
     MANIFEST,
     CheckpointWriter,
@@ -113,9 +113,10 @@ class TrajectoryRecorder(pl.Callback):
         factored_storage: exact factored storage (exact rows only; default off). Every tracked
             parameter whose layer factors are smaller than its gradient (``S (d_in + d_out) <
             d_in d_out / groups`` values per sample, e.g. a Linear layer without positions) is stored
-            as its inputs ``a`` ``[n, S, d_in]`` and output gradients ``g`` ``[n, S, d_out]`` (the
-            per-group learning-rate scale folded into ``g``) side by side in ``f.<param>.npy`` of each
-            checkpoint, and ``grads.npy`` keeps only the other parameters' columns. Scores
+            as its inputs ``a`` ``[n, S, d_in]`` and output gradients ``g`` ``[n, S, d_out]`` side by
+            side in ``f.<param>.npy`` of each checkpoint; such a layer's bias is not stored at all
+            (its gradient is ``g`` summed over positions), and ``grads.npy`` keeps only the other
+            parameters' columns. Scores
             from such a store are exact and equal the dense store's. Needs an engine that returns
             factors (``"auto"``/``"factored"``) and a fixed input size (``S`` must not change
             between batches). The manifest lists the factored parameters under ``factored``.
@@ -491,6 +492,11 @@ class TrajectoryRecorder(pl.Callback):
                     "groups": int(f.groups),
                     "shape": [int(x) for x in f.shape],
                 }
+        # A stored layer's bias is its g summed over positions: kept as nothing but a reference.
+        for bias, weight in bias_partners(split).items():
+            if weight in layout:
+                layout[bias] = {"bias_of": weight, "shape": [int(x) for x in split.factors[bias].shape]}
+        layout = {n: layout[n] for n in self._names if n in layout}
         if not layout:
             rank_zero_warn(
                 "TrajectoryRecorder: `factored_storage=True` but no tracked parameter has layer factors smaller than"
@@ -691,6 +697,7 @@ class TrajectoryRecorder(pl.Callback):
         """Rows of samples ``[start, stop)`` written to ``out``, in order; returns the non-finite ids."""
         assert self._featurizer is not None
         projection = self._projection(index)
+        factored = set(self._factored)
         bad_ids: list[int] = []
         with isolated(pl_module):
             state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
@@ -706,8 +713,11 @@ class TrajectoryRecorder(pl.Callback):
                 batch = move_data_to_device(batch, pl_module.device)
                 rows: Any
                 if self._factored:
+                    # Factors are stored without the per-parameter scales (readers apply the checkpoint's):
+                    # a bias then shares its weight's g whatever their parameter groups.
+                    dense_scales = None if scales is None else {n: s for n, s in scales.items() if n not in factored}
                     rows, bad = self._featurizer.split_rows(
-                        batch, ids, state, factored=self._factored, stream=NoiseStream.TRAIN, param_scales=scales
+                        batch, ids, state, factored=self._factored, stream=NoiseStream.TRAIN, param_scales=dense_scales
                     )
                 else:
                     rows, bad = self._featurizer.rows(

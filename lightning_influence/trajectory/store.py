@@ -33,14 +33,19 @@ state, so a resumed fit appends to its own run and a fresh fit never appends to 
 **Exact factored storage** (``TrajectoryRecorder(factored_storage=True)``, exact rows only): a
 parameter whose factors are smaller than its gradient (``S (d_in + d_out) < d_in d_out / G`` values
 per sample, e.g. a Linear layer without positions) is stored as its layer inputs ``a`` and output
-gradients ``g`` (the per-parameter scale folded into ``g``) side by side in one file
-``f.<param>.npy`` (``[n, S, d_in + d_out]``: one file, one fsync, per parameter), and ``grads.npy``
-holds only the other parameters' columns (``dense_dim`` wide, in ``param_names`` order). The
-manifest's ``factored`` maps each such parameter to ``{"positions", "inputs", "outputs", "groups",
-"shape"}``, and such a store has ``schema_version`` 3 (a reader that does not know factors refuses it
-instead of misreading it); version 2 stores, which kept ``a`` and ``g`` in two files
-(``a.<param>.npy``, ``g.<param>.npy``), are still read. A store without factors is written exactly as
-before (version 1). Factor files are written, checked and sharded across DDP ranks like ``grads.npy``.
+gradients ``g`` side by side in one file ``f.<param>.npy`` (``[n, S, d_in + d_out]``: one file, one
+fsync, per parameter), and ``grads.npy`` holds only the other parameters' columns (``dense_dim`` wide,
+in ``param_names`` order). The bias of such a layer is not stored at all: its per-sample gradient is
+``sum_s g_s`` of the layer's ``g`` (the manifest says ``{"bias_of": <weight>, "shape"}``), and scoring
+folds it into the weight's Gram matrices. ``g`` is stored without the per-parameter learning-rate
+scale (divided by the loss scale only), so a bias and its weight share it even when their parameter
+groups differ; readers apply the checkpoint's ``param_scales``. The manifest's ``factored`` maps each
+stored parameter to ``{"positions", "inputs", "outputs", "groups", "shape"}``, and such a store has
+``schema_version`` 4 (a reader that does not know it refuses it instead of misreading it). Older
+factored stores are still read: version 3 (``g`` with the scale folded in, biases in ``grads.npy``) and
+version 2 (``a`` and ``g`` in two files, ``a.<param>.npy`` and ``g.<param>.npy``). A store without
+factors is written exactly as before (version 1). Factor files are written, checked and sharded across
+DDP ranks like ``grads.npy``.
 
 bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the manifest's
 ``grad_dtype`` says how to view them.
@@ -50,9 +55,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import functools
 import hashlib
 import io
 import json
+import math
+import mmap
 import os
 import re
 import shutil
@@ -74,7 +82,7 @@ from lightning_influence.gradients.engine import LayerFactors
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.split import SplitRows
-from lightning_influence.trajectory.write_behind import WriteBehind
+from lightning_influence.trajectory.write_behind import WriteBehind, WriteThread
 
 __all__ = [
     "CheckpointWriter",
@@ -88,8 +96,10 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 #: The schema of a store with factored parameters (exact factored storage); it reads like version 1 otherwise.
-FACTORED_SCHEMA_VERSION = 3
-#: The first factored schema: ``a`` and ``g`` of a parameter in two files (read, no longer written).
+FACTORED_SCHEMA_VERSION = 4
+#: Factored stores with the per-parameter scale folded into ``g`` and biases in ``grads.npy`` (read, no longer written).
+SCALED_FACTORED_SCHEMA_VERSION = 3
+#: The first factored schema: as version 3, with ``a`` and ``g`` of a parameter in two files (read, no longer written).
 TWO_FILE_FACTORED_SCHEMA_VERSION = 2
 FORMAT = "lightning_influence.gradient_store"
 MANIFEST = "manifest.json"
@@ -230,9 +240,25 @@ def _write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _manifest_text(payload: Mapping[str, Any]) -> str:
+    """JSON of a manifest: the header indented, then one line per checkpoint.
+
+    The entries go through the C encoder (``indent`` forces json's pure-Python one, which took
+    milliseconds per commit once a run had a few dozen checkpoints, and grows with every one).
+    """
+    entries = payload.get("checkpoints")
+    head = {k: v for k, v in payload.items() if k != "checkpoints"}
+    if not isinstance(entries, list) or not head:
+        return json.dumps(payload, indent=1)
+    text = json.dumps(head, indent=1)
+    lines = ",\n  ".join(json.dumps(e, separators=(", ", ": ")) for e in entries)
+    body = f"[\n  {lines}\n ]" if entries else "[]"
+    return f'{text[:-2]},\n "checkpoints": {body}\n}}'
+
+
 def _write_json_atomic(path: Path, payload: Mapping[str, Any], store: Path | None = None) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    data = json.dumps(payload, indent=1).encode()
+    data = _manifest_text(payload).encode()
     try:
         _write_file(tmp, data)
         os.replace(tmp, path)
@@ -271,7 +297,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{str(mpath)!r} is not a lightning_influence gradient store manifest.")
-    readable = (SCHEMA_VERSION, TWO_FILE_FACTORED_SCHEMA_VERSION, FACTORED_SCHEMA_VERSION)
+    readable = (
+        SCHEMA_VERSION,
+        TWO_FILE_FACTORED_SCHEMA_VERSION,
+        SCALED_FACTORED_SCHEMA_VERSION,
+        FACTORED_SCHEMA_VERSION,
+    )
     if m.get("schema_version") not in readable:
         raise StoreError(
             f"Store schema version {m.get('schema_version')} is not supported (this version reads"
@@ -302,7 +333,8 @@ class StoreHeader:
     noise_seed: int
     precision: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
-    #: Exact factored storage: parameter -> ``{"positions", "inputs", "outputs", "groups", "shape"}`` (``None``: none).
+    #: Exact factored storage: parameter -> ``{"positions", "inputs", "outputs", "groups", "shape"}``, or for a
+    #: bias folded into its layer's factors ``{"bias_of": <weight>, "shape"}`` (``None``: none).
     factored: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,22 +362,37 @@ class StoreHeader:
     def dense_dim(self) -> int:
         """Width of ``grads.npy``: ``dim`` less the factored parameters' sizes."""
         factored = self.factored or {}
-        return self.dim - sum(int(np.prod(factored[n]["shape"])) for n in factored)
+        return self.dim - sum(math.prod(factored[n]["shape"]) for n in factored)
 
-    def file_rows(self) -> dict[str, tuple[int, ...]]:
-        """Every gradient file of a checkpoint -> the shape of one sample's entry (``grads.npy`` first)."""
-        out: dict[str, tuple[int, ...]] = {GRADS_FILE: (self.dense_dim,)}
+    @functools.cached_property
+    def _files(self) -> dict[str, tuple[tuple[int, ...], bytes, int]]:
+        # fn -> (one sample's shape, .npy header, bytes per sample); asked for on every batch written.
+        # A factored store whose every parameter is kept as factors has no grads.npy.
+        rows: dict[str, tuple[int, ...]] = {GRADS_FILE: (self.dense_dim,)} if self.has_dense_file else {}
         for name in self.param_names:
             info = (self.factored or {}).get(name)
-            if info is not None:
-                out[factor_file(name)] = (int(info["positions"]), int(info["inputs"]) + int(info["outputs"]))
-        return out
+            if info is not None and "bias_of" not in info:
+                rows[factor_file(name)] = (int(info["positions"]), int(info["inputs"]) + int(info["outputs"]))
+        dtype = np.dtype(_STORAGE[self.grad_dtype][1])
+        return {
+            fn: (shape, _npy_header(dtype, (self.n_samples, *shape)), math.prod(shape) * dtype.itemsize)
+            for fn, shape in rows.items()
+        }
+
+    @property
+    def has_dense_file(self) -> bool:
+        """Whether checkpoints have a ``grads.npy`` (not when every parameter is kept as factors)."""
+        return not self.factored or self.dense_dim > 0
+
+    def file_rows(self) -> dict[str, tuple[int, ...]]:
+        """Every gradient file of a checkpoint -> the shape of one sample's entry (``grads.npy`` first, if any)."""
+        return {fn: f[0] for fn, f in self._files.items()}
 
     def file_header(self, fn: str = GRADS_FILE) -> bytes:
-        return _npy_header(np.dtype(_STORAGE[self.grad_dtype][1]), (self.n_samples, *self.file_rows()[fn]))
+        return self._files[fn][1]
 
     def file_row_bytes(self, fn: str = GRADS_FILE) -> int:
-        return int(np.prod(self.file_rows()[fn])) * np.dtype(_STORAGE[self.grad_dtype][1]).itemsize
+        return self._files[fn][2]
 
     def file_bytes(self, fn: str = GRADS_FILE) -> int:
         return len(self.file_header(fn)) + self.n_samples * self.file_row_bytes(fn)
@@ -421,6 +468,8 @@ class GradientStoreWriter:
     ) -> None:
         self.path = Path(path)
         self.header = header
+        # One background writer thread for every checkpoint of this store (not one started per checkpoint).
+        self._write_thread = WriteThread()
         if attach:
             self.manifest = _read_manifest(self.path)
             if self.manifest.get("run_id") != run_id:
@@ -445,6 +494,13 @@ class GradientStoreWriter:
         elif manifest_path.exists():
             existing = _read_manifest(self.path)
             mine = header.to_dict()
+            if existing.get("factored") and header.factored and existing.get("schema_version") != header.schema_version:
+                raise StoreError(
+                    f"`dirpath` {str(self.path)!r} holds a gradient store of schema version"
+                    f" {existing.get('schema_version')}, written by an older lightning_influence; this version"
+                    f" appends only to version {header.schema_version}. Record to a new `dirpath`, or overwrite=True"
+                    " to replace it."
+                )
             if any(existing.get(k) != v for k, v in mine.items() if k != "extra"):
                 raise StoreError(
                     f"`dirpath` {str(self.path)!r} already holds a gradient store recorded with different settings"
@@ -556,7 +612,7 @@ class GradientStoreWriter:
         storage, the same rows of every factor file too (a :class:`RowsWriter`).
         """
         writers: dict[str, ShardWriter] = {}
-        behind = WriteBehind()
+        behind = WriteBehind(thread=self._write_thread)
         single = not self.header.factored
         try:
             for fn, shape in self.header.file_rows().items():
@@ -664,6 +720,9 @@ class ShardWriter:
                 f"Sample ids {lo}..{hi} fall outside the rows [{self.start}, {self.stop}) this writer holds: the"
                 f" store was created for {self.store.header.n_samples} samples (did the dataset change size?)."
             )
+        if self._row_bytes == 0:  # grads.npy of a store whose every parameter is kept as factors
+            self._written[ids_np - self.start] = True
+            return []
         r = rows.detach().to(self._torch_dtype).cpu().contiguous().reshape(ids_np.size, -1)
         arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
         arr = np.ascontiguousarray(arr)
@@ -782,8 +841,9 @@ class RowsWriter:
 
     def __init__(self, writers: Mapping[str, ShardWriter], behind: WriteBehind | None = None) -> None:
         self.writers = dict(writers)
-        first = self.writers[GRADS_FILE]
+        first = next(iter(self.writers.values()))
         self.store, self.start, self.stop = first.store, first.start, first.stop
+        self._first = first
         self._behind = behind  # owned: closed with the writers
 
     def write_rows(self, ids: Tensor, rows: SplitRows | Tensor) -> None:
@@ -796,8 +856,18 @@ class RowsWriter:
             )
         if set(rows.factors) != set(factored):
             raise StoreError(f"Expected factors of {sorted(factored)}, got factors of {sorted(rows.factors)}.")
-        parts: list[tuple[ShardWriter, Tensor]] = [(self.writers[GRADS_FILE], rows.dense)]
-        for name in factored:
+        parts: list[tuple[ShardWriter, Tensor]] = []
+        if GRADS_FILE in self.writers:
+            parts.append((self.writers[GRADS_FILE], rows.dense))
+        elif rows.dense.shape[1:] != (0,):
+            raise StoreError(
+                f"This store keeps every parameter as factors; the rows have a dense part of {rows.dense.shape[1]}"
+                " columns."
+            )
+        for name, info in factored.items():
+            if "bias_of" in info:
+                _check_folded_bias(name, rows.factors[name], rows.factors[info["bias_of"]])
+                continue
             f = rows.factors[name]
             if not isinstance(f, LayerFactors) or f.inputs is None:
                 raise StoreError(
@@ -817,7 +887,7 @@ class RowsWriter:
         if ids_np.size:
             # Every file's rows checked before any is written, then one write task for the batch.
             work = [(w, w._blocks(ids_np, t)) for w, t in parts]
-            ShardWriter._submit(work, self.writers[GRADS_FILE]._behind)
+            ShardWriter._submit(work, self._first._behind)
 
     @property
     def missing(self) -> int:
@@ -837,6 +907,29 @@ class RowsWriter:
             w.close()
         if self._behind is not None:
             self._behind.close()
+
+
+def _check_folded_bias(name: str, bias: Any, weight: Any) -> None:
+    """A bias kept as its layer's ``g`` must be exactly that: ``LayerFactors(None, g)`` with the weight's ``g``."""
+    if not isinstance(bias, LayerFactors) or bias.inputs is not None or not isinstance(weight, LayerFactors):
+        raise StoreError(
+            f"Bias {name!r} is stored as the sum of its layer's output gradients, but the rows give"
+            f" {'a dense gradient' if not isinstance(bias, LayerFactors) else 'factors with inputs'}:"
+            " record with engine='factored' (or 'auto')."
+        )
+    gb, gw = bias.output_grads, weight.output_grads
+    if gb is gw:
+        return
+    if gb.shape != gw.shape:
+        raise StoreError(
+            f"Bias {name!r} is stored as the sum of its layer's output gradients g {tuple(gw.shape)}, but the rows"
+            f" give it a g of shape {tuple(gb.shape)}."
+        )
+    if not torch.equal(gb, gw.to(gb.dtype)):
+        raise StoreError(
+            f"Bias {name!r} is stored as the sum of its layer's output gradients, but its g differs from that"
+            " layer's weight's g (per-parameter scales must not be folded into the stored factors)."
+        )
 
 
 def _by_file(shard: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -862,7 +955,7 @@ class CheckpointWriter:
         h = store.header
         stop = h.n_samples if stop is None else stop
         self._fds: dict[str, int] = {}
-        self._behind = WriteBehind()
+        self._behind = WriteBehind(thread=store._write_thread)
         writers: dict[str, ShardWriter] = {}
         try:
             for fn, shape in h.file_rows().items():
@@ -894,16 +987,18 @@ class CheckpointWriter:
         if self._closed or self._weights is not None:
             raise StoreError(f"Checkpoint {self.index}: the weights were already written, or it was committed/aborted.")
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        blob = save_safetensors(tensors)
-        self._weights = {"sha256": None, "bytes": len(blob)}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._weights = {"sha256": None, "bytes": nbytes}
         if self._own is None:
-            self._behind.submit(self._write_weights, len(blob), blob)
+            self._behind.submit(self._write_weights, nbytes, tensors)
         else:  # the rows are already durable and the queue closed
-            self._write_weights(blob)
+            self._write_weights(tensors)
 
-    def _write_weights(self, blob: bytes) -> None:
-        # On the write-behind thread: a failure is kept for commit, which names the file.
+    def _write_weights(self, tensors: dict[str, Tensor]) -> None:
+        # On the write-behind thread (serialising too): a failure is kept for commit, which names the file.
         assert self._weights is not None
+        blob = save_safetensors(tensors)
+        self._weights["bytes"] = len(blob)
         try:
             _write_file(self.tmp / WEIGHTS_FILE, blob)
         except OSError as err:
@@ -992,11 +1087,11 @@ class CheckpointWriter:
         if self._weights_error is not None:
             err, needed = self._weights_error, self._weights["bytes"]
             raise _wrap_os_error(err, self.store.path, f"checkpoint {self.index} ({WEIGHTS_FILE})", needed) from err
-        grads_info = files.pop(GRADS_FILE)
-        files = {GRADS_FILE: grads_info, WEIGHTS_FILE: dict(self._weights), **files}
+        grads_info = {GRADS_FILE: files.pop(GRADS_FILE)} if GRADS_FILE in files else {}
+        files = {**grads_info, WEIGHTS_FILE: dict(self._weights), **files}
         _fsync_dir(self.tmp)
+        # The rename becomes durable with the manifest: listing it fsyncs this same directory.
         os.rename(self.tmp, self.final)
-        _fsync_dir(self.store.path)
         entry = {
             "index": self.index,
             "dir": self.name,
@@ -1101,9 +1196,13 @@ class StoredCheckpoint:
         layout = self._layouts.get(fn)
         try:
             if layout is not None and layout[0] == self._seen[fn]:
-                # The header was parsed before: map the data directly (np.load re-parses it on every
-                # call, a noticeable share of scoring a small store block by block).
-                arr = np.memmap(path, dtype=layout[1], mode="c", offset=layout[3], shape=layout[2])
+                # The header was parsed before: map the data directly (np.load re-parses it and
+                # np.memmap resolves the path on every call, a noticeable share of scoring a small
+                # store block by block). Copy-on-write, like mmap_mode="c".
+                with open(path, "rb") as fh:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                count = math.prod(layout[2])
+                arr = np.frombuffer(mapped, dtype=layout[1], count=count, offset=layout[3]).reshape(layout[2])
             else:
                 arr = np.load(path, mmap_mode="c")
                 if isinstance(arr, np.memmap) and not arr.dtype.hasobject and arr.flags.c_contiguous:
@@ -1130,34 +1229,77 @@ class StoredCheckpoint:
         return self._load(GRADS_FILE)
 
     def dense_gradients(self) -> Tensor:
-        """``grads.npy``: ``[n_samples, dense_dim]`` (all of ``dim`` unless the store keeps factors), memory-mapped."""
+        """``grads.npy``: ``[n_samples, dense_dim]`` (all of ``dim`` unless the store keeps factors), memory-mapped.
+
+        ``[n_samples, 0]`` for a store that keeps every parameter as factors (it has no ``grads.npy``).
+        """
+        if self._store.factored and self._store.dense_dim == 0:
+            return torch.zeros(self._store.n_samples, 0, dtype=self._store.grad_dtype)
         return self._load(GRADS_FILE)
 
-    def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """A factored parameter's inputs ``a`` ``[n, S, d_in]`` and scaled output gradients ``g`` ``[n, S, d_out]``, memory-mapped."""
-        if name not in self._store.factored:
+    def factors(self, name: str) -> tuple[Tensor | None, Tensor]:
+        """A factored parameter's inputs ``a`` ``[n, S, d_in]`` and scaled output gradients ``g`` ``[n, S, d_out]``.
+
+        Memory-mapped views of the file, or (where the checkpoint has a per-parameter scale other than
+        1) a scaled copy of ``g``. For a bias kept as its layer's ``g``: ``(None, g)`` with that layer's
+        ``g`` (its gradient is ``g.sum(1)``).
+        """
+        info = self._store.factored.get(name)
+        if info is None:
             raise StoreError(
                 f"Parameter {name!r} is not stored as factors in {str(self._store.path)!r} (factored:"
                 f" {sorted(self._store.factored)[:6]})."
             )
+        if "bias_of" in info:
+            _, g = self._stored_factors(info["bias_of"])
+            return None, self._scaled(name, g)
+        a, g = self._stored_factors(name)
+        return a, self._scaled(name, g)
+
+    def _stored_factors(self, name: str) -> tuple[Tensor, Tensor]:
         if self._store.manifest["schema_version"] == TWO_FILE_FACTORED_SCHEMA_VERSION:
             return self._load(factor_file(name, "a")), self._load(factor_file(name, "g"))
         both = self._load(factor_file(name))
         d_in = int(self._store.factored[name]["inputs"])
         return both[..., :d_in], both[..., d_in:]
 
+    def _scale(self, name: str) -> float:
+        # Version 4 stores g without the per-parameter scale; older stores folded it in when writing.
+        if self.param_scales is None or self._store.manifest["schema_version"] < FACTORED_SCHEMA_VERSION:
+            return 1.0
+        return float(self.param_scales.get(name, 1.0))
+
+    def _scaled(self, name: str, g: Tensor) -> Tensor:
+        s = self._scale(name)
+        return g if s == 1.0 else g * s
+
     def block(self, start: int, stop: int) -> Tensor | SplitRows:
         """Training rows ``[start, stop)`` as stored: a ``[B, dim]`` tensor, or :class:`SplitRows` for a factored store.
 
-        Tensors are views of memory-mapped files in the storage dtype (cast them before scoring).
+        Tensors are views of memory-mapped files in the storage dtype (cast them before scoring); a
+        factor ``g`` with a per-parameter scale other than 1 is a scaled copy. A bias kept as its
+        layer's ``g`` shares that very tensor where their scales agree.
         """
         if not self._store.factored:
             return self._load(GRADS_FILE)[start:stop]
-        dense = self._load(GRADS_FILE)[start:stop]
+        dense = self.dense_gradients()[start:stop]
         factors: dict[str, Any] = {}
+        stored: dict[str, tuple[Tensor, Tensor]] = {}
+        scaled: dict[tuple[str, float], Tensor] = {}
         for name, info in self._store.factored.items():
-            a, g = self.factors(name)
-            factors[name] = LayerFactors(a[start:stop], g[start:stop], tuple(info["shape"]), int(info["groups"]))
+            owner = info.get("bias_of", name)
+            if owner not in stored:
+                a, g = self._stored_factors(owner)
+                stored[owner] = (a[start:stop], g[start:stop])
+            a, g = stored[owner]
+            s = self._scale(name)
+            if (owner, s) not in scaled:
+                scaled[owner, s] = g if s == 1.0 else g * s
+            shape = tuple(info["shape"])
+            if "bias_of" in info:
+                factors[name] = LayerFactors(None, scaled[owner, s], shape)
+            else:
+                factors[name] = LayerFactors(a, scaled[owner, s], shape, int(info["groups"]))
         names = tuple(self._store.param_names)
         numels = tuple(int(np.prod(self._store.param_shapes[n])) for n in names)
         return SplitRows(dense, factors, names, numels)
@@ -1295,7 +1437,9 @@ class GradientStore:
     def row_values(self) -> int:
         """Values stored per training sample and checkpoint (``dim``, less with factored storage)."""
         return self.dense_dim + sum(
-            int(f["positions"]) * (int(f["inputs"]) + int(f["outputs"])) for f in self.factored.values()
+            int(f["positions"]) * (int(f["inputs"]) + int(f["outputs"]))
+            for f in self.factored.values()
+            if "bias_of" not in f
         )
 
     def __len__(self) -> int:

@@ -14,12 +14,36 @@ error is re-raised, to the caller, by the next :meth:`~WriteBehind.submit` or by
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["WriteBehind"]
+__all__ = ["WriteBehind", "WriteThread"]
+
+
+class WriteThread:
+    """One background thread, started on first use and kept for every :class:`WriteBehind` given it.
+
+    A store writer keeps one for all its checkpoints instead of starting and joining a thread per
+    checkpoint. A forked child (whose copy of the thread does not run) starts its own.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = -1
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pid != os.getpid():
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-influence-store")
+            self._pid = os.getpid()
+        return self._pool
+
+    def shutdown(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
 
 
 class WriteBehind:
@@ -28,6 +52,7 @@ class WriteBehind:
     Args:
         limit_bytes: queued bytes above which :meth:`submit` waits for the oldest tasks (at least
             one task is always allowed in flight, whatever its size).
+        thread: a long-lived :class:`WriteThread` to run on (default: a thread of its own, stopped by :meth:`close`).
 
     Example:
         >>> out = []
@@ -40,9 +65,10 @@ class WriteBehind:
         >>> wb.close()
     """
 
-    def __init__(self, limit_bytes: int = 64 << 20) -> None:
+    def __init__(self, limit_bytes: int = 64 << 20, thread: WriteThread | None = None) -> None:
         self.limit_bytes = int(limit_bytes)
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread = thread if thread is not None else WriteThread()
+        self._owns_thread = thread is None
         self._pending: deque[tuple[Future[Any], int]] = deque()
         self._queued = 0
         self._error: BaseException | None = None
@@ -56,9 +82,7 @@ class WriteBehind:
         while self._pending and self._pending[0][0].done():
             self._wait_oldest()
         self._raise()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-influence-store")
-        self._pending.append((self._pool.submit(fn, *args), int(nbytes)))
+        self._pending.append((self._thread.executor().submit(fn, *args), int(nbytes)))
         self._queued += int(nbytes)
         while self._queued > self.limit_bytes and len(self._pending) > 1:
             self._wait_oldest()
@@ -71,13 +95,12 @@ class WriteBehind:
         self._raise()
 
     def close(self) -> None:
-        """Wait for every submitted task (errors are dropped: the caller is abandoning the writes) and stop the thread."""
+        """Wait for every submitted task (errors are dropped: the caller is abandoning the writes); stop its own thread."""
         while self._pending:
             self._wait_oldest()
         self._error = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._owns_thread:
+            self._thread.shutdown()
 
     def _wait_oldest(self) -> None:
         fut, nbytes = self._pending.popleft()

@@ -52,7 +52,8 @@ def isolated(module: nn.Module) -> Iterator[None]:
     BatchNorm and dropout deterministic per sample.
     """
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    # is_initialized() first: is_available() probes the driver (a dlopen) on every call where there is none.
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() and torch.cuda.is_available() else None
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:

@@ -17,10 +17,13 @@ from lightning_influence.gradients import (
     NoiseStream,
     ProjectionSpec,
     RandomProjection,
+    SplitRows,
     VmapEngine,
+    bias_partners,
     cast_state,
     layers,
     module_state,
+    split_inner_products,
 )
 from lightning_influence.gradients.engine import dense_gradient
 from lightning_influence.gradients.factored import (
@@ -30,6 +33,7 @@ from lightning_influence.gradients.factored import (
     plan_engine,
     resolve_engine,
 )
+from lightning_influence.gradients.split import cat_split_rows
 from lightning_influence.models import MLPVAE, ConvVAE
 
 
@@ -296,6 +300,22 @@ def test_modules_that_mix_samples_send_everything_to_the_fallback():
     assert not any(isinstance(v, LayerFactors) for v in fact.values())
 
 
+def test_the_engine_replans_when_a_mode_or_a_tracked_layer_changes():
+    """The plan is kept between batches, but not past a BatchNorm switching mode or a tracked layer replaced."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    names = [n for n, _ in net.named_parameters()]
+    engine = FactoredEngine()
+    net.eval()
+    first = engine.plan(net, names)
+    assert not first.coupled and engine.plan(net, names) is first
+    net.train()  # batch statistics: samples are normalised by each other
+    assert engine.plan(net, names).coupled == ["1"]
+    net.eval()
+    assert not engine.plan(net, names).coupled
+    net[2] = nn.Conv1d(3, 2, 1)  # same parameter names, another layer
+    assert engine.plan(net, names).rules()["2.weight"] == "conv"
+
+
 @pytest.mark.parametrize("draws", [1, 16])
 def test_mlp_vae_elbo_draws_fold_into_positions(draws):
     torch.manual_seed(6)
@@ -394,6 +414,37 @@ def test_factored_inner_products_equal_dense_ones(positions):
     xg = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 6), groups=2)
     torch.testing.assert_close(factored_inner_products(xg, xg), xg.dense().flatten(1) @ xg.dense().flatten(1).T,
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize(("positions", "groups"), [((1, 1), 1), ((3, 2), 1), ((3, 2), 2), ((40, 30), 1)])
+def test_a_bias_folded_into_its_weights_gram_matrices(positions, groups):
+    """``with_bias``: weight and bias inner products at once, exact in the Gram and the materialised forms."""
+    torch.manual_seed(11)
+    sx, sy = positions
+    x = LayerFactors(torch.randn(3, sx, 12), torch.randn(3, sx, 10), (10, 12 // groups), groups)
+    y = LayerFactors(torch.randn(4, sy, 12), torch.randn(4, sy, 10), (10, 12 // groups), groups)
+    ref = x.dense().flatten(1) @ y.dense().flatten(1).T + x.output_grads.sum(1) @ y.output_grads.sum(1).T
+    torch.testing.assert_close(factored_inner_products(x, y, with_bias=True), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="`with_bias` needs a weight's factors"):
+        factored_inner_products(LayerFactors(None, x.output_grads, (10,)), y, with_bias=True)
+
+
+def test_split_rows_keep_a_bias_sharing_its_weights_g_through_every_operation():
+    torch.manual_seed(12)
+    g = torch.randn(5, 1, 6)
+    w, b = LayerFactors(torch.randn(5, 1, 4), g, (6, 4)), LayerFactors(None, g, (6,))
+    rows = SplitRows(torch.randn(5, 3), {"w": w, "b": b}, ("w", "b", "c"), (24, 6, 3))
+    assert bias_partners(rows) == {"b": "w"}
+    full = rows.materialize()
+    torch.testing.assert_close(split_inner_products(rows, rows[1:4]), full @ full[1:4].T, rtol=1e-5, atol=1e-5)
+    for kept in (rows.to(dtype=torch.float64), rows[1:3], cat_split_rows([rows[:2], rows[2:]])):
+        assert bias_partners(kept) == {"b": "w"}, "the shared g stays one tensor"
+        assert kept.nbytes == sum(
+            t.numel() * t.element_size() for t in (kept.dense, kept.factors["w"].inputs, kept.factors["w"].output_grads)
+        )
+    unshared = SplitRows(rows.dense, {"w": w, "b": LayerFactors(None, g.clone(), (6,))}, rows.names, rows.numels)
+    assert bias_partners(unshared) == {}
+    torch.testing.assert_close(split_inner_products(unshared, rows), full @ full.T, rtol=1e-5, atol=1e-5)
 
 
 def _kron_projected_tracin(store, vae, train_x, queries, dim, kind="kronecker"):

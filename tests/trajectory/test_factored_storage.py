@@ -82,10 +82,16 @@ def test_the_manifest_lists_the_factored_parameters_and_dense_stores_are_unchang
     assert dense.manifest["schema_version"] == 1 and "factored" not in dense.manifest
     assert dense.factored == {} and dense.dense_dim == dense.dim
     assert set(dense.checkpoints[0].entry["files"]) == {"grads.npy", "weights.safetensors"}
-    assert factored.manifest["schema_version"] == 3
+    assert factored.manifest["schema_version"] == 4
     # Linear layers without positions, and the decoder's output layer with 16 ELBO draws
-    # (16 x (128 + 64) < 128 x 64); decoder.0 with 16 draws (16 x 136 > 1024) and biases stay dense.
-    assert sorted(factored.factored) == ["decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    # (16 x (128 + 64) < 128 x 64); decoder.0 with 16 draws (16 x 136 > 1024) stays dense, with its
+    # bias; the biases of the stored layers are their g summed over positions (no file, no columns).
+    weights = ["decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    assert sorted(n for n, f in factored.factored.items() if "bias_of" not in f) == weights
+    assert {n: f["bias_of"] for n, f in factored.factored.items() if "bias_of" in f} == {
+        w.replace("weight", "bias"): w for w in weights
+    }
+    assert factored.factored["encoder.0.bias"] == {"bias_of": "encoder.0.weight", "shape": [128]}
     assert factored.factored["encoder.0.weight"] == {
         "positions": 1,
         "inputs": 64,
@@ -96,18 +102,85 @@ def test_the_manifest_lists_the_factored_parameters_and_dense_stores_are_unchang
     assert factored.factored["decoder.2.weight"]["positions"] == 16
     assert factored.dim == dense.dim
     assert factored.dense_dim == dense.dim - sum(math.prod(f["shape"]) for f in factored.factored.values())
-    assert factored.row_values == 4768 and dense.dim == 19792  # 1360 dense + 192 + 144 + 16 x 192
+    assert factored.dense_dim == 1024 + 128  # decoder.0's weight and bias
+    assert factored.row_values == 4560 and dense.dim == 19792  # 1152 dense + 192 + 144 + 16 x 192
     ckpt = factored.checkpoints[0]
-    assert {"f.encoder.0.weight.npy", "grads.npy"} <= set(ckpt.entry["files"])
+    assert set(ckpt.entry["files"]) == {"grads.npy", "weights.safetensors", *(f"f.{w}.npy" for w in weights)}
     assert not any(fn.startswith(("a.", "g.")) for fn in ckpt.entry["files"]), "a and g share one file"
     assert ckpt.dense_gradients().shape == (N_TRAIN, factored.dense_dim)
     a, g = ckpt.factors("decoder.2.weight")
     assert a.shape == (N_TRAIN, 16, 128) and g.shape == (N_TRAIN, 16, 64)
-    assert ckpt.entry["param_scales"] is not None, "two param groups: scales are folded into g"
+    bias_a, bias_g = ckpt.factors("decoder.2.bias")
+    assert bias_a is None and torch.equal(bias_g, g)
+    # Two param groups: g is stored unscaled and the reader applies the checkpoint's scale.
+    scales = ckpt.entry["param_scales"]
+    assert scales["decoder.2.weight"] == 0.5 and scales["encoder.0.weight"] == 1.0
+    raw = torch.from_numpy(np.load(ckpt.dir / "f.decoder.2.weight.npy"))[..., 128:]
+    assert torch.allclose(g, raw * 0.5)
     with pytest.raises(StoreError, match="factored_storage=True.*block\\(start, stop\\).*materialized"):
         ckpt.gradients()
     disk = sum(p.stat().st_size for p in ckpt.dir.glob("*.npy"))
     assert disk < (dense.checkpoints[0].dir / "grads.npy").stat().st_size / 4
+
+
+class BiasGroupVAE(MLPVAE):
+    """Biases learn at another rate than their weights: a folded bias's scale differs from its layer's."""
+
+    def configure_optimizers(self):
+        params = dict(self.named_parameters())
+        return torch.optim.SGD(
+            [
+                {"params": [p for n, p in params.items() if n.endswith("weight")], "lr": 2e-2},
+                {"params": [p for n, p in params.items() if n.endswith("bias")], "lr": 5e-3},
+            ]
+        )
+
+
+def test_a_bias_in_another_parameter_group_than_its_weight_scores_like_the_dense_store(tmp_path):
+    pl.seed_everything(1, verbose=False)
+    x, _ = load_digits_tensors()
+    data = TensorDataset(x[:96])
+    common = dict(every_n_epochs=1, batch_size=48)
+    dense = TrajectoryRecorder(tmp_path / "dense", **common)
+    factored = TrajectoryRecorder(tmp_path / "factored", factored_storage=True, **common)
+    vae = BiasGroupVAE(input_dim=64, hidden_dim=32, latent_dim=4, likelihood="gaussian", sigma=0.2)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    quiet_trainer(max_epochs=2, callbacks=[dense, factored]).fit(vae, loader)
+    d, f = GradientStore(dense.store_path), GradientStore(factored.store_path)
+    assert f.factored["encoder.0.bias"] == {"bias_of": "encoder.0.weight", "shape": [32]}
+    scales = f.checkpoints[0].param_scales
+    assert scales["encoder.0.weight"] == 1.0 and scales["encoder.0.bias"] == pytest.approx(0.5)
+    for cd, cf in zip(d.checkpoints, f.checkpoints):
+        _, gb = cf.factors("encoder.0.bias")
+        _, gw = cf.factors("encoder.0.weight")
+        assert torch.allclose(gb, 0.5 * gw)
+        assert _rel(cf.materialized(), cd.gradients()) < 1e-5
+    q = x[200:206]
+    s_d, s_f = InfluenceAnalysis(d, vae).tracin(q), InfluenceAnalysis(f, vae).tracin(q)
+    assert _rel(s_f, s_d) < 1e-5
+
+
+def test_a_bias_whose_g_is_not_its_layers_is_refused(run, tmp_path):
+    src = GradientStore(run["factored"])
+    w = store_module.GradientStoreWriter(tmp_path / "s", _header_like(src))
+    rows = src.checkpoints[0].block(0, 4)
+    g = rows.factors["encoder.0.weight"].output_grads
+    for bias, match in (
+        (LayerFactors(None, 2 * g, (128,)), "its g differs from that layer's weight's g"),
+        (LayerFactors(None, g[:, :, :5], (5,)), r"g \(4, 1, 128\), but the rows give it a g of shape \(4, 1, 5\)"),
+        (g.sum(1), "the rows give a dense gradient"),
+    ):
+        bad = SplitRows(rows.dense, {**rows.factors, "encoder.0.bias": bias}, rows.names, rows.numels)
+        ck = w.begin_checkpoint()
+        with pytest.raises(StoreError, match=f"Bias 'encoder.0.bias' is stored as the sum of its layer's.*{match}"):
+            ck.write_rows(torch.arange(4), bad)
+        ck.abort()
+    ck = w.begin_checkpoint()
+    same = LayerFactors(None, g.clone(), (128,))  # equal values in another tensor (a loss-scale back-off) are fine
+    ck.write_rows(
+        torch.arange(4), SplitRows(rows.dense, {**rows.factors, "encoder.0.bias": same}, rows.names, rows.numels)
+    )
+    ck.abort()
 
 
 def test_materialized_rows_equal_the_dense_store(run):
@@ -274,34 +347,70 @@ def test_an_old_dense_manifest_still_opens_and_scores(run, tmp_path):
     assert torch.equal(a.tracin(q), b.tracin(q))
 
 
-def test_a_version_2_store_with_a_and_g_in_two_files_still_reads_and_scores_the_same(run, tmp_path):
-    """Stores written before a and g shared one file (schema 2: a.<param>.npy and g.<param>.npy) are read as such."""
-    old = tmp_path / "v2"
-    shutil.copytree(run["factored"], old)
-    m = json.loads((old / "manifest.json").read_text())
-    for entry in m["checkpoints"]:
-        files = entry["files"]
-        for name, info in m["factored"].items():
-            path = old / entry["dir"] / f"f.{name}.npy"
-            both = np.load(path)
-            path.unlink()
-            del files[path.name]
-            for which, part in (("a", both[..., : info["inputs"]]), ("g", both[..., info["inputs"] :])):
-                target = old / entry["dir"] / f"{which}.{name}.npy"
-                np.save(target, np.ascontiguousarray(part))
-                data = target.read_bytes()
-                files[target.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    m["schema_version"] = 2
-    (old / "manifest.json").write_text(json.dumps(m))
+def _write_npy(path: Path, array: np.ndarray, files: dict) -> None:
+    np.save(path, np.ascontiguousarray(array))
+    data = path.read_bytes()
+    files[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _as_old_schema(src: Path, dst: Path, version: int) -> None:
+    """Rewrite a version-4 store as an older lightning_influence wrote it.
+
+    Versions 2 and 3 folded the per-parameter scale into ``g`` and kept biases in ``grads.npy``;
+    version 2 also kept ``a`` and ``g`` in two files.
+    """
+    shutil.copytree(src, dst)
+    store = GradientStore(src)
+    m = json.loads((dst / "manifest.json").read_text())
+    weights = {n: f for n, f in m["factored"].items() if "bias_of" not in f}
+    m["factored"] = weights
+    m["dense_dim"] = m["dim"] - sum(math.prod(f["shape"]) for f in weights.values())
+    m["schema_version"] = version
+    numels = [math.prod(store.param_shapes[n]) for n in store.param_names]
+    offsets = np.cumsum([0, *numels])
+    for entry, ckpt in zip(m["checkpoints"], store.checkpoints):
+        files, folder = entry["files"], dst / entry["dir"]
+        full = ckpt.materialized().numpy()
+        dense = [full[:, offsets[i] : offsets[i + 1]] for i, n in enumerate(store.param_names) if n not in weights]
+        _write_npy(folder / "grads.npy", np.concatenate(dense, axis=1), files)
+        for name in weights:
+            a, g = ckpt.factors(name)  # g scaled, as versions 2 and 3 stored it
+            if version == 2:
+                (folder / f"f.{name}.npy").unlink()
+                del files[f"f.{name}.npy"]
+                _write_npy(folder / f"a.{name}.npy", a.numpy(), files)
+                _write_npy(folder / f"g.{name}.npy", g.numpy(), files)
+            else:
+                _write_npy(folder / f"f.{name}.npy", torch.cat([a, g], -1).numpy(), files)
+    (dst / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_factored_store_still_reads_and_scores_the_same(run, tmp_path, version):
+    """Version 3 (scaled g, biases in grads.npy) and version 2 (a and g in two files) stores are read as such."""
+    old = tmp_path / f"v{version}"
+    _as_old_schema(run["factored"], old, version)
     store = GradientStore(old)
     store.verify()
+    assert "encoder.0.bias" not in store.factored
+    assert store.checkpoints[0].dense_gradients().shape == (N_TRAIN, 1360)
+    new = GradientStore(run["factored"])
     a, g = store.checkpoints[0].factors("decoder.2.weight")
-    a3, g3 = GradientStore(run["factored"]).checkpoints[0].factors("decoder.2.weight")
-    assert torch.equal(a, a3) and torch.equal(g, g3)
+    a4, g4 = new.checkpoints[0].factors("decoder.2.weight")
+    assert torch.equal(a, a4) and torch.equal(g, g4), "scales are not applied twice"
+    assert torch.equal(store.checkpoints[1].materialized(), new.checkpoints[1].materialized())
     q = Subset(run["queries"].dataset, range(3))
-    assert torch.equal(
-        InfluenceAnalysis(old, run["vae"]).tracin(q), InfluenceAnalysis(run["factored"], run["vae"]).tracin(q)
-    )
+    assert _rel(InfluenceAnalysis(old, run["vae"]).tracin(q), InfluenceAnalysis(new, run["vae"]).tracin(q)) < 1e-6
+
+
+def test_an_older_factored_store_is_not_appended_to(run, tmp_path):
+    """Appending version-4 checkpoints to a version-3 store would mix two meanings of the stored g."""
+    old = tmp_path / "v3"
+    _as_old_schema(run["factored"], old, 3)
+    src = GradientStore(run["factored"])
+    header = store_module.StoreHeader(**{k: src.manifest[k] for k in store_module._HEADER_KEYS}, factored=src.factored)
+    with pytest.raises(StoreError, match="schema version 3, written by an older lightning_influence.*new `dirpath`"):
+        store_module.GradientStoreWriter(old, header)
 
 
 def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, monkeypatch):
@@ -394,9 +503,14 @@ def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
     store = GradientStore(tmp_path / "store")
     store.verify()
     assert len(store) == 2 and store.n_samples == 96
-    assert sorted(store.factored) == ["decoder.0.weight", "decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    # Every layer is stored as factors, every bias as its layer's g: grads.npy is empty.
+    weights = ["decoder.0.weight", "decoder.2.weight", "encoder.0.weight", "encoder.2.weight"]
+    assert sorted(n for n, f in store.factored.items() if "bias_of" not in f) == weights
+    assert sorted(n for n, f in store.factored.items() if "bias_of" in f) == [w[:-6] + "bias" for w in weights]
+    assert store.dense_dim == 0
     ckpt = store.checkpoints[-1]
-    for fn in ("grads.npy", "f.encoder.0.weight.npy", "f.decoder.2.weight.npy"):
+    assert ckpt.dense_gradients().shape == (96, 0) and "grads.npy" not in ckpt.entry["files"]
+    for fn in ("f.encoder.0.weight.npy", "f.decoder.2.weight.npy"):
         assert len(ckpt.entry["files"][fn]["segments"]) == 2, fn
     x, y = load_digits_tensors()
     data, tests = TensorDataset(x[:96], y[:96]), x[200:205]
@@ -448,7 +562,10 @@ def test_a_changed_position_count_is_refused_naming_the_factor_file(run, tmp_pat
     rows = src.checkpoints[0].block(0, 4)
     f = rows.factors["decoder.2.weight"]
     fewer = LayerFactors(f.inputs[:, :8], f.output_grads[:, :8], f.shape, f.groups)
-    bad = SplitRows(rows.dense, {**rows.factors, "decoder.2.weight": fewer}, rows.names, rows.numels)
+    bias = LayerFactors(None, fewer.output_grads, (64,))
+    bad = SplitRows(
+        rows.dense, {**rows.factors, "decoder.2.weight": fewer, "decoder.2.bias": bias}, rows.names, rows.numels
+    )
     ck = w.begin_checkpoint()
     with pytest.raises(StoreError, match=r"factors \(f.decoder.2.weight.npy\) of shape \(4, 16, 192\).*position count"):
         ck.write_rows(torch.arange(4), bad)
