@@ -447,6 +447,22 @@ def test_split_rows_keep_a_bias_sharing_its_weights_g_through_every_operation():
     torch.testing.assert_close(split_inner_products(unshared, rows), full @ full.T, rtol=1e-5, atol=1e-5)
 
 
+def test_split_rows_name_exactly_the_rows_with_inf_or_nan():
+    """Flagged: a NaN in one sample's g, an inf in another's a; not flagged: finite values whose sums overflow."""
+    torch.manual_seed(13)
+    g, a = torch.randn(6, 2, 5), torch.randn(6, 2, 3)
+    g[1, 0, 2], a[4, 1, 0] = float("nan"), float("inf")
+    w, b = LayerFactors(a, g, (5, 3)), LayerFactors(None, g, (5,))
+    rows = SplitRows(torch.randn(6, 2), {"w": w, "b": b}, ("d", "w", "b"), (2, 15, 5))
+    assert rows.nonfinite().nonzero().flatten().tolist() == [1, 4]
+    huge = torch.full((3, 1, 4), 3e38)
+    finite = SplitRows(torch.zeros(3, 0), {"w": LayerFactors(huge, huge.clone(), (4, 4))}, ("w",), (16,))
+    assert not finite.nonfinite().any()
+    half = SplitRows(torch.full((3, 2), 6e4, dtype=torch.float16), {}, ("d",), (2,))
+    half.dense[2, 1] = float("inf")
+    assert half.nonfinite().tolist() == [False, False, True]
+
+
 def _kron_projected_tracin(store, vae, train_x, queries, dim, kind="kronecker"):
     """TracIn from rows the factored engine projects with ``kind`` at every stored checkpoint's weights."""
     names = store.param_names
