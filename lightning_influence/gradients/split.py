@@ -151,17 +151,13 @@ class SplitRows:
 
     def nonfinite(self) -> Tensor:
         """``[B]`` bool: rows with inf/NaN in the dense part or in any factor."""
-        # A sum is non-finite whenever one of its terms is: one sum per tensor (one fused call)
-        # says whether anything needs a closer look, the row sums of each part find the suspect
-        # rows, and a finite row whose sum overflowed is cleared entry by entry.
+        # A sum is non-finite whenever one of its terms is: one sum per tensor says whether
+        # anything needs a closer look, the row sums of each part find the suspect rows, and a
+        # finite row whose sum overflowed is cleared entry by entry.
         parts = [t for t in self.tensors() if t.numel()]
         b = len(self)
-        if not parts:
+        if not parts or bool(torch.isfinite(torch.stack([t.sum(dtype=_acc(t)) for t in parts])).all()):
             return torch.zeros(b, dtype=torch.bool, device=self.dense.device)
-        if all(t.dtype == parts[0].dtype for t in parts):
-            totals = torch.stack(torch._foreach_norm(parts, 1))  # sum of |x|: overflows only where a row sum could
-            if bool(torch.isfinite(totals).all()):
-                return torch.zeros(b, dtype=torch.bool, device=self.dense.device)
         rows = [t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in parts]
         sums = torch.stack([t.sum(dim=1, dtype=_acc(t)) for t in rows], 1)
         bad = ~torch.isfinite(sums.sum(dim=1))

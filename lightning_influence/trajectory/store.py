@@ -1241,8 +1241,8 @@ class StoredCheckpoint:
         """A factored parameter's inputs ``a`` ``[n, S, d_in]`` and scaled output gradients ``g`` ``[n, S, d_out]``.
 
         Memory-mapped views of the file, or (where the checkpoint has a per-parameter scale other than
-        1) a scaled copy of ``g``. For a bias kept as its layer's ``g``: ``(None, g)`` with that layer's
-        ``g`` (its gradient is ``g.sum(1)``).
+        1) a scaled copy of ``g`` (fp32 for a half-precision store). For a bias kept as its layer's
+        ``g``: ``(None, g)`` with that layer's ``g`` (its gradient is ``g.sum(1)``).
         """
         info = self._store.factored.get(name)
         if info is None:
@@ -1271,7 +1271,9 @@ class StoredCheckpoint:
 
     def _scaled(self, name: str, g: Tensor) -> Tensor:
         s = self._scale(name)
-        return g if s == 1.0 else g * s
+        if s == 1.0:
+            return g
+        return (g.float() if g.element_size() < 4 else g) * s  # half-precision files: scaled in fp32
 
     def block(self, start: int, stop: int) -> Tensor | SplitRows:
         """Training rows ``[start, stop)`` as stored: a ``[B, dim]`` tensor, or :class:`SplitRows` for a factored store.
@@ -1294,7 +1296,7 @@ class StoredCheckpoint:
             a, g = stored[owner]
             s = self._scale(name)
             if (owner, s) not in scaled:
-                scaled[owner, s] = g if s == 1.0 else g * s
+                scaled[owner, s] = self._scaled(name, g)
             shape = tuple(info["shape"])
             if "bias_of" in info:
                 factors[name] = LayerFactors(None, scaled[owner, s], shape)
