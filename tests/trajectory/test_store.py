@@ -113,8 +113,24 @@ def test_gradients_are_memory_mapped_copy_on_write(tmp_path):
     store = GradientStore(tmp_path)
     g = store.checkpoints[0].gradients()
     g.zero_()  # copy-on-write: the file is untouched
+    again = store.checkpoints[0].gradients()  # mapped from the cached header layout, no numpy.load
+    assert torch.equal(again, rows)
+    again.zero_()
     assert torch.equal(store.checkpoints[0].gradients(), rows)
     store.verify()
+
+
+def test_the_manifest_keeps_one_line_per_checkpoint(tmp_path):
+    """Readable (indented header, one line per checkpoint) and written by json's C encoder."""
+    w = GradientStoreWriter(tmp_path, _header())
+    entries = [_write(w, c) for c in range(3)]
+    text = (tmp_path / MANIFEST).read_text()
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[1].startswith(' "format": ')
+    start = lines.index(' "checkpoints": [')
+    assert [json.loads(line.rstrip(",")) for line in lines[start + 1 : start + 4]] == entries
+    assert lines[start + 4 :] == [" ]", "}"]
+    assert json.loads(text) == GradientStore(tmp_path).manifest
 
 
 def test_projection_spec_is_recorded(tmp_path):

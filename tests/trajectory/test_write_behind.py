@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from lightning_influence.trajectory.write_behind import WriteBehind
+from lightning_influence.trajectory.write_behind import WriteBehind, WriteThread
 
 
 def test_tasks_run_in_submission_order_off_the_calling_thread():
@@ -89,3 +89,33 @@ def test_close_waits_for_pending_tasks_and_drops_their_errors():
     wb.submit(slow, 1)
     wb.close()
     assert out == [1]
+
+
+def test_a_shared_thread_outlives_each_queue_and_a_forked_child_starts_its_own():
+    import multiprocessing as mp
+
+    thread = WriteThread()
+    idents = []
+    for _ in range(2):
+        wb = WriteBehind(thread=thread)
+        wb.submit(lambda: idents.append(threading.get_ident()), 1)
+        wb.drain()
+        wb.close()  # the shared thread keeps running
+    assert len(set(idents)) == 1 and threading.get_ident() not in idents
+
+    def child(queue):
+        out = []
+        wb = WriteBehind(thread=thread)  # the parent's worker does not exist in this process
+        wb.submit(out.append, 1, 7)
+        wb.drain()
+        queue.put(out)
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    try:
+        assert queue.get(timeout=30) == [7]
+    finally:
+        proc.join(timeout=30)
+    thread.shutdown()
