@@ -386,7 +386,8 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
             stored = sum(p.stat().st_size for p in store.checkpoints[0].dir.glob("*.npy"))
             dense_mb = 4 * store.dim * store.n_samples / 1e6
             row["note"] = (
-                f"{len(store.factored)}/{len(store.param_names)} params as factors; {stored / 1e6:.1f} MB per"
+                f"{len(store.factored)}/{len(store.param_names)} params as factors (biases with their layer's g);"
+                f" {stored / 1e6:.1f} MB per"
                 f" checkpoint (dense rows {dense_mb:.1f} MB)"
             )
         if w.draws > 1 and label.startswith("factored"):

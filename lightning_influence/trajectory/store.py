@@ -1450,7 +1450,9 @@ class GradientStore:
     def __repr__(self) -> str:
         proj = f"projected to {self.dim}" if self.projection_spec else f"exact, dim {self.dim}"
         if self.factored:
-            proj += f", {len(self.factored)} parameter(s) as factors"
+            biases = sum("bias_of" in f for f in self.factored.values())
+            proj += f", {len(self.factored) - biases} parameter(s) as factors"
+            proj += f" (+{biases} bias(es) with them)" if biases else ""
         return (
             f"GradientStore({str(self.path)!r}: {len(self.checkpoints)} checkpoints, {self.n_samples} samples, {proj},"
             f" {self.manifest['grad_dtype']})"
