@@ -31,6 +31,7 @@ from lightning_influence.gradients import (
     LayerFactors,
     SplitRows,
     VmapEngine,
+    bias_partners,
     split_inner_products,
     split_rowwise_inner_products,
 )
@@ -303,6 +304,9 @@ def test_fp16_loss_scale_back_off_in_split_rows():
     split, bad = scaled.split_rows(x, ids, state, factored=["0.weight"])
     assert not bad.any()
     assert _rel(split.materialize(), ref) < 1e-5
+    with_bias, bad = scaled.split_rows(x, ids, state, factored=["0.weight", "0.bias"])
+    assert not bad.any() and bias_partners(with_bias) == {"0.bias": "0.weight"}, "the back-off keeps g shared"
+    assert _rel(with_bias.materialize(), ref) < 1e-5
 
 
 class _ScaledPrecision(GradientPrecision):
