@@ -53,6 +53,7 @@ bfloat16 rows are stored as ``uint16`` bit patterns (numpy has no bfloat16); the
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import errno
 import functools
@@ -64,6 +65,7 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -168,6 +170,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """glibc's ``sync_file_range`` (Linux; Python's ``os`` does not wrap it), or ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - a libc without it
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_writeback_hint = True
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` to disk now, without waiting.
+
+    A hint (the fsync before a checkpoint is listed still makes it durable): the rows written while
+    later batches are computed are then mostly on disk by the time that fsync runs (on this project's
+    2-core VM, 0.9 ms instead of 2.8 ms for a 3.3 MB checkpoint). Pages stay cached for readers.
+    """
+    global _writeback_hint
+    fn = _sync_file_range() if _writeback_hint else None
+    if fn is not None and fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        _writeback_hint = False  # not supported by this filesystem: stop asking
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -757,6 +790,8 @@ class ShardWriter:
 
     def _write(self, data: memoryview, offset: int, hashed: bool) -> None:
         _pwrite_all(self.fd, data, offset)
+        if self._behind is not None:
+            _start_writeback(self.fd, offset, len(data))
         if hashed:
             self._hash.update(data)
         if self._behind is not None:

@@ -290,3 +290,26 @@ def test_checkpoint_killed_mid_write_is_not_listed(tmp_path, mode):
     assert torch.equal(store.checkpoints[2].gradients(), _rows(2))
     store.verify()
     assert not (path / ".tmp-ckpt-00002").exists()
+
+
+def test_writeback_hints_are_asked_per_write_and_dropped_where_unsupported(tmp_path, monkeypatch):
+    """sync_file_range only starts the disk writes early; a filesystem that refuses it changes nothing else."""
+    import lightning_influence.trajectory.store as store_module
+
+    if sys.platform.startswith("linux"):
+        assert store_module._sync_file_range() is not None
+    calls = []
+
+    def refusing(fd, offset, length, flags):
+        calls.append((offset, length, flags))
+        return -1
+
+    monkeypatch.setattr(store_module, "_sync_file_range", lambda: refusing)
+    monkeypatch.setattr(store_module, "_writeback_hint", True)
+    w = GradientStoreWriter(tmp_path / "s", _header())
+    _write(w, 0)
+    _write(w, 1)
+    assert len(calls) == 1 and calls[0][2] == store_module._SYNC_FILE_RANGE_WRITE, "asked once, then not again"
+    store = GradientStore(tmp_path / "s")
+    store.verify()
+    assert torch.equal(store.checkpoints[1].gradients(), _rows(1))
