@@ -735,8 +735,13 @@ class ShardWriter:
         if ids_np.size:
             self._submit([(self, self._blocks(ids_np, rows))], self._behind)
 
-    def _blocks(self, ids_np: np.ndarray, rows: Tensor) -> list[tuple[memoryview, int, bool]]:
-        """Check ``rows`` at ``ids_np`` and plan their writes ``(data, offset, hashed)``, in order (marks them written)."""
+    def _blocks(
+        self, ids_np: np.ndarray, rows: Tensor, span: tuple[int, int, bool] | None = None
+    ) -> list[tuple[memoryview, int, bool]]:
+        """Check ``rows`` at ``ids_np`` and plan their writes ``(data, offset, hashed)``, in order (marks them written).
+
+        ``span``: :func:`_span` of ``ids_np`` when the caller has it (the same ids for every file of a batch).
+        """
         if tuple(rows.shape) != (ids_np.size, *self.row_shape):
             what = "gradient rows" if self.fname == GRADS_FILE else f"factors ({self.fname})"
             raise StoreError(
@@ -747,7 +752,7 @@ class ShardWriter:
                     else " A factored parameter's position count must not change between batches (fixed input sizes)."
                 )
             )
-        lo, hi = int(ids_np.min()), int(ids_np.max())
+        lo, hi, contiguous = span if span is not None else _span(ids_np)
         if lo < self.start or hi >= self.stop:
             raise StoreError(
                 f"Sample ids {lo}..{hi} fall outside the rows [{self.start}, {self.stop}) this writer holds: the"
@@ -759,7 +764,7 @@ class ShardWriter:
         r = rows.detach().to(self._torch_dtype).cpu().contiguous().reshape(ids_np.size, -1)
         arr = r.view(torch.int16).numpy().view(np.uint16) if self._torch_dtype == torch.bfloat16 else r.numpy()
         arr = np.ascontiguousarray(arr)
-        if hi - lo + 1 == ids_np.size and bool(np.all(np.diff(ids_np) == 1)):
+        if contiguous:
             blocks = [self._plan(lo, memoryview(arr).cast("B"))]
         else:
             blocks = [
@@ -857,6 +862,12 @@ def _ids_array(ids: Tensor) -> np.ndarray:
     return np.asarray(ids.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
 
 
+def _span(ids_np: np.ndarray) -> tuple[int, int, bool]:
+    """``(lowest id, highest id, whether the ids are consecutive and increasing)`` of a non-empty batch."""
+    lo, hi = int(ids_np.min()), int(ids_np.max())
+    return lo, hi, hi - lo + 1 == ids_np.size and bool(np.all(np.diff(ids_np) == 1))
+
+
 def _write_planned(work: list[tuple[ShardWriter, list[tuple[memoryview, int, bool]]]]) -> None:
     for writer, blocks in work:
         try:
@@ -921,7 +932,8 @@ class RowsWriter:
         ids_np = _ids_array(ids)
         if ids_np.size:
             # Every file's rows checked before any is written, then one write task for the batch.
-            work = [(w, w._blocks(ids_np, t)) for w, t in parts]
+            span = _span(ids_np)
+            work = [(w, w._blocks(ids_np, t, span)) for w, t in parts]
             ShardWriter._submit(work, self._first._behind)
 
     @property
