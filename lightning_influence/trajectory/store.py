@@ -797,15 +797,14 @@ class ShardWriter:
         _pwrite_all(self.fd, data, offset)
         if self._behind is not None:
             _start_writeback(self.fd, offset, len(data))
-        if hashed:
-            self._hash.update(data)
-        if self._behind is not None:
             self._unsynced += len(data)
             if self._unsynced >= _SYNC_EVERY_BYTES:
                 # Start the disk writes now, on the background thread, so the fsync that makes the
                 # checkpoint durable finds little left to flush.
                 os.fdatasync(self.fd)
                 self._unsynced = 0
+        if hashed:
+            self._hash.update(data)
 
     @property
     def missing(self) -> int:
