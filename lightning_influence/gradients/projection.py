@@ -187,6 +187,27 @@ class RandomProjection:
         self._kron_maps: dict[str, tuple[list[int], Tensor]] = {}
         self._cache_left = cache_bytes
 
+    @classmethod
+    def for_shapes(
+        cls, spec: ProjectionSpec, shapes: Mapping[str, Sequence[int]], checkpoint: int = 0
+    ) -> RandomProjection:
+        """The projection of parameters of these shapes, in this order (what a store's header describes).
+
+        Example:
+            >>> spec = ProjectionSpec(dim=64, kind="kronecker")
+            >>> proj = RandomProjection.for_shapes(spec, {"w": (16, 32), "b": (16,)})
+            >>> proj.input_dim, proj.param_shapes
+            (528, [(16, 32), (16,)])
+        """
+        names = list(shapes)
+        return cls(
+            spec,
+            names,
+            [math.prod(shapes[n]) for n in names],
+            checkpoint=checkpoint,
+            param_shapes=[shapes[n] for n in names],
+        )
+
     @property
     def dim(self) -> int:
         return self.spec.dim

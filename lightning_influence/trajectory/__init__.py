@@ -2,6 +2,8 @@
 
 - :class:`TrajectoryRecorder`: the callback (thin: learning-rate bookkeeping; gradients come from
   :mod:`lightning_influence.gradients`, storage is :mod:`~lightning_influence.trajectory.store`).
+- :mod:`~lightning_influence.trajectory.sweep`: one checkpoint's rows over the dataset (the recorder's and
+  :func:`~lightning_influence.record_from_checkpoints`'s).
 - :class:`GradientStore`: the boundary between training and analysis.
 - :mod:`~lightning_influence.trajectory.tracin`: TracIn and self-influence as pure tensor functions.
 - :class:`InfluenceAnalysis`: the facade that scores a store; :class:`DistributedInfluence` spreads it over

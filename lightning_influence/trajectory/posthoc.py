@@ -25,22 +25,21 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.data.batches import num_samples
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
-from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.vmap import VmapEngine
 from lightning_influence.trajectory.store import GradientStore, GradientStoreWriter, header_for
-from lightning_influence.utils.modes import isolated, module_device
+from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
+from lightning_influence.utils.modes import module_device
 
 __all__ = ["checkpoint_learning_rates", "record_from_checkpoints"]
 
@@ -238,27 +237,29 @@ def record_from_checkpoints(
         else:
             per_param = {n: lr * n_steps / steps_per_epoch for lr, group in zip(lrs, group_names) for n in group}
             per_param = {n: per_param.get(n, 0.0) for n in names}
-        eta = max(per_param.values())
-        scales = None
-        if eta > 0.0 and len(set(per_param.values())) > 1:
-            scales = {n: math.sqrt(v / eta) for n, v in per_param.items()}
+        eta, scales = learning_rate_scales(per_param)
         cw = writer.begin_checkpoint()
         projection = None
         if spec is not None:
-            projection = RandomProjection(spec, names, [named[n].numel() for n in names], checkpoint=cw.index)
+            shapes = {n: tuple(named[n].shape) for n in names}
+            projection = RandomProjection.for_shapes(spec, shapes, checkpoint=cw.index)
         try:
-            with isolated(module):
-                state = cast_state(module_state(module, upcast=False), precision, dev)
-                for ids, batch in iterate_batches(dataset, batch_size, collate, name="data"):
-                    batch = move_data_to_device(batch, dev)
-                    rows, bad = featurizer.rows(
-                        batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
-                    )
-                    if bad.any():
-                        raise FloatingPointError(
-                            f"Non-finite per-sample gradients for ids {ids[bad.cpu()][:10].tolist()} at {path!r}."
-                        )
-                    cw.write_rows(ids, rows)
+            bad = sweep_rows(
+                featurizer,
+                module,
+                dataset,
+                cw,
+                batch_size=batch_size,
+                collate=collate,
+                projection=projection,
+                param_scales=scales,
+                argname="data",
+            )
+            if bad:
+                raise FloatingPointError(
+                    f"Non-finite per-sample gradients for ids {bad[:10]} at {path!r}; this checkpoint was not"
+                    " written (earlier ones are kept)."
+                )
             meta = {
                 "step": step,
                 "epoch": int(ckpt.get("epoch", 0)),

@@ -1,7 +1,8 @@
 """The callback that records the checkpoint trajectory during ``Trainer.fit``.
 
 It stays thin: learning-rate bookkeeping and the DDP protocol live here, the gradient math in
-:mod:`~lightning_influence.gradients.featurizer`, storage in :mod:`~lightning_influence.trajectory.store`.
+:mod:`~lightning_influence.gradients.featurizer`, the sweep over the dataset in
+:mod:`~lightning_influence.trajectory.sweep`, storage in :mod:`~lightning_influence.trajectory.store`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.data.batches import iterate_batches, num_samples
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine
 from lightning_influence.gradients.factored import describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
-from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
@@ -39,6 +38,7 @@ from lightning_influence.trajectory.store import (
     header_for,
     shard_bounds,
 )
+from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
 from lightning_influence.utils.distributed import all_gather_objects
 from lightning_influence.utils.modes import isolated
 
@@ -434,9 +434,8 @@ class TrajectoryRecorder(pl.Callback):
     def _projection(self, checkpoint: int) -> RandomProjection | None:
         if self._spec is None:
             return None
-        numels = [self._module_params[n].numel() for n in self._names]
-        shapes = [tuple(self._module_params[n].shape) for n in self._names]
-        return RandomProjection(self._spec, self._names, numels, checkpoint=checkpoint, param_shapes=shapes)
+        shapes = {n: tuple(self._module_params[n].shape) for n in self._names}
+        return RandomProjection.for_shapes(self._spec, shapes, checkpoint=checkpoint)
 
     def _resolve_dataset(self, trainer: pl.Trainer) -> tuple[Any, Callable | None]:
         data = self.dataset
@@ -567,12 +566,7 @@ class TrajectoryRecorder(pl.Callback):
     def _etas(self, trainer: pl.Trainer) -> tuple[float, dict[str, float] | None, dict[str, float]]:
         spe = self._steps_per_epoch(trainer)
         per_param = {n: self._credit.get(n, 0.0) / spe for n in self._names}
-        eta = max(per_param.values())
-        if eta <= 0.0 or len(set(per_param.values())) == 1:
-            return eta, None, per_param
-        # Different learning rates per param group: fold sqrt(eta_p / eta) into the rows so that
-        # eta * <r, r'> = sum_p eta_p <g_p, g'_p>; the test side applies the same scales.
-        return eta, {n: math.sqrt(v / eta) for n, v in per_param.items()}, per_param
+        return (*learning_rate_scales(per_param), per_param)
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._writer is None or self._featurizer is None:
@@ -610,8 +604,19 @@ class TrajectoryRecorder(pl.Callback):
             assert rows_out is not None
             try:
                 if stop > start:
-                    bad_ids = self._compute_shard(
-                        pl_module, start, stop, ckpt.index if ckpt else index, scales, rows_out, self._progress(trainer)
+                    bad_ids = sweep_rows(
+                        self._featurizer,
+                        pl_module,
+                        self._data,
+                        rows_out,
+                        batch_size=self.batch_size,
+                        collate=self._collate,
+                        start=start,
+                        stop=stop,
+                        projection=self._projection(index),
+                        factored=self._factored,
+                        param_scales=scales,
+                        progress=f"TrajectoryRecorder: checkpoint {index}" if self._progress(trainer) else None,
                     )
                 # Durable before the clock stops: the sweep's time includes the write-behind and fsync.
                 shard_info = rows_out.finish() if ckpt is None else ckpt.finish_rows()
@@ -683,50 +688,6 @@ class TrajectoryRecorder(pl.Callback):
         self._credit.clear()
         self._steps = 0
         self._skipped = 0
-
-    def _compute_shard(
-        self,
-        pl_module: pl.LightningModule,
-        start: int,
-        stop: int,
-        index: int,
-        scales: dict[str, float] | None,
-        out: Any,
-        progress: bool = False,
-    ) -> list[int]:
-        """Rows of samples ``[start, stop)`` written to ``out``, in order; returns the non-finite ids."""
-        assert self._featurizer is not None
-        projection = self._projection(index)
-        factored = set(self._factored)
-        bad_ids: list[int] = []
-        with isolated(pl_module):
-            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
-            part = subset(self._data, start, stop)
-            batches = iterate_batches(part, self.batch_size, self._collate, name="dataset")
-            if progress:
-                # Only then: even a disabled tqdm takes tqdm's process-shared lock, which a process
-                # killed while holding it (SIGKILL during a sweep) never releases for its relatives.
-                total = math.ceil((stop - start) / self.batch_size)
-                batches = tqdm(batches, total=total, desc=f"TrajectoryRecorder: checkpoint {index}", leave=False)
-            for ids, batch in batches:
-                ids = ids + start
-                batch = move_data_to_device(batch, pl_module.device)
-                rows: Any
-                if self._factored:
-                    # Factors are stored without the per-parameter scales (readers apply the checkpoint's):
-                    # a bias then shares its weight's g whatever their parameter groups.
-                    dense_scales = None if scales is None else {n: s for n, s in scales.items() if n not in factored}
-                    rows, bad = self._featurizer.split_rows(
-                        batch, ids, state, factored=self._factored, stream=NoiseStream.TRAIN, param_scales=dense_scales
-                    )
-                else:
-                    rows, bad = self._featurizer.rows(
-                        batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=scales
-                    )
-                if bad.any():
-                    bad_ids.extend(ids[bad.cpu()].tolist())
-                out.write_rows(ids, rows)
-        return bad_ids
 
     def _progress(self, trainer: pl.Trainer) -> bool:
         # On rank zero only, and off with the trainer's `enable_progress_bar=False`.

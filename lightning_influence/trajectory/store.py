@@ -1464,11 +1464,8 @@ class GradientStore:
         """The projection checkpoint ``checkpoint``'s gradients went through (``None`` for exact gradients)."""
         if self.projection_spec is None:
             return None
-        numels = [int(np.prod(self.param_shapes[n])) for n in self.param_names]
-        shapes = [self.param_shapes[n] for n in self.param_names]
-        return RandomProjection(
-            self.projection_spec, self.param_names, numels, checkpoint=checkpoint, param_shapes=shapes
-        )
+        shapes = {n: self.param_shapes[n] for n in self.param_names}
+        return RandomProjection.for_shapes(self.projection_spec, shapes, checkpoint=checkpoint)
 
     def verify(self) -> None:
         """Recompute every file's checksum; raise :class:`StoreError` on a mismatch."""

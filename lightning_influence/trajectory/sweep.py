@@ -1,0 +1,133 @@
+"""One recording sweep: a checkpoint's per-sample gradient rows over the dataset, written as they come.
+
+Shared by :class:`~lightning_influence.TrajectoryRecorder` (during ``fit``, each rank its shard) and
+:func:`~lightning_influence.record_from_checkpoints` (after training), so both store the same rows
+for the same weights and weight a checkpoint's parameter groups the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from pytorch_lightning.utilities import move_data_to_device
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.noise import NoiseStream
+from lightning_influence.gradients.parameters import module_state
+from lightning_influence.gradients.projection import RandomProjection
+from lightning_influence.gradients.split import SplitRows
+from lightning_influence.utils.modes import isolated, module_device
+
+__all__ = ["RowSink", "learning_rate_scales", "sweep_rows"]
+
+
+class RowSink(Protocol):
+    """Where a sweep writes: a checkpoint writer, or one rank's shard of it."""
+
+    def write_rows(self, ids: Tensor, rows: Tensor | SplitRows) -> None: ...
+
+
+def learning_rate_scales(per_param: Mapping[str, float]) -> tuple[float, dict[str, float] | None]:
+    """A checkpoint's TracIn weight ``eta`` and the row scales that fold per-parameter learning rates into it.
+
+    With parameter groups at different learning rates the checkpoint's TracIn term is
+    ``sum_p eta_p <g_p, g'_p>``. Rows hold ``sqrt(eta_p / eta) g_p`` with ``eta = max_p eta_p``, so that
+    ``eta <r, r'>`` is that sum; the query side applies the same scales.
+
+    Args:
+        per_param: parameter name -> its learning rate summed over the steps the checkpoint stands for.
+
+    Returns:
+        ``(eta, scales)``; ``scales`` is ``None`` when every parameter has the same rate (or none learned).
+
+    Example:
+        >>> learning_rate_scales({"w": 0.1, "b": 0.1})
+        (0.1, None)
+        >>> learning_rate_scales({"w": 0.2, "b": 0.05})
+        (0.2, {'w': 1.0, 'b': 0.5})
+    """
+    if not per_param:
+        raise ValueError("`per_param` is empty: a checkpoint needs the learning rate of at least one parameter.")
+    eta = max(per_param.values())
+    if eta <= 0.0 or len(set(per_param.values())) == 1:
+        return eta, None
+    return eta, {n: math.sqrt(v / eta) for n, v in per_param.items()}
+
+
+def sweep_rows(
+    featurizer: GradientFeaturizer,
+    module: nn.Module,
+    data: Any,
+    out: RowSink,
+    *,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    projection: RandomProjection | None = None,
+    factored: Sequence[str] = (),
+    param_scales: Mapping[str, float] | None = None,
+    progress: str | None = None,
+    argname: str = "dataset",
+) -> list[int]:
+    """Write the training rows of samples ``[start, stop)`` of ``data``, at ``module``'s current weights, in order.
+
+    The module's mode, RNG state and gradients are left as they were (see
+    :func:`~lightning_influence.utils.modes.isolated`); the weights are read once, cast to the
+    featurizer's precision. Rows of samples whose gradients stay non-finite (after the loss-scale
+    back-off) are written as they are and their ids returned: the caller refuses or flags them.
+
+    Args:
+        featurizer: computes the rows (the training loss, tracked parameters, engine, precision).
+        module: the model at the checkpoint's weights.
+        data: the recorded dataset (rows are keyed by position in it).
+        out: receives ``write_rows(ids, rows)`` once per batch.
+        batch_size: samples per gradient batch.
+        collate: how samples become a batch (default: the DataLoader's default collate).
+        start, stop: the samples to sweep (default: all).
+        projection: the checkpoint's projection (``None``: exact rows).
+        factored: parameters kept as factors (exact factored storage; needs ``projection=None``).
+        param_scales: per-parameter row scales (:func:`learning_rate_scales`); factors are written
+            without them, readers apply the checkpoint's.
+        progress: a progress bar's description (``None``: no bar).
+        argname: the argument ``data`` came from, for error messages.
+
+    Returns:
+        The ids of samples with non-finite rows, ascending.
+    """
+    if factored and projection is not None:
+        raise ValueError("`factored` storage keeps exact gradients; it cannot be combined with a `projection`.")
+    stop = num_samples(data, argname) if stop is None else stop
+    if factored and param_scales is not None:
+        # Factors carry no per-parameter scale: a bias then shares its weight's g whatever their groups.
+        kept = set(factored)
+        param_scales = {n: s for n, s in param_scales.items() if n not in kept}
+    bad: list[int] = []
+    with isolated(module):
+        state = cast_state(module_state(module, upcast=False), featurizer.precision, module_device(module))
+        batches = iterate_batches(subset(data, start, stop), batch_size, collate, name=argname)
+        if progress is not None:
+            # Only then: even a disabled tqdm takes tqdm's process-shared lock, which a process
+            # killed while holding it (SIGKILL during a sweep) never releases for its relatives.
+            batches = tqdm(batches, total=math.ceil((stop - start) / batch_size), desc=progress, leave=False)
+        for ids, batch in batches:
+            ids = ids + start
+            batch = move_data_to_device(batch, module_device(module))
+            rows: Tensor | SplitRows
+            if factored:
+                rows, nonfinite = featurizer.split_rows(
+                    batch, ids, state, factored=factored, stream=NoiseStream.TRAIN, param_scales=param_scales
+                )
+            else:
+                rows, nonfinite = featurizer.rows(
+                    batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=param_scales
+                )
+            if nonfinite.any():
+                bad.extend(ids[nonfinite.cpu()].tolist())
+            out.write_rows(ids, rows)
+    return bad

@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from lightning_influence.gradients.factored import FactoredEngine
+from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.parameters import module_state
+from lightning_influence.gradients.precision import GradientPrecision
+from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
+from lightning_influence.gradients.split import SplitRows
+from lightning_influence.models import MLPVAE
+from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
+
+
+class _Sink:
+    def __init__(self):
+        self.ids, self.rows = [], []
+
+    def write_rows(self, ids, rows):
+        self.ids.append(ids.clone())
+        self.rows.append(rows)
+
+    def dense(self):
+        return torch.cat([r.materialize() if isinstance(r, SplitRows) else r for r in self.rows])
+
+
+def _loss(m, batch):
+    return m.per_sample_loss(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
+def _setup(engine=None):
+    torch.manual_seed(0)
+    vae = MLPVAE(input_dim=10, hidden_dim=8, latent_dim=2, influence_draws=2)
+    names = [n for n, _ in vae.named_parameters()]
+    x = torch.rand(10, 10, generator=torch.Generator().manual_seed(1))
+    feat = GradientFeaturizer(vae, _loss, names, noise_seed=3, **({"engine": engine} if engine else {}))
+    state = cast_state(module_state(vae), GradientPrecision(), torch.device("cpu"))
+    return vae, names, x, feat, state
+
+
+def test_sweep_writes_every_sample_in_order_as_one_batch_would():
+    vae, _, x, feat, state = _setup()
+    reference, _ = feat.rows(x, torch.arange(10), state)
+    vae.train()
+    rng = torch.get_rng_state()
+    sink = _Sink()
+    bad = sweep_rows(feat, vae, TensorDataset(x), sink, batch_size=4)
+    assert bad == []
+    assert [ids.tolist() for ids in sink.ids] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # Noise is keyed by sample id: the batching does not change a row.
+    assert torch.allclose(sink.dense(), reference, rtol=1e-6, atol=1e-7)
+    assert vae.training and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_sweep_of_a_shard_keys_rows_by_dataset_position():
+    vae, _, x, feat, state = _setup()
+    reference, _ = feat.rows(x, torch.arange(10), state)
+    sink = _Sink()
+    sweep_rows(feat, vae, TensorDataset(x), sink, batch_size=3, start=3, stop=8)
+    assert torch.cat(sink.ids).tolist() == [3, 4, 5, 6, 7]
+    assert torch.allclose(sink.dense(), reference[3:8], rtol=1e-6, atol=1e-7)
+
+
+def test_projected_sweep_and_scales_equal_the_featurizer():
+    vae, names, x, feat, state = _setup()
+    proj = RandomProjection.for_shapes(ProjectionSpec(dim=16, seed=2), {n: state[n].shape for n in names})
+    scales = {n: (0.5 if n.startswith("decoder") else 1.0) for n in names}
+    reference, _ = feat.rows(x, torch.arange(10), state, projection=proj, param_scales=scales)
+    sink = _Sink()
+    sweep_rows(feat, vae, TensorDataset(x), sink, batch_size=4, projection=proj, param_scales=scales)
+    assert torch.allclose(sink.dense(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_samples_are_written_and_reported():
+    vae, _, x, feat, _ = _setup()
+    x[[2, 7]] = float("inf")
+    sink = _Sink()
+    bad = sweep_rows(feat, vae, TensorDataset(x), sink, batch_size=4)
+    assert bad == [2, 7]
+    rows = sink.dense()
+    assert not rows[[2, 7]].isfinite().all(dim=1).any()
+    assert rows[[0, 1, 3, 4, 5, 6, 8, 9]].isfinite().all()
+
+
+def test_factored_rows_carry_no_parameter_scale():
+    vae, names, x, feat, state = _setup(engine=FactoredEngine())
+    factored = [n for n in names if n.endswith("weight")]
+    scales = {n: 0.5 for n in names}
+    unscaled, _ = feat.rows(x, torch.arange(10), state)
+    sink = _Sink()
+    sweep_rows(feat, vae, TensorDataset(x), sink, batch_size=4, factored=factored, param_scales=scales)
+    assert all(isinstance(r, SplitRows) and set(r.factors) == set(factored) for r in sink.rows)
+    # Readers apply the checkpoint's scales to factors; the dense columns are written scaled.
+    col = torch.cat([torch.full((state[n].numel(),), 1.0 if n in factored else 0.5) for n in names])
+    assert torch.allclose(sink.dense(), unscaled * col, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_sweep_refuses_a_projection():
+    vae, names, x, feat, state = _setup()
+    proj = RandomProjection.for_shapes(ProjectionSpec(dim=16), {n: state[n].shape for n in names})
+    with pytest.raises(ValueError, match="`factored` storage keeps exact gradients"):
+        sweep_rows(feat, vae, TensorDataset(x), _Sink(), batch_size=4, factored=names[:1], projection=proj)
+
+
+def test_learning_rate_scales_fold_group_rates_into_one_eta():
+    assert learning_rate_scales({"w": 0.1, "b": 0.1}) == (0.1, None)
+    assert learning_rate_scales({"w": 0.0, "b": 0.0}) == (0.0, None)
+    per_param = {"w": 0.2, "b": 0.05, "c": 0.0}
+    eta, scales = learning_rate_scales(per_param)
+    assert eta == 0.2 and scales == {"w": 1.0, "b": 0.5, "c": 0.0}
+    # eta <r, r'> with r_p = s_p g_p is the per-parameter sum sum_p eta_p <g_p, g'_p>.
+    g = {n: torch.randn(2, 5, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(per_param)}
+    folded = eta * sum(float((scales[n] * g[n][0]) @ (scales[n] * g[n][1])) for n in per_param)
+    direct = sum(per_param[n] * float(g[n][0] @ g[n][1]) for n in per_param)
+    assert math.isclose(folded, direct, rel_tol=1e-6, abs_tol=1e-9)
+    with pytest.raises(ValueError, match="`per_param` is empty"):
+        learning_rate_scales({})
