@@ -14,7 +14,10 @@ as :class:`~lightning_influence.gradients.vmap.VmapEngine` (rows agree to float 
 
 Parameters without a rule (and every parameter when a module couples samples: BatchNorm with
 batch statistics, training-mode dropout) go to the fallback engine (``vmap``), for those
-parameters only.
+parameters only. So do parameters the loss reads outside their own layer's call (tied weights, a
+weight read by another module or by the loss): their layer's ``a`` and ``g`` miss that use, which
+one watched forward per loss finds (:func:`~lightning_influence.gradients.plan.outside_uses`). A
+subclass that overrides a layer type's ``forward`` has no rule.
 """
 
 from __future__ import annotations
@@ -22,114 +25,29 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
 from lightning_influence.gradients.layers import (
     DEFAULT_RULES,
-    MODE_DEPENDENT_MIXERS,
     LayerRule,
-    couples_samples,
-    rule_for,
 )
 from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.noise import fixed_noise
+from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_engine
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = [
-    "EnginePlan",
     "FactoredEngine",
     "describe_engine",
     "factored_inner_products",
-    "plan_engine",
     "resolve_engine",
 ]
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """Which parameters the factored engine computes, by which rule, and which fall back.
-
-    Attributes:
-        tracked: module name -> (rule, {attribute: parameter name}).
-        fallback: parameters computed by the fallback engine.
-        coupled: modules that mix samples in a batched forward (everything falls back when non-empty).
-        modules: module name -> the tracked submodule.
-        mixers: the submodules that can mix samples depending on their mode (BatchNorm, dropout).
-    """
-
-    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = field(default_factory=dict)
-    fallback: list[str] = field(default_factory=list)
-    coupled: list[str] = field(default_factory=list)
-    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
-    mixers: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
-
-    def still_holds(self, module: nn.Module) -> bool:
-        """Whether ``module`` still has these tracked submodules and its mode-dependent ones are as planned."""
-        try:
-            same = all(module.get_submodule(name) is sub for name, sub in self.modules.items() if name)
-        except AttributeError:
-            return False
-        return same and bool(self.coupled) == any(couples_samples(m) for m in self.mixers)
-
-    def rules(self) -> dict[str, str]:
-        """Parameter name -> the rule that produces it (``"vmap"`` for the fallback)."""
-        out = {n: "vmap" for n in self.fallback}
-        for _, (rule, attrs) in self.tracked.items():
-            out.update({p: rule.name for p in attrs.values()})
-        return out
-
-
-def plan_engine(
-    module: nn.Module, param_names: Sequence[str], rules: Sequence[LayerRule] = DEFAULT_RULES
-) -> EnginePlan:
-    """Assign each of ``param_names`` to a layer rule or to the fallback.
-
-    Args:
-        module: the model.
-        param_names: the tracked parameters.
-        rules: layer rules, tried in order.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.PReLU())
-        >>> plan_engine(net, ["0.weight", "0.bias", "1.weight"]).rules()
-        {'1.weight': 'vmap', '0.weight': 'linear', '0.bias': 'linear'}
-    """
-    wanted = set(param_names)
-    unknown = wanted - {n for n, _ in module.named_parameters()}
-    if unknown:
-        raise ValueError(f"`param_names` {sorted(unknown)[:6]} are not parameters of {type(module).__name__}.")
-    subs = dict(module.named_modules())
-    mixers = tuple(sub for sub in subs.values() if isinstance(sub, MODE_DEPENDENT_MIXERS))
-    coupled = [name or type(module).__name__ for name, sub in subs.items() if couples_samples(sub)]
-    if coupled:
-        return EnginePlan(fallback=list(param_names), coupled=coupled, mixers=mixers)
-    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = {}
-    claimed: set[str] = set()
-    for name, sub in subs.items():
-        rule = rule_for(sub, rules)
-        if rule is None:
-            continue
-        attrs = {}
-        for attr, _ in sub.named_parameters(recurse=False):
-            full = f"{name}.{attr}" if name else attr
-            if full in wanted and attr in ("weight", "bias"):
-                attrs[attr] = full
-        if attrs:
-            tracked[name] = (rule, attrs)
-            claimed.update(attrs.values())
-    return EnginePlan(
-        tracked=tracked,
-        fallback=[n for n in param_names if n not in claimed],
-        modules={name: subs[name] for name in tracked},
-        mixers=mixers,
-    )
 
 
 def resolve_engine(
@@ -170,9 +88,20 @@ def resolve_engine(
     return engine
 
 
-def describe_engine(engine: PerSampleGradientEngine, module: nn.Module, param_names: Sequence[str]) -> dict[str, Any]:
-    """What the manifest's ``extra`` records about the engine: its name and the rule behind every parameter block."""
+def describe_engine(
+    engine: PerSampleGradientEngine,
+    module: nn.Module,
+    param_names: Sequence[str],
+    loss_fn: PerSampleLoss | None = None,
+) -> dict[str, Any]:
+    """What the manifest's ``extra`` records about the engine: its name and the rule behind every parameter block.
+
+    With ``loss_fn`` (after the engine ran it), the rules that hold for that loss (see
+    :meth:`FactoredEngine.checked_plan`).
+    """
     describe = getattr(engine, "describe", None)
+    if isinstance(engine, FactoredEngine):
+        return engine.describe(module, param_names, loss_fn)
     if describe is not None:
         return describe(module, param_names)
     return {"engine": engine.name, "engine_rules": {n: engine.name for n in param_names}}
@@ -217,6 +146,11 @@ class FactoredEngine:
         self._plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], EnginePlan]] = (
             weakref.WeakKeyDictionary()
         )
+        # Per module, (parameter list, loss) -> (the plan checked, the loss, the plan that holds for it).
+        self._checked: weakref.WeakKeyDictionary[
+            nn.Module, dict[tuple[Any, ...], tuple[EnginePlan, Any, EnginePlan]]
+        ] = weakref.WeakKeyDictionary()
+        self._warned: set[str] = set()
 
     def plan(self, module: nn.Module, param_names: Sequence[str]) -> EnginePlan:
         """:func:`plan_engine`, kept per module and parameter list while it still holds (walking the
@@ -228,9 +162,60 @@ class FactoredEngine:
             plan = plans[key] = plan_engine(module, param_names, self.rules)
         return plan
 
-    def describe(self, module: nn.Module, param_names: Sequence[str]) -> dict[str, Any]:
-        """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule or ``"vmap"``)."""
+    def checked_plan(
+        self,
+        module: nn.Module,
+        param_names: Sequence[str],
+        loss_fn: PerSampleLoss,
+        batch: Any,
+        state: Mapping[str, Tensor],
+        sample_ids: Tensor,
+        noise_seed: int,
+        noise_stream: int,
+    ) -> EnginePlan:
+        """:meth:`plan`, less the parameters ``loss_fn`` uses outside their own layer's call (they fall back).
+
+        A layer rule sees a weight only through its layer's input and output gradient: a weight tied
+        to another module, read by another module (a decoder reusing the encoder's weight,
+        ``nn.MultiheadAttention``'s ``out_proj``) or by the loss itself (a weight penalty) gets gradient
+        the rule cannot see. One forward of ``batch`` per module, parameter list and loss finds such
+        uses (:func:`~lightning_influence.gradients.plan.outside_uses`); the result is kept while the plan holds.
+        """
         plan = self.plan(module, param_names)
+        if not plan.tracked:
+            return plan
+        checked = self._checked.setdefault(module, {})
+        key = (tuple(param_names), id(loss_fn))
+        entry = checked.get(key)
+        if entry is not None and entry[0] is plan and entry[1]() is loss_fn:
+            return entry[2]
+        found = outside_uses(module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream)
+        holds = plan.without(list(found)) if found else plan
+        checked[key] = (plan, _weak(loss_fn), holds)
+        new = {n: op for n, op in found.items() if n not in self._warned}
+        if new:
+            self._warned.update(new)
+            uses = ", ".join(f"{n!r} (by {op})" for n, op in new.items())
+            one = len(new) == 1
+            rank_zero_warn(
+                f"FactoredEngine: {uses} {'is' if one else 'are'} read outside the layer that owns"
+                f" {'it' if one else 'them'}: a tied weight, or a weight another module or the loss reads directly."
+                " A layer's inputs and output gradients miss such a use, so these per-sample gradients come from"
+                f" the fallback engine ({self.fallback.name})."
+            )
+        return holds
+
+    def describe(
+        self, module: nn.Module, param_names: Sequence[str], loss_fn: PerSampleLoss | None = None
+    ) -> dict[str, Any]:
+        """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule or ``"vmap"``).
+
+        With ``loss_fn``, the plan :meth:`checked_plan` found for it (once the engine has run it).
+        """
+        plan = self.plan(module, param_names)
+        entry = self._checked.get(module, {}).get((tuple(param_names), id(loss_fn)))
+        if loss_fn is not None and entry is not None and entry[0] is plan and entry[1]() is loss_fn:
+            plan = entry[2]
         out: dict[str, Any] = {"engine": self.name, "engine_rules": plan.rules()}
         if plan.coupled:
             out["engine_coupled_modules"] = plan.coupled
@@ -251,7 +236,8 @@ class FactoredEngine:
         argname: str = "loss_fn",
     ) -> PerSampleGradients:
         names = list(params)
-        plan = self.plan(module, names)
+        full_state = {**state, **params}
+        plan = self.checked_plan(module, names, loss_fn, batch, full_state, sample_ids, noise_seed, noise_stream)
         out: dict[str, Tensor | LayerFactors] = {}
         if plan.fallback:
             out.update(
@@ -269,7 +255,6 @@ class FactoredEngine:
                 )
             )
         if plan.tracked:
-            full_state = {**state, **params}
             out.update(
                 _hooked_gradients(
                     module, loss_fn, batch, plan, full_state, sample_ids, noise_seed, noise_stream, loss_scale, argname
@@ -279,6 +264,13 @@ class FactoredEngine:
 
     def __repr__(self) -> str:
         return f"FactoredEngine(fallback={self.fallback!r})"
+
+
+def _weak(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weakly referenceable: kept alive, compared by identity
+        return lambda: obj
 
 
 #: Modules whose loss modifies a tracked layer's output or kept input in place (see :func:`_hooked_forward`).

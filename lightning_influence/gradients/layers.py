@@ -49,6 +49,7 @@ __all__ = [
     "fold_positions",
     "rows_per_sample",
     "rule_for",
+    "runs_forward_of",
     "unfold_patches",
 ]
 
@@ -137,6 +138,24 @@ def couples_samples(module: nn.Module) -> bool:
     return False
 
 
+def runs_forward_of(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """Whether ``module`` is one of ``types`` and runs that type's own ``forward``.
+
+    A rule knows what a layer type's forward computes from its input; a subclass that overrides
+    ``forward`` (a masked or quantised Linear) may compute anything else with the same weight.
+
+    Example:
+        >>> class Masked(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.linear(x, self.weight.tril(), self.bias)
+        >>> types = (torch.nn.Linear,)
+        >>> runs_forward_of(torch.nn.Linear(2, 2), types), runs_forward_of(Masked(2, 2), types)
+        (True, False)
+    """
+    forward = type(module).forward
+    return any(isinstance(module, t) and forward is t.forward for t in types)
+
+
 class LayerRule(abc.ABC):
     """A tracked-module type: what its forward hook keeps and the per-sample gradients that follow.
 
@@ -149,7 +168,7 @@ class LayerRule(abc.ABC):
     module_types: tuple[type, ...] = ()
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, self.module_types)
+        return runs_forward_of(module, self.module_types)
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         """What the forward hook keeps of one call (detached)."""
@@ -261,7 +280,7 @@ class ConvTransposeRule(LayerRule):
     module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, self.module_types) and module.padding_mode == "zeros"
+        return runs_forward_of(module, self.module_types) and module.padding_mode == "zeros"
 
     def gradients(
         self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
@@ -387,7 +406,7 @@ class NormRule(LayerRule):
     module_types = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
     def supports(self, module: nn.Module) -> bool:
-        if not isinstance(module, self.module_types):
+        if not runs_forward_of(module, self.module_types):
             return False
         return not (isinstance(module, _BatchNorm) and couples_samples(module))
 

@@ -354,7 +354,7 @@ class TrajectoryRecorder(pl.Callback):
                 "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "hparams": _json_safe_hparams(pl_module),
                 "trainer_precision": str(trainer.precision),
-                **describe_engine(self._featurizer.engine, pl_module, self._names),
+                **describe_engine(self._featurizer.engine, pl_module, self._names, self._featurizer.loss_fn),
                 "world_size": trainer.world_size,
             },
             factored=layout or None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,14 +26,15 @@ from lightning_influence.gradients import (
     module_state,
     split_inner_products,
 )
+from lightning_influence.gradients import factored as factored_module
 from lightning_influence.gradients.engine import dense_gradient
 from lightning_influence.gradients.factored import (
     FactoredEngine,
     describe_engine,
     factored_inner_products,
-    plan_engine,
     resolve_engine,
 )
+from lightning_influence.gradients.plan import plan_engine
 from lightning_influence.gradients.split import cat_split_rows
 from lightning_influence.models import MLPVAE, ConvVAE
 
@@ -603,3 +605,127 @@ def test_fp16_loss_scale_back_off_with_factors(mode):
     assert calls[0] == (list(range(6)), 2.0**12) and len(calls) > 1
     assert set(calls[-1][0]) <= {1, 4} and calls[-1][1] < 2.0**12
     torch.testing.assert_close(rows, ref, rtol=2e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights a layer rule cannot see whole: they fall back instead of giving wrong rows
+
+
+class _MaskedLinear(nn.Linear):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("mask", (torch.rand(self.weight.shape, generator=torch.Generator().manual_seed(3)) > 0.5))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class _TiedModules(nn.Module):
+    """One Parameter in two Linear modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+class _TiedAutoencoder(nn.Module):
+    """The decoder reuses the encoder's weight through F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t())
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention reads its out_proj Linear's weight without calling the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.att(h, h, h)[0])
+
+
+def _penalised(m, b):
+    # A per-sample weight penalty: the loss reads the weight itself.
+    return m(b).pow(2).sum(1) + m[0].weight.pow(2).sum() * b.abs().sum(1)
+
+
+OUTSIDE = {
+    "masked_subclass": (
+        lambda: nn.Sequential(_MaskedLinear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+        (6, 5),
+        _square_loss,
+        None,
+    ),
+    "tied_modules": (_TiedModules, (6, 4), _square_loss, {"a.weight": "torch.nn.functional.linear"}),
+    "tied_autoencoder": (_TiedAutoencoder, (6, 5), _square_loss, {"enc.weight": "torch.Tensor.t"}),
+    "attention_out_proj": (
+        _Attention,
+        (6, 5, 4),
+        _square_loss,
+        {
+            "att.out_proj.weight": "torch.nn.functional.multi_head_attention_forward",
+            "att.out_proj.bias": "torch.nn.functional.multi_head_attention_forward",
+        },
+    ),
+    "weight_penalty_in_loss": (
+        lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+        (6, 5),
+        _penalised,
+        {"0.weight": "torch.Tensor.pow"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_weights_used_outside_their_layer_fall_back_and_match_vmap(case):
+    make, shape, loss, expected = OUTSIDE[case]
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    names = [n for n, _ in net.named_parameters()]
+    if expected is None:  # a subclass overriding forward has no rule at all
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fact, ref = _both(net, x, loss)
+        assert plan_engine(net, names).rules()["0.weight"] == "vmap"
+    else:
+        with pytest.warns(UserWarning, match="read outside the layer that owns") as record:
+            fact, ref = _both(net, x, loss)
+        message = str(record[0].message)
+        assert all(f"{n!r} (by {op})" in message for n, op in expected.items()), message
+    _assert_same(fact, ref)
+    for name in expected or ():
+        assert not isinstance(fact[name], LayerFactors)
+
+
+def test_outside_uses_are_checked_once_per_loss_and_recorded_in_the_manifest_rules(monkeypatch):
+    calls = []
+    real = factored_module.outside_uses
+    monkeypatch.setattr(factored_module, "outside_uses", lambda *a: calls.append(a[1]) or real(*a))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
+    names = [n for n, _ in net.named_parameters()]
+    engine = FactoredEngine()
+    feat_plain = GradientFeaturizer(net, _square_loss, names, engine=engine)
+    feat_penalised = GradientFeaturizer(net, _penalised, names, engine=engine)
+    state = module_state(net)
+    x = torch.randn(6, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            feat_plain.rows(x, torch.arange(6), state)
+            feat_penalised.rows(x, torch.arange(6), state)
+    assert calls == [_square_loss, _penalised]
+    assert describe_engine(engine, net, names, _square_loss)["engine_rules"]["0.weight"] == "linear"
+    assert describe_engine(engine, net, names, _penalised)["engine_rules"]["0.weight"] == "vmap"

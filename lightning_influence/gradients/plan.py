@@ -1,0 +1,214 @@
+"""The factored engine's plan: which tracked parameters a layer rule computes, and which fall back.
+
+:func:`plan_engine` reads the module tree (a rule per layer type, modules that mix samples);
+:func:`outside_uses` watches one forward of a loss for tracked weights read outside their own
+layer's call, which no rule can see whole. :class:`~lightning_influence.gradients.factored.FactoredEngine`
+keeps both per module, parameter list and loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode, resolve_name
+from torch.utils._pytree import tree_leaves
+
+from lightning_influence.gradients.layers import (
+    DEFAULT_RULES,
+    MODE_DEPENDENT_MIXERS,
+    LayerRule,
+    couples_samples,
+    rule_for,
+)
+from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss
+from lightning_influence.gradients.noise import fixed_noise
+
+__all__ = ["EnginePlan", "outside_uses", "plan_engine"]
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Which parameters the factored engine computes, by which rule, and which fall back.
+
+    Attributes:
+        tracked: module name -> (rule, {attribute: parameter name}).
+        fallback: parameters computed by the fallback engine.
+        coupled: modules that mix samples in a batched forward (everything falls back when non-empty).
+        modules: module name -> the tracked submodule.
+        mixers: the submodules that can mix samples depending on their mode (BatchNorm, dropout).
+    """
+
+    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)
+    coupled: list[str] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    mixers: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
+
+    def still_holds(self, module: nn.Module) -> bool:
+        """Whether ``module`` still has these tracked submodules and its mode-dependent ones are as planned."""
+        try:
+            same = all(module.get_submodule(name) is sub for name, sub in self.modules.items() if name)
+        except AttributeError:
+            return False
+        return same and bool(self.coupled) == any(couples_samples(m) for m in self.mixers)
+
+    def without(self, names: Sequence[str]) -> EnginePlan:
+        """This plan with ``names`` moved from their layer rules to the fallback."""
+        moved = set(names)
+        tracked = {}
+        for name, (rule, attrs) in self.tracked.items():
+            kept = {attr: full for attr, full in attrs.items() if full not in moved}
+            if kept:
+                tracked[name] = (rule, kept)
+        return EnginePlan(
+            tracked=tracked,
+            fallback=[*self.fallback, *(n for n in names if n not in self.fallback)],
+            coupled=list(self.coupled),
+            modules={name: self.modules[name] for name in tracked},
+            mixers=self.mixers,
+        )
+
+    def rules(self) -> dict[str, str]:
+        """Parameter name -> the rule that produces it (``"vmap"`` for the fallback)."""
+        out = {n: "vmap" for n in self.fallback}
+        for _, (rule, attrs) in self.tracked.items():
+            out.update({p: rule.name for p in attrs.values()})
+        return out
+
+
+def plan_engine(
+    module: nn.Module, param_names: Sequence[str], rules: Sequence[LayerRule] = DEFAULT_RULES
+) -> EnginePlan:
+    """Assign each of ``param_names`` to a layer rule or to the fallback.
+
+    Args:
+        module: the model.
+        param_names: the tracked parameters.
+        rules: layer rules, tried in order.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.PReLU())
+        >>> plan_engine(net, ["0.weight", "0.bias", "1.weight"]).rules()
+        {'1.weight': 'vmap', '0.weight': 'linear', '0.bias': 'linear'}
+    """
+    wanted = set(param_names)
+    unknown = wanted - {n for n, _ in module.named_parameters()}
+    if unknown:
+        raise ValueError(f"`param_names` {sorted(unknown)[:6]} are not parameters of {type(module).__name__}.")
+    subs = dict(module.named_modules())
+    mixers = tuple(sub for sub in subs.values() if isinstance(sub, MODE_DEPENDENT_MIXERS))
+    coupled = [name or type(module).__name__ for name, sub in subs.items() if couples_samples(sub)]
+    if coupled:
+        return EnginePlan(fallback=list(param_names), coupled=coupled, mixers=mixers)
+    tracked: dict[str, tuple[LayerRule, dict[str, str]]] = {}
+    claimed: set[str] = set()
+    for name, sub in subs.items():
+        rule = rule_for(sub, rules)
+        if rule is None:
+            continue
+        attrs = {}
+        for attr, _ in sub.named_parameters(recurse=False):
+            full = f"{name}.{attr}" if name else attr
+            if full in wanted and attr in ("weight", "bias"):
+                attrs[attr] = full
+        if attrs:
+            tracked[name] = (rule, attrs)
+            claimed.update(attrs.values())
+    return EnginePlan(
+        tracked=tracked,
+        fallback=[n for n in param_names if n not in claimed],
+        modules={name: subs[name] for name in tracked},
+        mixers=mixers,
+    )
+
+
+class _OutsideUseMode(TorchFunctionMode):
+    """Notes each tracked parameter that an op with a differentiable result reads outside its own layer's call."""
+
+    def __init__(self, owners: Mapping[int, tuple[str, str]]) -> None:
+        super().__init__()
+        self.owners = owners  # id(tensor) -> (its layer's name, its parameter name)
+        self.calling: list[str] = []  # the tracked layers being called, innermost last
+        self.found: dict[str, str] = {}  # parameter -> the first op that read it outside its layer
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        layer = self.calling[-1] if self.calling else None
+        for t in tree_leaves((args, kwargs)):
+            owner = self.owners.get(id(t)) if isinstance(t, Tensor) else None
+            if owner is None or owner[0] == layer or owner[1] in self.found:
+                continue
+            # Reading a shape, a detached copy or a comparison adds no gradient.
+            if any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
+                self.found[owner[1]] = resolve_name(func) or getattr(func, "__name__", repr(func))
+        return out
+
+
+def outside_uses(
+    module: nn.Module,
+    loss_fn: PerSampleLoss,
+    batch: Any,
+    plan: EnginePlan,
+    state: Mapping[str, Tensor],
+    sample_ids: Tensor,
+    noise_seed: int,
+    noise_stream: int,
+) -> dict[str, str]:
+    """Tracked parameters of ``plan`` that ``loss_fn`` reads, with a gradient, outside their own layer's call.
+
+    One forward of ``batch`` in which every op is watched (a ``TorchFunctionMode``): a tracked
+    parameter passed to an op whose result requires grad while its layer is not the innermost
+    tracked layer being called -- a weight tied to another module, read by another module or by
+    the loss -- is reported with that op.
+
+    Returns:
+        parameter name -> the op that read it (``{}`` when every use is its layer's own).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 2)
+        >>> penalised = lambda m, b: (m(b) ** 2).sum(1) + (m.weight ** 2).sum()
+        >>> state = {k: v.detach() for k, v in net.named_parameters()}
+        >>> plan = plan_engine(net, list(state))
+        >>> outside_uses(net, penalised, torch.randn(4, 3), plan, state, torch.arange(4), 0, 0)
+        {'weight': 'torch.Tensor.__pow__'}
+    """
+    tracked = {full: name for name, (_, attrs) in plan.tracked.items() for full in attrs.values()}
+    watched = {
+        k: v.detach().requires_grad_(True) if k in tracked and v.is_floating_point() else v for k, v in state.items()
+    }
+    mode = _OutsideUseMode({id(watched[full]): (name, full) for full, name in tracked.items() if full in watched})
+
+    def enter(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any) -> None:
+            mode.calling.append(name)
+
+        return hook
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:  # returning None keeps the output
+        mode.calling.pop()
+
+    handles = []
+    for name, sub in plan.modules.items():
+        handles.append(sub.register_forward_pre_hook(enter(name)))
+        handles.append(sub.register_forward_hook(leave, always_call=True))
+
+    def watched_loss(m: nn.Module, b: Any) -> Any:
+        with mode:
+            return loss_fn(m, b)
+
+    try:
+        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
+            functional_call(
+                ModuleCall(module, watched_loss), {"m." + k: v for k, v in watched.items()}, (batch,), strict=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return mode.found
