@@ -15,9 +15,10 @@ as :class:`~lightning_influence.gradients.vmap.VmapEngine` (rows agree to float 
 Parameters without a rule (and every parameter when a module couples samples: BatchNorm with
 batch statistics, training-mode dropout) go to the fallback engine (``vmap``), for those
 parameters only. So do parameters the loss reads outside their own layer's call (tied weights, a
-weight read by another module or by the loss): their layer's ``a`` and ``g`` miss that use, which
-one watched forward per loss finds (:func:`~lightning_influence.gradients.plan.outside_uses`). A
-subclass that overrides a layer type's ``forward`` has no rule.
+weight read by another module or by the loss), whose layer's ``a`` and ``g`` miss that use, and
+the parameters of a layer whose rows are not sample-major (a sequence-first layout): one watched
+forward per loss finds both (:mod:`~lightning_influence.gradients.plan`). A subclass
+that overrides a layer type's ``forward`` has no rule.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lightning_influence.gradients.layers import (
 )
 from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.noise import fixed_noise
-from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_engine
+from lightning_influence.gradients.plan import EnginePlan, mixed_layers, outside_uses, plan_engine
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = [
@@ -146,9 +147,10 @@ class FactoredEngine:
         self._plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], EnginePlan]] = (
             weakref.WeakKeyDictionary()
         )
-        # Per module, (parameter list, loss) -> (the plan checked, the loss, the plan that holds for it).
+        # Per module, (parameter list, loss) -> (the plan checked, the loss, the plan that holds for it,
+        # the batch size it was checked with).
         self._checked: weakref.WeakKeyDictionary[
-            nn.Module, dict[tuple[Any, ...], tuple[EnginePlan, Any, EnginePlan]]
+            nn.Module, dict[tuple[Any, ...], tuple[EnginePlan, Any, EnginePlan, int]]
         ] = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
 
@@ -172,14 +174,18 @@ class FactoredEngine:
         sample_ids: Tensor,
         noise_seed: int,
         noise_stream: int,
+        argname: str = "loss_fn",
     ) -> EnginePlan:
-        """:meth:`plan`, less the parameters ``loss_fn`` uses outside their own layer's call (they fall back).
+        """:meth:`plan`, less the parameters its layer rules would get wrong for ``loss_fn`` (they fall back).
 
-        A layer rule sees a weight only through its layer's input and output gradient: a weight tied
-        to another module, read by another module (a decoder reusing the encoder's weight,
+        A layer rule sees a weight only through its layer's input and output gradient, row by row: a
+        weight tied to another module, read by another module (a decoder reusing the encoder's weight,
         ``nn.MultiheadAttention``'s ``out_proj``) or by the loss itself (a weight penalty) gets gradient
-        the rule cannot see. One forward of ``batch`` per module, parameter list and loss finds such
-        uses (:func:`~lightning_influence.gradients.plan.outside_uses`); the result is kept while the plan holds.
+        the rule cannot see, and a layer whose rows are not sample-major (a sequence-first layout)
+        mixes samples. One watched forward per module, parameter list and loss finds both
+        (:func:`~lightning_influence.gradients.plan.outside_uses`,
+        :func:`~lightning_influence.gradients.plan.mixed_layers`, the latter once a batch has two
+        samples); the result is kept while the plan holds.
         """
         plan = self.plan(module, param_names)
         if not plan.tracked:
@@ -187,23 +193,43 @@ class FactoredEngine:
         checked = self._checked.setdefault(module, {})
         key = (tuple(param_names), id(loss_fn))
         entry = checked.get(key)
-        if entry is not None and entry[0] is plan and entry[1]() is loss_fn:
+        bsz = int(sample_ids.shape[0])
+        if entry is not None and entry[0] is plan and entry[1]() is loss_fn and (entry[3] >= 2 or bsz < 2):
             return entry[2]
-        found = outside_uses(module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream)
-        holds = plan.without(list(found)) if found else plan
-        checked[key] = (plan, _weak(loss_fn), holds)
-        new = {n: op for n, op in found.items() if n not in self._warned}
-        if new:
-            self._warned.update(new)
-            uses = ", ".join(f"{n!r} (by {op})" for n, op in new.items())
-            one = len(new) == 1
+        outside = outside_uses(module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream)
+        holds = plan.without(list(outside)) if outside else plan
+        mixed: list[str] = []
+        if bsz >= 2 and holds.tracked:
+            loss, _, sources, owners = _traced(
+                module, loss_fn, batch, holds, state, sample_ids, noise_seed, noise_stream, argname
+            )
+            mixed = mixed_layers(loss, sources, owners)
+            if mixed:
+                holds = holds.without([p for layer in mixed for p in holds.tracked[layer][1].values()])
+        checked[key] = (plan, _weak(loss_fn), holds, bsz)
+        self._warn(outside, mixed)
+        return holds
+
+    def _warn(self, outside: Mapping[str, str], mixed: Sequence[str]) -> None:
+        outside = {n: op for n, op in outside.items() if n not in self._warned}
+        mixed = [layer for layer in mixed if f"layer:{layer}" not in self._warned]
+        self._warned.update([*outside, *(f"layer:{layer}" for layer in mixed)])
+        if outside:
+            uses = ", ".join(f"{n!r} (by {op})" for n, op in outside.items())
+            one = len(outside) == 1
             rank_zero_warn(
                 f"FactoredEngine: {uses} {'is' if one else 'are'} read outside the layer that owns"
                 f" {'it' if one else 'them'}: a tied weight, or a weight another module or the loss reads directly."
                 " A layer's inputs and output gradients miss such a use, so these per-sample gradients come from"
                 f" the fallback engine ({self.fallback.name})."
             )
-        return holds
+        if mixed:
+            rank_zero_warn(
+                f"FactoredEngine: in layer(s) {mixed} one sample's loss reaches rows of another sample: their"
+                " leading dimension is not the batch in sample-major order (a sequence-first layout?) or an op"
+                " mixes samples after them. Their parameters' per-sample gradients come from the fallback engine"
+                f" ({self.fallback.name})."
+            )
 
     def describe(
         self, module: nn.Module, param_names: Sequence[str], loss_fn: PerSampleLoss | None = None
@@ -237,7 +263,9 @@ class FactoredEngine:
     ) -> PerSampleGradients:
         names = list(params)
         full_state = {**state, **params}
-        plan = self.checked_plan(module, names, loss_fn, batch, full_state, sample_ids, noise_seed, noise_stream)
+        plan = self.checked_plan(
+            module, names, loss_fn, batch, full_state, sample_ids, noise_seed, noise_stream, argname
+        )
         out: dict[str, Tensor | LayerFactors] = {}
         if plan.fallback:
             out.update(
@@ -305,9 +333,13 @@ def _hooked_forward(
     watched: list[tuple[Tensor, int]] = []
 
     def hook_for(name: str, rule: LayerRule) -> Any:
-        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
+        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor | None:
             if not isinstance(output, Tensor):
                 raise TypeError(f"Tracked layer {name!r} returned {type(output).__name__}, not a tensor.")
+            if not torch.is_grad_enabled():
+                # A call under no_grad gives its weights no gradient; a differentiable stand-in for
+                # its output would let gradient through once the loss leaves the no_grad block.
+                return None
             a = rule.capture(sub, inputs, output)
             source = output if output.requires_grad else output.detach().requires_grad_(True)
             sources.append(source)
@@ -345,6 +377,30 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _traced(
+    module: nn.Module,
+    loss_fn: PerSampleLoss,
+    batch: Any,
+    plan: EnginePlan,
+    state: Mapping[str, Tensor],
+    sample_ids: Tensor,
+    noise_seed: int,
+    noise_stream: int,
+    argname: str,
+) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]]:
+    """:func:`_hooked_forward` at the outputs themselves, or at copies where the loss writes in place."""
+    copy = module in _NEEDS_COPIES
+    args = (module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, plan.modules)
+    traced = None if copy else _hooked_forward(*args, copy=False)
+    if traced is None:
+        # Something after a tracked layer modified its output or a kept input in place: differentiate
+        # at copies instead (and for this module from now on: the same loss would do it again).
+        _NEEDS_COPIES.add(module)
+        traced = _hooked_forward(*args, copy=True)
+    loss, kept, sources, owners = traced
+    return check_per_sample_loss(loss, int(sample_ids.shape[0]), argname), kept, sources, owners
+
+
 def _hooked_gradients(
     module: nn.Module,
     loss_fn: PerSampleLoss,
@@ -359,16 +415,9 @@ def _hooked_gradients(
 ) -> dict[str, Tensor | LayerFactors]:
     bsz = int(sample_ids.shape[0])
     subs = plan.modules
-    copy = module in _NEEDS_COPIES
-    args = (module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, subs)
-    traced = None if copy else _hooked_forward(*args, copy=False)
-    if traced is None:
-        # Something after a tracked layer modified its output or a kept input in place: differentiate
-        # at copies instead (and for this module from now on: the same loss would do it again).
-        _NEEDS_COPIES.add(module)
-        traced = _hooked_forward(*args, copy=True)
-    loss, kept, sources, owners = traced
-    loss = check_per_sample_loss(loss, bsz, argname)
+    loss, kept, sources, owners = _traced(
+        module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, argname
+    )
     total = (loss * loss_scale).sum()
     grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()
     per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}

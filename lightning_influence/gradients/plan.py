@@ -2,7 +2,8 @@
 
 :func:`plan_engine` reads the module tree (a rule per layer type, modules that mix samples);
 :func:`outside_uses` watches one forward of a loss for tracked weights read outside their own
-layer's call, which no rule can see whole. :class:`~lightning_influence.gradients.factored.FactoredEngine`
+layer's call, and :func:`mixed_layers` finds layers whose rows are not each sample's own: no rule
+can see either. :class:`~lightning_influence.gradients.factored.FactoredEngine`
 keeps both per module, parameter list and loss.
 """
 
@@ -28,7 +29,7 @@ from lightning_influence.gradients.layers import (
 from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss
 from lightning_influence.gradients.noise import fixed_noise
 
-__all__ = ["EnginePlan", "outside_uses", "plan_engine"]
+__all__ = ["EnginePlan", "mixed_layers", "outside_uses", "plan_engine"]
 
 
 @dataclass(frozen=True)
@@ -212,3 +213,51 @@ def outside_uses(
         for h in handles:
             h.remove()
     return mode.found
+
+
+def mixed_layers(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str]) -> list[str]:
+    """Layers whose output rows are reached by the loss of a sample that does not own them.
+
+    The layer rules assume rows ``i K .. i K + K - 1`` of a tracked layer's output (``N = B K`` rows)
+    belong to sample ``i`` and that no other sample's loss depends on them. The first and last
+    samples' losses are differentiated with respect to every output; a layer where one reaches
+    another sample's rows (a sequence-first ``[T, B, d]`` layout, an op that mixes samples after
+    it), or whose rows are not ``B K`` at all, is reported. With one sample nothing can be seen.
+
+    Args:
+        loss: the per-sample losses ``[B]``, with their graph.
+        outputs: the tracked layers' outputs (one per call) that the gradient is taken at.
+        owners: the layer name of each output.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(4, 5, 3)
+        >>> y = lin(x.transpose(0, 1))  # [T, B, 2]: rows are time steps
+        >>> mixed_layers(y.pow(2).sum((0, 2)), [y], ["lin"])
+        ['lin']
+        >>> y = lin(x)  # [B, T, 2]
+        >>> mixed_layers(y.pow(2).sum((1, 2)), [y], ["lin"])
+        []
+    """
+    bsz = int(loss.shape[0])
+    mixed: dict[str, None] = {}
+    if bsz < 2 or not outputs:
+        return []
+    for i in sorted({0, bsz - 1}):
+        grads = torch.autograd.grad(loss[i], list(outputs), retain_graph=True, allow_unused=True)
+        for name, out, g in zip(owners, outputs, grads):
+            n = int(out.shape[0]) if out.dim() else 0
+            if name in mixed:
+                continue
+            if n % bsz:
+                mixed[name] = None
+                continue
+            if g is None:
+                continue
+            k = n // bsz
+            reach = g.detach().reshape(n, -1).ne(0).any(dim=1)
+            reach[i * k : (i + 1) * k] = False
+            if bool(reach.any()):
+                mixed[name] = None
+    return list(mixed)

@@ -709,7 +709,7 @@ def test_weights_used_outside_their_layer_fall_back_and_match_vmap(case):
         assert not isinstance(fact[name], LayerFactors)
 
 
-def test_outside_uses_are_checked_once_per_loss_and_recorded_in_the_manifest_rules(monkeypatch):
+def test_plans_are_checked_once_per_loss_and_recorded_in_the_manifest_rules(monkeypatch):
     calls = []
     real = factored_module.outside_uses
     monkeypatch.setattr(factored_module, "outside_uses", lambda *a: calls.append(a[1]) or real(*a))
@@ -729,3 +729,46 @@ def test_outside_uses_are_checked_once_per_loss_and_recorded_in_the_manifest_rul
     assert calls == [_square_loss, _penalised]
     assert describe_engine(engine, net, names, _square_loss)["engine_rules"]["0.weight"] == "linear"
     assert describe_engine(engine, net, names, _penalised)["engine_rules"]["0.weight"] == "vmap"
+
+
+class _PartlyFrozen(nn.Module):
+    """The same layer called once under no_grad (no gradient) and once with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            frozen = self.a(x)  # leaves the no_grad block before the nonlinearity
+        return self.b(torch.tanh(frozen) + torch.tanh(self.a(0.5 * x)))
+
+
+def test_a_layer_call_under_no_grad_adds_no_gradient():
+    torch.manual_seed(0)
+    net = _PartlyFrozen().eval()
+    fact, ref = _both(net, torch.randn(6, 4, generator=torch.Generator().manual_seed(1)))
+    _assert_same(fact, ref, factored=["a.weight", "b.weight"])
+
+
+class _TokensFirst(nn.Module):
+    """Token-wise layers applied to [T, B, d] (nn.Transformer's default layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 5), nn.Linear(5, 1)
+
+    def forward(self, x):  # [B, T, 4]
+        return self.head(torch.tanh(self.embed(x.transpose(0, 1)))).squeeze(-1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("steps", [6, 12, 5])
+def test_layers_whose_rows_are_not_sample_major_fall_back_and_match_vmap(steps):
+    # T = B and T = 2B gave silently wrong rows (the rows were split as if sample-major); T = 5 an error.
+    torch.manual_seed(0)
+    net = _TokensFirst()
+    x = torch.randn(6, steps, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"in layer\(s\) \['embed', 'head'\] one sample's loss reaches rows"):
+        fact, ref = _both(net, x, lambda m, b: m(b).pow(2).sum(1))
+    _assert_same(fact, ref)
+    assert not any(isinstance(f, LayerFactors) for f in fact.values())

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lightning_influence.gradients import module_state
-from lightning_influence.gradients.plan import outside_uses, plan_engine
+from lightning_influence.gradients.plan import mixed_layers, outside_uses, plan_engine
 from lightning_influence.models import MLPVAE, ConvVAE
 
 
@@ -43,3 +43,59 @@ def test_a_read_outside_reports_the_parameter_and_the_op_only_when_it_carries_gr
     # The plan without it: the rest keeps its rule.
     rules = plan.without(["0.weight"]).rules()
     assert rules == {"0.weight": "vmap", "0.bias": "linear"}
+
+
+class _SequenceFirst(nn.Module):
+    """Token-wise layers applied to [T, B, d]: rows are time steps, not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 5), nn.Linear(5, 1)
+        self.last = nn.Linear(3, 1)
+
+    def forward(self, x):  # [B, T, 4]
+        h = torch.tanh(self.embed(x.transpose(0, 1)))  # [T, B, 5]
+        per_sample = self.head(h).squeeze(-1).transpose(0, 1)  # [B, T]
+        return self.last(per_sample[:, :3]).squeeze(-1)  # batch-first again
+
+
+def _outputs(net, x, loss):
+    outputs, owners = [], []
+    hooks = [
+        sub.register_forward_hook(lambda _m, _a, out, name=name: outputs.append(out) or owners.append(name) or None)
+        for name, sub in net.named_children()
+        if isinstance(sub, nn.Linear)
+    ]
+    try:
+        value = loss(net, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return value, outputs, owners
+
+
+def test_layers_whose_rows_are_not_sample_major_are_found():
+    torch.manual_seed(0)
+    net = _SequenceFirst()
+    for steps in (4, 8, 5):  # T = B, a multiple of B (silently wrong before), and not a multiple
+        loss, outputs, owners = _outputs(net, torch.randn(4, steps, 4), lambda m, b: m(b) ** 2)
+        assert mixed_layers(loss, outputs, owners) == ["embed", "head"], steps
+    # One sample cannot show it (the engine checks again once a batch has two).
+    loss, outputs, owners = _outputs(net, torch.randn(1, 4, 4), lambda m, b: m(b) ** 2)
+    assert mixed_layers(loss, outputs, owners) == []
+
+
+def test_a_loss_that_mixes_samples_marks_every_layer_before_it():
+    net = nn.Sequential()
+    net.add_module("a", nn.Linear(3, 4))
+    net.add_module("act", nn.Tanh())
+    net.add_module("b", nn.Linear(4, 2))
+
+    def centred(m, b):  # subtracts the batch mean: every sample's loss reads every row
+        y = m(b)
+        return (y - y.mean(0)).pow(2).sum(1)
+
+    loss, outputs, owners = _outputs(net, torch.randn(5, 3), centred)
+    assert mixed_layers(loss, outputs, owners) == ["a", "b"]
+    loss, outputs, owners = _outputs(net, torch.randn(5, 3), lambda m, b: m(b).pow(2).sum(1))
+    assert mixed_layers(loss, outputs, owners) == []
