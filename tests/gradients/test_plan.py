@@ -1,27 +1,37 @@
 """The factored engine's plan: rules per layer, and weights read outside their own layer."""
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
-from lightning_influence.gradients import module_state
+from lightning_influence.gradients import FactoredEngine, module_state
 from lightning_influence.gradients.plan import mixed_layers, outside_uses, plan_engine
 from lightning_influence.models import MLPVAE, ConvVAE
 
 
-def test_the_models_layers_are_not_reported_as_read_outside():
+@pytest.mark.parametrize("draws", [1, 4])
+def test_the_models_keep_every_layer_rule(draws):
     # A false report would send these layers to the slow fallback for no reason.
     torch.manual_seed(0)
     models = [
-        (MLPVAE(input_dim=10, hidden_dim=8, latent_dim=2, influence_draws=3), torch.rand(4, 10)),
+        (MLPVAE(input_dim=10, hidden_dim=8, latent_dim=2), torch.rand(4, 10)),
         (ConvVAE(image_size=28, channels=1, width=4, latent_dim=2), torch.rand(4, 1, 28, 28)),
     ]
     for vae, x in models:
         vae.eval()
         names = [n for n, _ in vae.named_parameters()]
-        plan = plan_engine(vae, names)
         state = module_state(vae)
-        assert outside_uses(vae, lambda m, b: m.per_sample_loss(b), x, plan, state, torch.arange(4), 0, 0) == {}
-        assert set(plan.rules().values()) <= {"linear", "conv", "conv_transpose"}
+
+        def loss(m, b):
+            return m.per_sample_loss(b, n_draws=draws)
+
+        assert outside_uses(vae, loss, x, plan_engine(vae, names), state, torch.arange(4), 0, 0) == {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plan = FactoredEngine().checked_plan(vae, names, loss, x, state, torch.arange(4), 0, 0)
+        assert plan.fallback == [] and set(plan.rules().values()) <= {"linear", "conv", "conv_transpose"}
 
 
 def test_a_read_outside_reports_the_parameter_and_the_op_only_when_it_carries_gradient():

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,51 @@ def test_a_bias_in_another_parameter_group_than_its_weight_scores_like_the_dense
     q = x[200:206]
     s_d, s_f = InfluenceAnalysis(d, vae).tracin(q), InfluenceAnalysis(f, vae).tracin(q)
     assert _rel(s_f, s_d) < 1e-5
+
+
+class TiedAutoencoder(pl.LightningModule):
+    """The decoder reuses the encoder's weight (F.linear with its transpose): the factored engine must not store it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(64, 8)
+        self.dec_bias = torch.nn.Parameter(torch.zeros(64))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+    def per_sample_loss(self, batch):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return (self(x) - x).pow(2).sum(1)
+
+    def training_step(self, batch, _):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_tied_weight_is_stored_densely_and_scores_like_the_vmap_store(tmp_path):
+    x, _ = load_digits_tensors()
+    data, q = TensorDataset(x[:64]), x[200:205]
+    stores, models = {}, {}
+    for engine in ("vmap", "auto"):
+        pl.seed_everything(2, verbose=False)
+        rec = TrajectoryRecorder(
+            tmp_path / engine, every_n_epochs=1, batch_size=32, engine=engine, factored_storage=engine == "auto"
+        )
+        models[engine] = TiedAutoencoder()
+        loader = torch.utils.data.DataLoader(data, batch_size=16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_epochs=2, callbacks=[rec]).fit(models[engine], loader)
+        stores[engine] = GradientStore(rec.store_path)
+    assert any("'enc.weight' (by torch.Tensor.t) is read outside" in str(w.message) for w in caught)
+    auto = stores["auto"]
+    assert auto.manifest["extra"]["engine_rules"] == {"enc.weight": "vmap", "enc.bias": "linear", "dec_bias": "vmap"}
+    assert "enc.weight" not in auto.factored
+    reference = InfluenceAnalysis(stores["vmap"], models["vmap"], engine="vmap").tracin(q)
+    assert _rel(InfluenceAnalysis(auto, models["auto"]).tracin(q), reference) < 1e-5
 
 
 def test_a_bias_whose_g_is_not_its_layers_is_refused(run, tmp_path):
