@@ -13,8 +13,8 @@ and prints, side by side:
   cache reuse between repeats), and end to end = every recording's wall time (the sweep, the
   durable write, the rename and the manifest listing it) + that TracIn; for the two factored exact
   variants the recordings of a fit with that recorder alone (the others share the disk), fastest
-  of ``--repeats`` such fits on the MLP workloads (a single stalled fsync of this VM's disk can
-  add 200 ms to one fit);
+  of ``--repeats`` such fits (a single stalled fsync of this VM's disk can add 200 ms to one fit;
+  a conv fit with dense rows runs once);
 - Captum ``TracInCP`` (default loop and ``sample_wise_grads_per_batch``) on the same checkpoints
   and learning-rate weights, when Captum is installed (optional ``bench`` extra);
 - ``factored exact (factored storage)``: the factored engine with exact factored storage (Linear-like
@@ -349,7 +349,10 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
 
     solo: dict[bool, tuple[float, float]] = {}
     for factored_storage in (False, True):
-        runs = [solo_fit(factored_storage, rep) for rep in range(args.repeats if w.name.startswith("mlp") else 1)]
+        # Fastest of --repeats fits, as every other figure; a conv fit with dense rows writes up to
+        # 900 MB per checkpoint and runs once.
+        repeats = args.repeats if factored_storage or w.name.startswith("mlp") else 1
+        runs = [solo_fit(factored_storage, rep) for rep in range(repeats)]
         solo[factored_storage] = (min(r[0] for r in runs) / epoch, min(r[1] for r in runs))
     fit_ratio, fit_ratio_fs = solo[False][0], solo[True][0]
 
