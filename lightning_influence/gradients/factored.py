@@ -31,15 +31,13 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
 from lightning_influence.gradients.layers import (
     DEFAULT_RULES,
     LayerRule,
 )
-from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
-from lightning_influence.gradients.noise import fixed_noise
+from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.plan import EnginePlan, mixed_layers, outside_uses, plan_engine
 from lightning_influence.gradients.vmap import VmapEngine
 
@@ -164,19 +162,8 @@ class FactoredEngine:
             plan = plans[key] = plan_engine(module, param_names, self.rules)
         return plan
 
-    def checked_plan(
-        self,
-        module: nn.Module,
-        param_names: Sequence[str],
-        loss_fn: PerSampleLoss,
-        batch: Any,
-        state: Mapping[str, Tensor],
-        sample_ids: Tensor,
-        noise_seed: int,
-        noise_stream: int,
-        argname: str = "loss_fn",
-    ) -> EnginePlan:
-        """:meth:`plan`, less the parameters its layer rules would get wrong for ``loss_fn`` (they fall back).
+    def checked_plan(self, call: LossCall, param_names: Sequence[str], argname: str = "loss_fn") -> EnginePlan:
+        """:meth:`plan`, less the parameters its layer rules would get wrong for the call's loss (they fall back).
 
         A layer rule sees a weight only through its layer's input and output gradient, row by row: a
         weight tied to another module, read by another module (a decoder reusing the encoder's weight,
@@ -187,26 +174,24 @@ class FactoredEngine:
         :func:`~lightning_influence.gradients.plan.mixed_layers`, the latter once a batch has two
         samples); the result is kept while the plan holds.
         """
-        plan = self.plan(module, param_names)
+        plan = self.plan(call.module, param_names)
         if not plan.tracked:
             return plan
-        checked = self._checked.setdefault(module, {})
-        key = (tuple(param_names), id(loss_fn))
+        checked = self._checked.setdefault(call.module, {})
+        key = (tuple(param_names), id(call.loss_fn))
         entry = checked.get(key)
-        bsz = int(sample_ids.shape[0])
-        if entry is not None and entry[0] is plan and entry[1]() is loss_fn and (entry[3] >= 2 or bsz < 2):
+        bsz = call.batch_size
+        if entry is not None and entry[0] is plan and entry[1]() is call.loss_fn and (entry[3] >= 2 or bsz < 2):
             return entry[2]
-        outside = outside_uses(module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream)
+        outside = outside_uses(call, plan)
         holds = plan.without(list(outside)) if outside else plan
         mixed: list[str] = []
         if bsz >= 2 and holds.tracked:
-            loss, _, sources, owners = _traced(
-                module, loss_fn, batch, holds, state, sample_ids, noise_seed, noise_stream, argname
-            )
+            loss, _, sources, owners = _traced(call, holds, argname)
             mixed = mixed_layers(loss, sources, owners)
             if mixed:
                 holds = holds.without([p for layer in mixed for p in holds.tracked[layer][1].values()])
-        checked[key] = (plan, _weak(loss_fn), holds, bsz)
+        checked[key] = (plan, _weak(call.loss_fn), holds, bsz)
         self._warn(outside, mixed)
         return holds
 
@@ -262,10 +247,8 @@ class FactoredEngine:
         argname: str = "loss_fn",
     ) -> PerSampleGradients:
         names = list(params)
-        full_state = {**state, **params}
-        plan = self.checked_plan(
-            module, names, loss_fn, batch, full_state, sample_ids, noise_seed, noise_stream, argname
-        )
+        call = LossCall(module, loss_fn, batch, {**state, **params}, sample_ids, noise_seed, noise_stream)
+        plan = self.checked_plan(call, names, argname)
         out: dict[str, Tensor | LayerFactors] = {}
         if plan.fallback:
             out.update(
@@ -283,11 +266,7 @@ class FactoredEngine:
                 )
             )
         if plan.tracked:
-            out.update(
-                _hooked_gradients(
-                    module, loss_fn, batch, plan, full_state, sample_ids, noise_seed, noise_stream, loss_scale, argname
-                )
-            )
+            out.update(_hooked_gradients(call, plan, loss_scale, argname))
         return {n: out[n] for n in names}
 
     def __repr__(self) -> str:
@@ -306,17 +285,7 @@ _NEEDS_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _hooked_forward(
-    module: nn.Module,
-    loss_fn: PerSampleLoss,
-    batch: Any,
-    plan: EnginePlan,
-    state: Mapping[str, Tensor],
-    sample_ids: Tensor,
-    noise_seed: int,
-    noise_stream: int,
-    subs: Mapping[str, nn.Module],
-    *,
-    copy: bool,
+    call: LossCall, plan: EnginePlan, *, copy: bool
 ) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]] | None:
     """The batched forward with capture hooks: ``(loss, kept, sources, owners)``, or ``None`` when not exact.
 
@@ -355,12 +324,10 @@ def _hooked_forward(
 
         return hook
 
+    subs = plan.modules
     handles = [subs[name].register_forward_hook(hook_for(name, rule)) for name, (rule, _) in plan.tracked.items()]
     try:
-        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
-            loss = functional_call(
-                ModuleCall(module, loss_fn), {"m." + k: v for k, v in state.items()}, (batch,), strict=False
-            )
+        loss = call.evaluate()
     except RuntimeError as err:
         if copy or "in-place" not in str(err):
             raise
@@ -378,53 +345,34 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
 
 
 def _traced(
-    module: nn.Module,
-    loss_fn: PerSampleLoss,
-    batch: Any,
-    plan: EnginePlan,
-    state: Mapping[str, Tensor],
-    sample_ids: Tensor,
-    noise_seed: int,
-    noise_stream: int,
-    argname: str,
+    call: LossCall, plan: EnginePlan, argname: str
 ) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]]:
     """:func:`_hooked_forward` at the outputs themselves, or at copies where the loss writes in place."""
-    copy = module in _NEEDS_COPIES
-    args = (module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, plan.modules)
-    traced = None if copy else _hooked_forward(*args, copy=False)
+    copy = call.module in _NEEDS_COPIES
+    traced = None if copy else _hooked_forward(call, plan, copy=False)
     if traced is None:
         # Something after a tracked layer modified its output or a kept input in place: differentiate
         # at copies instead (and for this module from now on: the same loss would do it again).
-        _NEEDS_COPIES.add(module)
-        traced = _hooked_forward(*args, copy=True)
+        _NEEDS_COPIES.add(call.module)
+        traced = _hooked_forward(call, plan, copy=True)
     loss, kept, sources, owners = traced
-    return check_per_sample_loss(loss, int(sample_ids.shape[0]), argname), kept, sources, owners
+    return check_per_sample_loss(loss, call.batch_size, argname), kept, sources, owners
 
 
 def _hooked_gradients(
-    module: nn.Module,
-    loss_fn: PerSampleLoss,
-    batch: Any,
-    plan: EnginePlan,
-    state: Mapping[str, Tensor],
-    sample_ids: Tensor,
-    noise_seed: int,
-    noise_stream: int,
-    loss_scale: float,
-    argname: str,
+    call: LossCall, plan: EnginePlan, loss_scale: float, argname: str
 ) -> dict[str, Tensor | LayerFactors]:
-    bsz = int(sample_ids.shape[0])
+    bsz = call.batch_size
     subs = plan.modules
-    loss, kept, sources, owners = _traced(
-        module, loss_fn, batch, plan, state, sample_ids, noise_seed, noise_stream, argname
-    )
+    state = call.state
+    loss, kept, sources, owners = _traced(call, plan, argname)
     total = (loss * loss_scale).sum()
     grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()
     per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
     for name, src, g in zip(owners, sources, grads):
         per_layer[name].append(torch.zeros_like(src) if g is None else g.detach())
     out: dict[str, Tensor | LayerFactors] = {}
-    with torch.autocast(sample_ids.device.type, enabled=False):
+    with torch.autocast(call.sample_ids.device.type, enabled=False):
         for name, (rule, attrs) in plan.tracked.items():
             if not kept[name]:
                 # A layer the loss never calls (a measurement on the encoder only): zero gradient,

@@ -8,15 +8,26 @@ either as ``loss_fn``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_influence.errors import ConfigurationError
+from lightning_influence.gradients.noise import fixed_noise
 
-__all__ = ["ModuleCall", "PerSampleLoss", "call_per_sample_loss", "check_per_sample_loss", "resolve_loss"]
+__all__ = [
+    "LossCall",
+    "ModuleCall",
+    "PerSampleLoss",
+    "call_per_sample_loss",
+    "check_per_sample_loss",
+    "resolve_loss",
+]
 
 #: ``loss_fn(module, batch) -> Tensor[B]``: one loss value per sample in the batch.
 PerSampleLoss = Callable[[nn.Module, Any], Tensor]
@@ -40,6 +51,54 @@ class ModuleCall(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self._fn(self.m, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossCall:
+    """A per-sample loss on one batch at given weights, with the batch's keyed reparameterisation noise.
+
+    Attributes:
+        module: the model (its own parameters and buffers are not used where ``state`` names them).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``.
+        batch: the batch.
+        state: parameter / buffer name -> tensor, substituted for the module's own.
+        sample_ids: ``[B]`` dataset positions of the batch's samples (they key the noise).
+        noise_seed, noise_stream: the rest of the noise key.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 1)
+        >>> zero = {"weight": torch.zeros(1, 3), "bias": torch.ones(1)}
+        >>> call = LossCall(net, lambda m, b: m(b).squeeze(-1), torch.randn(2, 3), zero, torch.arange(2), 0, 0)
+        >>> call.evaluate()
+        tensor([1., 1.])
+    """
+
+    module: nn.Module
+    loss_fn: PerSampleLoss
+    batch: Any
+    state: Mapping[str, Tensor]
+    sample_ids: Tensor
+    noise_seed: int
+    noise_stream: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+    def evaluate(self) -> Any:
+        """The loss's value, computed with gradients enabled and the batch's keyed noise."""
+        with torch.enable_grad(), fixed_noise(self.sample_ids, self.noise_seed, self.noise_stream):
+            return functional_call(
+                ModuleCall(self.module, self.loss_fn),
+                {"m." + k: v for k, v in self.state.items()},
+                (self.batch,),
+                strict=False,
+            )
+
+    def replace(self, **changes: Any) -> LossCall:
+        """This call with some attributes replaced."""
+        return dataclasses.replace(self, **changes)
 
 
 class _UnboundMethod:

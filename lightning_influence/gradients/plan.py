@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_leaves
 
@@ -26,8 +25,7 @@ from lightning_influence.gradients.layers import (
     couples_samples,
     rule_for,
 )
-from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss
-from lightning_influence.gradients.noise import fixed_noise
+from lightning_influence.gradients.losses import LossCall
 
 __all__ = ["EnginePlan", "mixed_layers", "outside_uses", "plan_engine"]
 
@@ -151,19 +149,10 @@ class _OutsideUseMode(TorchFunctionMode):
         return out
 
 
-def outside_uses(
-    module: nn.Module,
-    loss_fn: PerSampleLoss,
-    batch: Any,
-    plan: EnginePlan,
-    state: Mapping[str, Tensor],
-    sample_ids: Tensor,
-    noise_seed: int,
-    noise_stream: int,
-) -> dict[str, str]:
-    """Tracked parameters of ``plan`` that ``loss_fn`` reads, with a gradient, outside their own layer's call.
+def outside_uses(call: LossCall, plan: EnginePlan) -> dict[str, str]:
+    """Tracked parameters of ``plan`` that the loss reads, with a gradient, outside their own layer's call.
 
-    One forward of ``batch`` in which every op is watched (a ``TorchFunctionMode``): a tracked
+    One forward of the call's batch in which every op is watched (a ``TorchFunctionMode``): a tracked
     parameter passed to an op whose result requires grad while its layer is not the innermost
     tracked layer being called -- a weight tied to another module, read by another module or by
     the loss -- is reported with that op.
@@ -176,13 +165,14 @@ def outside_uses(
         >>> net = torch.nn.Linear(3, 2)
         >>> penalised = lambda m, b: (m(b) ** 2).sum(1) + (m.weight ** 2).sum()
         >>> state = {k: v.detach() for k, v in net.named_parameters()}
-        >>> plan = plan_engine(net, list(state))
-        >>> outside_uses(net, penalised, torch.randn(4, 3), plan, state, torch.arange(4), 0, 0)
+        >>> call = LossCall(net, penalised, torch.randn(4, 3), state, torch.arange(4), 0, 0)
+        >>> outside_uses(call, plan_engine(net, list(state)))
         {'weight': 'torch.Tensor.__pow__'}
     """
     tracked = {full: name for name, (_, attrs) in plan.tracked.items() for full in attrs.values()}
     watched = {
-        k: v.detach().requires_grad_(True) if k in tracked and v.is_floating_point() else v for k, v in state.items()
+        k: v.detach().requires_grad_(True) if k in tracked and v.is_floating_point() else v
+        for k, v in call.state.items()
     }
     mode = _OutsideUseMode({id(watched[full]): (name, full) for full, name in tracked.items() if full in watched})
 
@@ -202,13 +192,10 @@ def outside_uses(
 
     def watched_loss(m: nn.Module, b: Any) -> Any:
         with mode:
-            return loss_fn(m, b)
+            return call.loss_fn(m, b)
 
     try:
-        with torch.enable_grad(), fixed_noise(sample_ids, noise_seed, noise_stream):
-            functional_call(
-                ModuleCall(module, watched_loss), {"m." + k: v for k, v in watched.items()}, (batch,), strict=False
-            )
+        call.replace(loss_fn=watched_loss, state=watched).evaluate()
     finally:
         for h in handles:
             h.remove()

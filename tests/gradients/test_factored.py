@@ -712,7 +712,7 @@ def test_weights_used_outside_their_layer_fall_back_and_match_vmap(case):
 def test_plans_are_checked_once_per_loss_and_recorded_in_the_manifest_rules(monkeypatch):
     calls = []
     real = factored_module.outside_uses
-    monkeypatch.setattr(factored_module, "outside_uses", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(factored_module, "outside_uses", lambda *a: calls.append(a[0].loss_fn) or real(*a))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
     names = [n for n, _ in net.named_parameters()]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_influence.gradients import FactoredEngine, module_state
+from lightning_influence.gradients.losses import LossCall
 from lightning_influence.gradients.plan import mixed_layers, outside_uses, plan_engine
 from lightning_influence.models import MLPVAE, ConvVAE
 
@@ -27,10 +28,11 @@ def test_the_models_keep_every_layer_rule(draws):
         def loss(m, b):
             return m.per_sample_loss(b, n_draws=draws)
 
-        assert outside_uses(vae, loss, x, plan_engine(vae, names), state, torch.arange(4), 0, 0) == {}
+        call = LossCall(vae, loss, x, state, torch.arange(4), 0, 0)
+        assert outside_uses(call, plan_engine(vae, names)) == {}
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            plan = FactoredEngine().checked_plan(vae, names, loss, x, state, torch.arange(4), 0, 0)
+            plan = FactoredEngine().checked_plan(call, names)
         assert plan.fallback == [] and set(plan.rules().values()) <= {"linear", "conv", "conv_transpose"}
 
 
@@ -48,8 +50,8 @@ def test_a_read_outside_reports_the_parameter_and_the_op_only_when_it_carries_gr
     def penalised(m, b):
         return m(b).pow(2).sum(1) + m[0].weight.abs().sum()
 
-    assert outside_uses(net, metadata_and_detached, x, plan, state, ids, 0, 0) == {}
-    assert outside_uses(net, penalised, x, plan, state, ids, 0, 0) == {"0.weight": "torch.Tensor.abs"}
+    assert outside_uses(LossCall(net, metadata_and_detached, x, state, ids, 0, 0), plan) == {}
+    assert outside_uses(LossCall(net, penalised, x, state, ids, 0, 0), plan) == {"0.weight": "torch.Tensor.abs"}
     # The plan without it: the rest keeps its rule.
     rules = plan.without(["0.weight"]).rules()
     assert rules == {"0.weight": "vmap", "0.bias": "linear"}
