@@ -33,10 +33,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
-from lightning_influence.gradients.layers import (
-    DEFAULT_RULES,
-    LayerRule,
-)
+from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.plan import EnginePlan, mixed_layers, outside_uses, plan_engine
 from lightning_influence.gradients.vmap import VmapEngine
@@ -98,10 +95,10 @@ def describe_engine(
     With ``loss_fn`` (after the engine ran it), the rules that hold for that loss (see
     :meth:`FactoredEngine.checked_plan`).
     """
-    describe = getattr(engine, "describe", None)
     if isinstance(engine, FactoredEngine):
         return engine.describe(module, param_names, loss_fn)
-    if describe is not None:
+    describe = getattr(engine, "describe", None)
+    if describe is not None:  # another engine with its own description
         return describe(module, param_names)
     return {"engine": engine.name, "engine_rules": {n: engine.name for n in param_names}}
 
