@@ -531,30 +531,43 @@ class _RowCache:
     """Test-side rows per (checkpoint, queries, objective), up to a byte budget.
 
     Entries hold a reference to the queries and the objective, so an ``id`` is never reused by
-    another object while its entry lives; a lookup also checks identity.
+    another object while its entry lives; a lookup also checks identity, and for queries given as
+    tensors their version counters (queries modified in place are computed again).
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._rows: dict[tuple[int, ...], tuple[Any, Any, Tensor | SplitRows]] = {}
+        self._rows: dict[tuple[int, ...], tuple[Any, Any, tuple[int, ...], Tensor | SplitRows]] = {}
 
     def get(self, key: tuple[int, ...], data: Any, fn: Any) -> Tensor | SplitRows | None:
         hit = self._rows.get(key)
-        if hit is None or hit[0] is not data or hit[1] is not fn:
+        if hit is None or hit[0] is not data or hit[1] is not fn or hit[2] != _versions(data):
             return None
-        return hit[2]
+        return hit[3]
 
     def put(self, key: tuple[int, ...], data: Any, fn: Any, rows: Tensor | SplitRows) -> None:
-        size = rows.nbytes if isinstance(rows, SplitRows) else rows.numel() * rows.element_size()
-        if key in self._rows or self.used + size > self.budget:
+        size = _nbytes(rows)
+        old = self._rows.pop(key, None)
+        if old is not None:  # a stale entry (queries modified in place) makes room for its successor
+            self.used -= _nbytes(old[3])
+        if self.used + size > self.budget:
             return
-        self._rows[key] = (data, fn, rows)
+        self._rows[key] = (data, fn, _versions(data), rows)
         self.used += size
 
     def clear(self) -> None:
         self._rows.clear()
         self.used = 0
+
+
+def _nbytes(rows: Tensor | SplitRows) -> int:
+    return rows.nbytes if isinstance(rows, SplitRows) else rows.numel() * rows.element_size()
+
+
+def _versions(data: Any) -> tuple[int, ...]:
+    # A collated batch's tensors: an in-place change bumps their version. A Dataset is taken as fixed.
+    return tuple(t._version for t in tensor_leaves(data))
 
 
 def _warn_nonfinite(store: GradientStore) -> None:

@@ -249,3 +249,20 @@ def test_test_rows_are_computed_once_per_checkpoint_across_calls(digits_run):
     uncached.tracin(queries)
     uncached.tracin(queries)
     assert engine.calls == 4 * n_ckpt
+
+
+def test_queries_modified_in_place_are_not_served_from_the_cache(digits_run):
+    engine = _CountingEngine()
+    analysis = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae, engine=engine, batch_size=256)
+    n_ckpt = len(analysis.store)
+    queries = digits_run.dm.test_set.tensors[0][:6].clone()
+    analysis.tracin(queries)
+    analysis.tracin(queries)
+    assert engine.calls == n_ckpt
+    queries.mul_(0.5)  # same object, other values
+    scores = analysis.tracin(queries)
+    assert engine.calls == 2 * n_ckpt
+    fresh = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae).tracin(queries.clone())
+    torch.testing.assert_close(scores, fresh, rtol=1e-5, atol=1e-6)
+    analysis.tracin(queries)
+    assert engine.calls == 2 * n_ckpt, "the new values are cached in turn"
