@@ -225,9 +225,12 @@ def test_nonfinite_gradients_raise_by_default_and_nothing_is_listed(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in rec.store_path.iterdir())
 
 
-def test_nonfinite_skip_policy_flags_the_sample_and_scores_nan(tmp_path):
+@pytest.mark.parametrize("factored_storage", [False, True])
+def test_nonfinite_skip_policy_flags_the_sample_and_scores_nan(tmp_path, factored_storage):
     vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, influence_draws=2)
-    rec = TrajectoryRecorder(tmp_path / "store", dataset=_poisoned(), batch_size=8, nonfinite="skip")
+    rec = TrajectoryRecorder(
+        tmp_path / "store", dataset=_poisoned(), batch_size=8, nonfinite="skip", factored_storage=factored_storage
+    )
     with pytest.warns(UserWarning, match="non-finite"):
         quiet_trainer(max_epochs=2, callbacks=[rec]).fit(vae, DataLoader(small_data(16), batch_size=8))
     store = GradientStore(rec.store_path)
@@ -238,6 +241,9 @@ def test_nonfinite_skip_policy_flags_the_sample_and_scores_nan(tmp_path):
     assert torch.isnan(scores[:, 5]).all() and torch.isfinite(scores[:, :5]).all()
     idx, _ = analysis.top_k(X[100:103], k=23)
     assert 5 not in idx.flatten().tolist()
+    self_influence = analysis.self_influence()
+    assert torch.isnan(self_influence[5]) and torch.isfinite(self_influence[torch.arange(24) != 5]).all()
+    assert bool(store.factored) == factored_storage  # NaN factors stay in their sample's column
 
 
 def test_bad_arguments_are_refused_eagerly(tmp_path):
