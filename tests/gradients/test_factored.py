@@ -772,3 +772,29 @@ def test_layers_whose_rows_are_not_sample_major_fall_back_and_match_vmap(steps):
         fact, ref = _both(net, x, lambda m, b: m(b).pow(2).sum(1))
     _assert_same(fact, ref)
     assert not any(isinstance(f, LayerFactors) for f in fact.values())
+
+
+class _DrawMajorVAE(nn.Module):
+    """K reparameterisation draws stacked draw-major (``z.repeat(K, 1)``: row k B + i), a common way to write it."""
+
+    def __init__(self, draws: int = 3):
+        super().__init__()
+        self.enc, self.dec, self.draws = nn.Linear(6, 4), nn.Linear(2, 6), draws
+
+    def forward(self, x):
+        mu, log_var = self.enc(x).chunk(2, -1)
+        k, b = self.draws, x.shape[0]
+        # Fixed per draw, the same for every sample, so per-sample and batched evaluations agree.
+        eps = torch.linspace(-1.0, 1.0, k * 2).reshape(k, 1, 2).expand(k, b, 2).reshape(k * b, 2)
+        z = mu.repeat(k, 1) + eps * torch.exp(0.5 * log_var).repeat(k, 1)
+        return (self.dec(z).reshape(k, b, 6) - x).pow(2).sum(-1).mean(0)
+
+
+def test_draw_major_reparameterisation_draws_fall_back_for_the_decoder():
+    # The decoder sees rows k B + i: split as sample-major they gave rows 6.9 off (absolute), silently.
+    torch.manual_seed(0)
+    net = _DrawMajorVAE()
+    with pytest.warns(UserWarning, match=r"in layer\(s\) \['dec'\] one sample's loss reaches rows"):
+        fact, ref = _both(net, torch.randn(5, 6, generator=torch.Generator().manual_seed(1)), lambda m, b: m(b))
+    _assert_same(fact, ref, factored=["enc.weight"])
+    assert not isinstance(fact["dec.weight"], LayerFactors)
