@@ -23,6 +23,7 @@ that overrides a layer type's ``forward`` has no rule.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
 from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
-from lightning_influence.gradients.plan import EnginePlan, mixed_layers, outside_uses, plan_engine
+from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_engine, row_layouts
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = [
@@ -168,7 +169,7 @@ class FactoredEngine:
         the rule cannot see, and a layer whose rows are not sample-major (a sequence-first layout)
         mixes samples. One watched forward per module, parameter list and loss finds both
         (:func:`~lightning_influence.gradients.plan.outside_uses`,
-        :func:`~lightning_influence.gradients.plan.mixed_layers`, the latter once a batch has two
+        :func:`~lightning_influence.gradients.plan.row_layouts`, the latter once a batch has two
         samples); the result is kept while the plan holds.
         """
         plan = self.plan(call.module, param_names)
@@ -185,7 +186,10 @@ class FactoredEngine:
         mixed: list[str] = []
         if bsz >= 2 and holds.tracked:
             loss, _, sources, owners = _traced(call, holds, argname)
-            mixed = mixed_layers(loss, sources, owners)
+            layouts = row_layouts(loss, sources, owners)
+            mixed = [layer for layer, layout in layouts.items() if layout == "mixed"]
+            draw_major = frozenset(layer for layer, layout in layouts.items() if layout == "draw-major")
+            holds = dataclasses.replace(holds, draw_major=draw_major)
             if mixed:
                 holds = holds.without([p for layer in mixed for p in holds.tracked[layer][1].values()])
         checked[key] = (plan, _weak(call.loss_fn), holds, bsz)
@@ -368,6 +372,9 @@ def _hooked_gradients(
     per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
     for name, src, g in zip(owners, sources, grads):
         per_layer[name].append(torch.zeros_like(src) if g is None else g.detach())
+    for name in plan.draw_major:  # rows k B + i -> i K + k, where the rules expect a sample's rows
+        kept[name] = [_sample_major(a, bsz) for a in kept[name]]
+        per_layer[name] = [_sample_major(g, bsz) for g in per_layer[name]]
     out: dict[str, Tensor | LayerFactors] = {}
     with torch.autocast(call.sample_ids.device.type, enabled=False):
         for name, (rule, attrs) in plan.tracked.items():
@@ -382,6 +389,12 @@ def _hooked_gradients(
             blocks = rule.gradients(subs[name], kept[name], per_layer[name], bsz, name)
             out.update({full: blocks[attr] for attr, full in attrs.items()})
     return out
+
+
+def _sample_major(t: Tensor, batch: int) -> Tensor:
+    # [K B, ...] with row k B + i -> [B K, ...] with row i K + k.
+    n = int(t.shape[0])
+    return t.reshape(n // batch, batch, *t.shape[1:]).transpose(0, 1).reshape(n, *t.shape[1:])
 
 
 def factored_inner_products(x: Tensor | LayerFactors, y: Tensor | LayerFactors, *, with_bias: bool = False) -> Tensor:

@@ -2,16 +2,17 @@
 
 :func:`plan_engine` reads the module tree (a rule per layer type, modules that mix samples);
 :func:`outside_uses` watches one forward of a loss for tracked weights read outside their own
-layer's call, and :func:`mixed_layers` finds layers whose rows are not each sample's own: no rule
-can see either. :class:`~lightning_influence.gradients.factored.FactoredEngine`
+layer's call (no rule can see them), and :func:`row_layouts` finds how each layer's rows belong to
+the samples (draw-major rows are reordered; rows another sample's loss reaches cannot be split). :class:`~lightning_influence.gradients.factored.FactoredEngine`
 keeps both per module, parameter list and loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from lightning_influence.gradients.layers import (
 )
 from lightning_influence.gradients.losses import LossCall
 
-__all__ = ["EnginePlan", "mixed_layers", "outside_uses", "plan_engine"]
+__all__ = ["EnginePlan", "RowLayout", "outside_uses", "plan_engine", "row_layouts"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EnginePlan:
         coupled: modules that mix samples in a batched forward (everything falls back when non-empty).
         modules: module name -> the tracked submodule.
         mixers: the submodules that can mix samples depending on their mode (BatchNorm, dropout).
+        draw_major: tracked layers whose rows are ``k B + i`` (reordered to ``i K + k`` before the rules).
     """
 
     tracked: dict[str, tuple[LayerRule, dict[str, str]]] = field(default_factory=dict)
@@ -47,6 +49,7 @@ class EnginePlan:
     coupled: list[str] = field(default_factory=list)
     modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
     mixers: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
+    draw_major: frozenset[str] = frozenset()
 
     def still_holds(self, module: nn.Module) -> bool:
         """Whether ``module`` still has these tracked submodules and its mode-dependent ones are as planned."""
@@ -64,12 +67,13 @@ class EnginePlan:
             kept = {attr: full for attr, full in attrs.items() if full not in moved}
             if kept:
                 tracked[name] = (rule, kept)
-        return EnginePlan(
+        return dataclasses.replace(
+            self,
             tracked=tracked,
             fallback=[*self.fallback, *(n for n in names if n not in self.fallback)],
             coupled=list(self.coupled),
             modules={name: self.modules[name] for name in tracked},
-            mixers=self.mixers,
+            draw_major=self.draw_major & set(tracked),
         )
 
     def rules(self) -> dict[str, str]:
@@ -202,14 +206,22 @@ def outside_uses(call: LossCall, plan: EnginePlan) -> dict[str, str]:
     return mode.found
 
 
-def mixed_layers(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str]) -> list[str]:
-    """Layers whose output rows are reached by the loss of a sample that does not own them.
+#: How a tracked layer's ``N = B K`` rows map to samples: row ``i K + k`` (the ELBO draws of a sample
+#: next to each other, as ``repeat_interleave`` stacks them), row ``k B + i`` (``repeat`` stacks them
+#: draw after draw), or neither (another sample's loss reaches a sample's rows).
+RowLayout = Literal["sample-major", "draw-major", "mixed"]
 
-    The layer rules assume rows ``i K .. i K + K - 1`` of a tracked layer's output (``N = B K`` rows)
-    belong to sample ``i`` and that no other sample's loss depends on them. The first and last
-    samples' losses are differentiated with respect to every output; a layer where one reaches
-    another sample's rows (a sequence-first ``[T, B, d]`` layout, an op that mixes samples after
-    it), or whose rows are not ``B K`` at all, is reported. With one sample nothing can be seen.
+
+def row_layouts(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str]) -> dict[str, RowLayout]:
+    """How each tracked layer's output rows belong to the batch's samples.
+
+    The layer rules need every row of a layer to belong to one sample, and no other sample's loss
+    to depend on it. The first and last samples' losses are differentiated with respect to every
+    output; the rows each reaches must lie in that sample's rows under one layout for every call of
+    the layer: ``"sample-major"`` (rows ``i K .. i K + K - 1``; preferred when both fit),
+    ``"draw-major"`` (rows ``i, B + i, 2 B + i, ...``), otherwise ``"mixed"`` (a sequence-first
+    ``[T, B, d]`` layout, an op that mixes samples after the layer, rows that are not ``B K``). With
+    one sample nothing can be seen: every layer is ``"sample-major"``.
 
     Args:
         loss: the per-sample losses ``[B]``, with their graph.
@@ -219,32 +231,33 @@ def mixed_layers(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str])
     Example:
         >>> import torch
         >>> lin = torch.nn.Linear(3, 2)
-        >>> x = torch.randn(4, 5, 3)
-        >>> y = lin(x.transpose(0, 1))  # [T, B, 2]: rows are time steps
-        >>> mixed_layers(y.pow(2).sum((0, 2)), [y], ["lin"])
-        ['lin']
-        >>> y = lin(x)  # [B, T, 2]
-        >>> mixed_layers(y.pow(2).sum((1, 2)), [y], ["lin"])
-        []
+        >>> x = torch.randn(4, 3)
+        >>> y = lin(x.repeat_interleave(5, dim=0))  # sample 0's draws are rows 0..4
+        >>> row_layouts(y.pow(2).reshape(4, -1).sum(1), [y], ["lin"])
+        {'lin': 'sample-major'}
+        >>> y = lin(x.repeat(5, 1))  # sample 0's draws are rows 0, 4, 8, ...
+        >>> row_layouts(y.pow(2).reshape(5, 4, 2).sum((0, 2)), [y], ["lin"])
+        {'lin': 'draw-major'}
+        >>> y = lin(torch.randn(4, 6, 3).transpose(0, 1))  # [T, B, 2]: rows are time steps
+        >>> row_layouts(y.pow(2).sum((0, 2)), [y], ["lin"])
+        {'lin': 'mixed'}
     """
     bsz = int(loss.shape[0])
-    mixed: dict[str, None] = {}
-    if bsz < 2 or not outputs:
-        return []
-    for i in sorted({0, bsz - 1}):
-        grads = torch.autograd.grad(loss[i], list(outputs), retain_graph=True, allow_unused=True)
-        for name, out, g in zip(owners, outputs, grads):
-            n = int(out.shape[0]) if out.dim() else 0
-            if name in mixed:
-                continue
-            if n % bsz:
-                mixed[name] = None
-                continue
-            if g is None:
-                continue
-            k = n // bsz
-            reach = g.detach().reshape(n, -1).ne(0).any(dim=1)
-            reach[i * k : (i + 1) * k] = False
-            if bool(reach.any()):
-                mixed[name] = None
-    return list(mixed)
+    fits = {name: [True, True] for name in owners}  # layer -> [sample-major fits, draw-major fits]
+    if bsz >= 2 and outputs:
+        for i in sorted({0, bsz - 1}):
+            grads = torch.autograd.grad(loss[i], list(outputs), retain_graph=True, allow_unused=True)
+            for name, out, g in zip(owners, outputs, grads):
+                n = int(out.shape[0]) if out.dim() else 0
+                if n % bsz:
+                    fits[name] = [False, False]
+                    continue
+                if g is None:
+                    continue
+                k = n // bsz
+                reached = g.detach().reshape(n, -1).ne(0).any(dim=1).nonzero().flatten()
+                fits[name][0] &= bool(((reached // k) == i).all())
+                fits[name][1] &= bool(((reached % bsz) == i).all())
+    return {
+        name: "sample-major" if sample else "draw-major" if draw else "mixed" for name, (sample, draw) in fits.items()
+    }

@@ -790,11 +790,13 @@ class _DrawMajorVAE(nn.Module):
         return (self.dec(z).reshape(k, b, 6) - x).pow(2).sum(-1).mean(0)
 
 
-def test_draw_major_reparameterisation_draws_fall_back_for_the_decoder():
+def test_draw_major_reparameterisation_draws_keep_their_rule():
     # The decoder sees rows k B + i: split as sample-major they gave rows 6.9 off (absolute), silently.
+    # They are reordered to i K + k, and the decoder keeps its factors.
     torch.manual_seed(0)
     net = _DrawMajorVAE()
-    with pytest.warns(UserWarning, match=r"in layer\(s\) \['dec'\] one sample's loss reaches rows"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         fact, ref = _both(net, torch.randn(5, 6, generator=torch.Generator().manual_seed(1)), lambda m, b: m(b))
-    _assert_same(fact, ref, factored=["enc.weight"])
-    assert not isinstance(fact["dec.weight"], LayerFactors)
+    _assert_same(fact, ref, factored=["enc.weight", "dec.weight"])
+    assert fact["dec.weight"].output_grads.shape[1] == 3  # the draws are the decoder's positions

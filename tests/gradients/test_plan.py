@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_influence.gradients import FactoredEngine, module_state
 from lightning_influence.gradients.losses import LossCall
-from lightning_influence.gradients.plan import mixed_layers, outside_uses, plan_engine
+from lightning_influence.gradients.plan import outside_uses, plan_engine, row_layouts
 from lightning_influence.models import MLPVAE, ConvVAE
 
 
@@ -91,10 +91,10 @@ def test_layers_whose_rows_are_not_sample_major_are_found():
     net = _SequenceFirst()
     for steps in (4, 8, 5):  # T = B, a multiple of B (silently wrong before), and not a multiple
         loss, outputs, owners = _outputs(net, torch.randn(4, steps, 4), lambda m, b: m(b) ** 2)
-        assert mixed_layers(loss, outputs, owners) == ["embed", "head"], steps
+        assert row_layouts(loss, outputs, owners) == {"embed": "mixed", "head": "mixed", "last": "sample-major"}, steps
     # One sample cannot show it (the engine checks again once a batch has two).
     loss, outputs, owners = _outputs(net, torch.randn(1, 4, 4), lambda m, b: m(b) ** 2)
-    assert mixed_layers(loss, outputs, owners) == []
+    assert set(row_layouts(loss, outputs, owners).values()) == {"sample-major"}
 
 
 def test_a_loss_that_mixes_samples_marks_every_layer_before_it():
@@ -108,6 +108,22 @@ def test_a_loss_that_mixes_samples_marks_every_layer_before_it():
         return (y - y.mean(0)).pow(2).sum(1)
 
     loss, outputs, owners = _outputs(net, torch.randn(5, 3), centred)
-    assert mixed_layers(loss, outputs, owners) == ["a", "b"]
+    assert row_layouts(loss, outputs, owners) == {"a": "mixed", "b": "mixed"}
     loss, outputs, owners = _outputs(net, torch.randn(5, 3), lambda m, b: m(b).pow(2).sum(1))
-    assert mixed_layers(loss, outputs, owners) == []
+    assert row_layouts(loss, outputs, owners) == {"a": "sample-major", "b": "sample-major"}
+
+
+def test_draw_major_rows_are_told_apart_from_sample_major_ones():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    for stack, expected in (
+        (lambda t: t.repeat_interleave(3, 0), "sample-major"),
+        (lambda t: t.repeat(3, 1), "draw-major"),
+    ):
+        y = lin(stack(x))
+        per_sample = y.pow(2).sum(1)
+        loss = per_sample.reshape(4, 3).sum(1) if expected == "sample-major" else per_sample.reshape(3, 4).sum(0)
+        assert row_layouts(loss, [y], ["lin"]) == {"lin": expected}
+    # One draw: both layouts are the same rows.
+    y = lin(x)
+    assert row_layouts(y.pow(2).sum(1), [y], ["lin"]) == {"lin": "sample-major"}
