@@ -16,9 +16,10 @@ Parameters without a rule (and every parameter when a module couples samples: Ba
 batch statistics, training-mode dropout) go to the fallback engine (``vmap``), for those
 parameters only. So do parameters the loss reads outside their own layer's call (tied weights, a
 weight read by another module or by the loss), whose layer's ``a`` and ``g`` miss that use, and
-the parameters of a layer whose rows are not sample-major (a sequence-first layout): one watched
-forward per loss finds both (:mod:`~lightning_influence.gradients.plan`). A subclass
-that overrides a layer type's ``forward`` has no rule.
+the parameters of a layer whose rows another sample's loss reaches (a sequence-first layout); rows
+stacked draw-major (``z.repeat(K, 1)``) are reordered instead. One watched forward per loss finds
+these (:mod:`~lightning_influence.gradients.plan`). A subclass that overrides a layer type's
+``forward`` has no rule.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ class FactoredEngine:
         A layer rule sees a weight only through its layer's input and output gradient, row by row: a
         weight tied to another module, read by another module (a decoder reusing the encoder's weight,
         ``nn.MultiheadAttention``'s ``out_proj``) or by the loss itself (a weight penalty) gets gradient
-        the rule cannot see, and a layer whose rows are not sample-major (a sequence-first layout)
-        mixes samples. One watched forward per module, parameter list and loss finds both
+        the rule cannot see, and a layer whose rows another sample's loss reaches (a sequence-first
+        layout) cannot be split by sample (draw-major rows are reordered and keep their rule). One
+        watched forward per module, parameter list and loss finds both
         (:func:`~lightning_influence.gradients.plan.outside_uses`,
         :func:`~lightning_influence.gradients.plan.row_layouts`, the latter once a batch has two
         samples); the result is kept while the plan holds.
