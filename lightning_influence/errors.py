@@ -16,6 +16,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 __all__ = [
     "ArchitectureMismatchError",
     "ConfigurationError",
+    "EngineUnsupportedError",
     "FragilityError",
     "RetrainingDivergedError",
     "SingularHessianError",
@@ -30,6 +31,13 @@ class ConfigurationError(MisconfigurationException, ValueError):
 
 class StoreError(RuntimeError):
     """A gradient store that is missing, corrupt, or does not match what is asked of it."""
+
+
+class EngineUnsupportedError(RuntimeError):
+    """A per-sample gradient engine cannot differentiate this model although its loss runs (another engine can).
+
+    The message names the engine to use instead; the engine's own error is the ``__cause__``.
+    """
 
 
 class SingularHessianError(ValueError):

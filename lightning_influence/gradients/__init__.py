@@ -2,8 +2,9 @@
 
 - :class:`PerSampleGradientEngine`: what an engine implements; :class:`VmapEngine`, the exact
   ``torch.func`` engine; :class:`FactoredEngine`, hooks on Linear/conv/norm layers in one batched
-  forward/backward; :class:`LayerFactors`, the factored form an engine may return;
-  :func:`resolve_engine` / :func:`describe_engine`, ``engine="vmap"|"factored"|"auto"`` and its manifest entry.
+  forward/backward; :class:`LoopEngine`, one autograd backward per sample (ops ``vmap`` cannot batch);
+  :class:`LayerFactors`, the factored form an engine may return; :func:`resolve_engine` /
+  :func:`describe_engine`, ``engine="vmap"|"factored"|"auto"|"loop"`` and its manifest entry.
 - :class:`GradientFeaturizer`: a batch and some weights -> gradient rows (the one path every caller uses);
   :class:`SplitRows`, exact rows kept as a dense part plus layer factors (factored storage).
 - :class:`ProjectionSpec` / :class:`RandomProjection`: seeded JL projections, generated block by block.
@@ -20,6 +21,7 @@ from lightning_influence.gradients.factored import (
     resolve_engine,
 )
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.loop import LoopEngine
 from lightning_influence.gradients.losses import (
     PerSampleLoss,
     call_per_sample_loss,
@@ -43,6 +45,7 @@ __all__ = [
     "GradientFeaturizer",
     "GradientPrecision",
     "LayerFactors",
+    "LoopEngine",
     "NoiseStream",
     "PerSampleGradientEngine",
     "PerSampleGradients",

@@ -11,9 +11,11 @@ own. An engine returns, per tracked parameter, either
   ``sum_s g_s a_s^T``. Factors are what hook engines capture for free in one batched
   forward/backward; a projection can act on them without materialising the gradient.
 
-Implementations: :class:`~lightning_influence.gradients.vmap.VmapEngine` (``torch.func``, any model) and
+Implementations: :class:`~lightning_influence.gradients.vmap.VmapEngine` (``torch.func``, any model),
 :class:`~lightning_influence.gradients.factored.FactoredEngine` (hooks on Linear/conv/norm layers, one batched
-forward/backward; other parameters fall back to the ``vmap`` engine).
+forward/backward; other parameters fall back to the ``vmap`` engine) and
+:class:`~lightning_influence.gradients.loop.LoopEngine` (one autograd backward per sample, for ops ``vmap``
+cannot batch).
 """
 
 from __future__ import annotations

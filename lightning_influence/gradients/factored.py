@@ -33,9 +33,12 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointError
 
+from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
 from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule
+from lightning_influence.gradients.loop import LoopEngine
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_engine, row_layouts
 from lightning_influence.gradients.vmap import VmapEngine
@@ -59,7 +62,9 @@ def resolve_engine(
     Args:
         engine: ``None`` or ``"vmap"`` (:class:`VmapEngine`), ``"factored"`` (:class:`FactoredEngine`),
             ``"auto"`` (factored when at least one tracked parameter has a layer rule and no module
-            couples samples, otherwise vmap), or an engine instance (returned as is).
+            couples samples, otherwise vmap), ``"loop"`` (:class:`~lightning_influence.gradients.loop.LoopEngine`:
+            one autograd backward per sample, for ops ``vmap`` cannot batch), or an engine instance
+            (returned as is).
         module: the model.
         param_names: the tracked parameters.
         chunk_size: ``vmap`` chunk size (of the vmap engine, or of the factored engine's fallback).
@@ -71,13 +76,15 @@ def resolve_engine(
     """
     if engine is None or engine == "vmap":
         return VmapEngine(chunk_size)
+    if engine == "loop":
+        return LoopEngine()
     if engine == "factored":
         return FactoredEngine(chunk_size)
     if engine == "auto":
         plan = plan_engine(module, param_names)
         return FactoredEngine(chunk_size) if plan.tracked else VmapEngine(chunk_size)
     if isinstance(engine, str):
-        raise ValueError(f"`engine` must be 'vmap', 'factored', 'auto' or an engine instance, got {engine!r}.")
+        raise ValueError(f"`engine` must be 'vmap', 'factored', 'auto', 'loop' or an engine instance, got {engine!r}.")
     if not isinstance(engine, PerSampleGradientEngine):
         raise TypeError(
             f"`engine` must be a string or implement lightning_influence.gradients.PerSampleGradientEngine, got"
@@ -222,7 +229,7 @@ class FactoredEngine:
     def describe(
         self, module: nn.Module, param_names: Sequence[str], loss_fn: PerSampleLoss | None = None
     ) -> dict[str, Any]:
-        """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule or ``"vmap"``).
+        """Manifest ``extra`` entries: ``engine`` and ``engine_rules`` (parameter -> rule, or the fallback's name).
 
         With ``loss_fn``, the plan :meth:`checked_plan` found for it (once the engine has run it).
         """
@@ -230,7 +237,7 @@ class FactoredEngine:
         entry = self._checked.get(module, {}).get((tuple(param_names), id(loss_fn)))
         if loss_fn is not None and entry is not None and entry[0] is plan and entry[1]() is loss_fn:
             plan = entry[2]
-        out: dict[str, Any] = {"engine": self.name, "engine_rules": plan.rules()}
+        out: dict[str, Any] = {"engine": self.name, "engine_rules": plan.rules(self.fallback.name)}
         if plan.coupled:
             out["engine_coupled_modules"] = plan.coupled
         return out
@@ -251,19 +258,29 @@ class FactoredEngine:
     ) -> PerSampleGradients:
         names = list(params)
         call = LossCall(module, loss_fn, batch, {**state, **params}, sample_ids, noise_seed, noise_stream)
+        try:
+            return self._gradients(call, names, loss_scale, argname)
+        except CheckpointError as err:
+            raise EngineUnsupportedError(
+                "FactoredEngine: the loss runs tracked layers under activation checkpointing"
+                " (torch.utils.checkpoint), whose recomputation during backward the capture hooks cannot follow."
+                " Pass engine='loop' (exact, one backward per sample) or turn checkpointing off while recording."
+            ) from err
+
+    def _gradients(self, call: LossCall, names: list[str], loss_scale: float, argname: str) -> PerSampleGradients:
         plan = self.checked_plan(call, names, argname)
         out: dict[str, Tensor | LayerFactors] = {}
         if plan.fallback:
             out.update(
                 self.fallback.gradients(
-                    module,
-                    loss_fn,
-                    batch,
-                    {n: params[n] for n in plan.fallback},
-                    state=state,
-                    sample_ids=sample_ids,
-                    noise_seed=noise_seed,
-                    noise_stream=noise_stream,
+                    call.module,
+                    call.loss_fn,
+                    call.batch,
+                    {n: call.state[n] for n in plan.fallback},
+                    state=call.state,
+                    sample_ids=call.sample_ids,
+                    noise_seed=call.noise_seed,
+                    noise_stream=call.noise_stream,
                     loss_scale=loss_scale,
                     argname=argname,
                 )

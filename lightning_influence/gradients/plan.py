@@ -76,9 +76,9 @@ class EnginePlan:
             draw_major=self.draw_major & set(tracked),
         )
 
-    def rules(self) -> dict[str, str]:
-        """Parameter name -> the rule that produces it (``"vmap"`` for the fallback)."""
-        out = {n: "vmap" for n in self.fallback}
+    def rules(self, fallback: str = "vmap") -> dict[str, str]:
+        """Parameter name -> the rule that produces it (the ``fallback`` engine's name for the others)."""
+        out = {n: fallback for n in self.fallback}
         for _, (rule, attrs) in self.tracked.items():
             out.update({p: rule.name for p in attrs.values()})
         return out

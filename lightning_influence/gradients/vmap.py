@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.data.batches import tensor_leaves
-from lightning_influence.gradients.losses import ModuleCall, PerSampleLoss, check_per_sample_loss
+from lightning_influence.data.batches import slice_batch, tensor_leaves
+from lightning_influence.errors import EngineUnsupportedError
+from lightning_influence.gradients.losses import LossCall, ModuleCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.noise import NoiseStream, fixed_noise
 from lightning_influence.gradients.parameters import module_state
 
@@ -101,7 +102,18 @@ def per_sample_gradients(
                 " lightning_influence.standard_normal(shape, like=...) so each sample gets the same noise at every"
                 " checkpoint; put dropout layers in eval mode."
             ) from err
-        raise
+        one = LossCall(module, loss_fn, slice_batch(batch, 0, 1), {**base, **params}, ids[:1], noise_seed, noise_stream)
+        try:
+            one.evaluate()
+        except Exception:  # the loss fails outside vmap too: the user's error, unchanged
+            raise err from None
+        raise EngineUnsupportedError(
+            f"torch.func.vmap cannot compute per-sample gradients of `{argname}` for {type(module).__name__},"
+            " although the loss runs on its own: some ops have no working vmap batching rule (nn.RNN and nn.GRU"
+            " in torch 2.x, custom autograd Functions without vmap support, activation checkpointing). Pass"
+            " engine='loop' (exact, one backward per sample), or engine=FactoredEngine(fallback=LoopEngine()) to"
+            f" keep the factored layer rules and loop only over the other parameters. vmap's error: {err}"
+        ) from err
 
 
 class VmapEngine:

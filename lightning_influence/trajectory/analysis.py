@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset, tensor_leaves
+from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
 from lightning_influence.gradients.factored import resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
@@ -69,7 +70,7 @@ class InfluenceAnalysis:
         chunk_size: samples per ``vmap`` chunk of the vmap engine (or of the factored engine's fallback).
         engine: the per-sample gradient engine for test gradients: ``"auto"`` (default: the
             factored engine where the model has layer rules, else vmap), ``"factored"``,
-            ``"vmap"``, or an engine instance; any engine gives the same rows.
+            ``"vmap"``, ``"loop"``, or an engine instance; any engine gives the same rows.
         progress: show progress bars over checkpoints.
         block_bytes: at most this many bytes of training rows (as fp32) are in memory at once;
             together with ``train_block`` it sets the block (one checkpoint's rows at a time).
@@ -578,6 +579,8 @@ def _warn_nonfinite(store: GradientStore) -> None:
 
 def _is_shape_error(err: RuntimeError) -> bool:
     # torch reports mismatched inputs as RuntimeErrors about shapes or sizes (matmul, conv, reshape, broadcasting).
+    if isinstance(err, EngineUnsupportedError):  # the loss ran; the engine cannot differentiate it
+        return False
     msg = str(err)
     return any(key in msg for key in ("shape", "size of tensor", "sizes", "Expected input", "expected input"))
 

@@ -106,8 +106,10 @@ class TrajectoryRecorder(pl.Callback):
         chunk_size: samples per ``vmap`` chunk (of the vmap engine, or of the factored engine's
             fallback; bounds memory; default: the whole batch).
         engine: the per-sample gradient engine: ``"auto"`` (the factored hook engine where the
-            tracked layers have rules, else ``"vmap"``), ``"factored"``, ``"vmap"``, or any
-            :class:`~lightning_influence.gradients.PerSampleGradientEngine`. The manifest records the
+            tracked layers have rules, else ``"vmap"``), ``"factored"``, ``"vmap"``, ``"loop"`` (one
+            autograd backward per sample: for layers ``vmap`` cannot batch, such as ``nn.GRU``), or any
+            :class:`~lightning_influence.gradients.PerSampleGradientEngine` (e.g.
+            ``FactoredEngine(fallback=LoopEngine())``). The manifest records the
             engine and the rule behind every parameter block; rows do not depend on it, so analysis
             may use another engine.
         factored_storage: exact factored storage (exact rows only; default off). Every tracked
@@ -158,7 +160,7 @@ class TrajectoryRecorder(pl.Callback):
         nonfinite: Literal["raise", "skip"] = "raise",
         batch_size: int = 64,
         chunk_size: int | None = None,
-        engine: Literal["auto", "factored", "vmap"] | PerSampleGradientEngine = "auto",
+        engine: Literal["auto", "factored", "vmap", "loop"] | PerSampleGradientEngine = "auto",
         seed: int = 0,
         overwrite: bool = False,
         verbose: bool = False,
@@ -193,13 +195,13 @@ class TrajectoryRecorder(pl.Callback):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(engine, str):
-            if engine not in ("auto", "factored", "vmap"):
+            if engine not in ("auto", "factored", "vmap", "loop"):
                 raise MisconfigurationException(
-                    f"`engine` must be 'auto', 'factored', 'vmap' or a PerSampleGradientEngine, got {engine!r}."
+                    f"`engine` must be 'auto', 'factored', 'vmap', 'loop' or a PerSampleGradientEngine, got {engine!r}."
                 )
         elif not isinstance(engine, PerSampleGradientEngine):
             raise MisconfigurationException(
-                f"`engine` must be 'auto', 'factored', 'vmap' or implement"
+                f"`engine` must be 'auto', 'factored', 'vmap', 'loop' or implement"
                 f" lightning_influence.gradients.PerSampleGradientEngine, got {engine!r}."
             )
         elif chunk_size is not None:
