@@ -554,22 +554,30 @@ def test_a_tracked_layer_the_loss_never_calls_has_a_zero_gradient():
     assert not dense_gradient(fact["1.weight"]).any() and dense_gradient(fact["0.weight"]).any()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_capture_ranks_like_fp32_on_cuda(dtype):
+def test_half_precision_capture_ranks_like_fp32(dtype, device):
+    # Under autocast the captured a and g are half precision (fp16 g under a loss scale): the
+    # issue's acceptance is per-query Spearman >= 0.99 and top-10 overlap >= 0.9 against fp32.
     torch.manual_seed(14)
-    vae = ConvVAE(image_size=16, channels=1, width=8, latent_dim=4, influence_draws=4).cuda()
+    vae = ConvVAE(image_size=16, channels=1, width=8, latent_dim=4, influence_draws=4).to(device)
     names = [n for n, _ in vae.named_parameters()]
     loss = lambda m, b: m.per_sample_loss(b)  # noqa: E731
-    x = torch.rand(96, 1, 16, 16, device="cuda")
+    x = torch.rand(96, 1, 16, 16, device=device)
     ids = torch.arange(96)
-    ref_state = cast_state(module_state(vae), GradientPrecision(), torch.device("cuda"))
+    ref_state = cast_state(module_state(vae), GradientPrecision(), torch.device(device))
     ref, _ = GradientFeaturizer(vae, loss, names, engine=FactoredEngine()).rows(x, ids, ref_state)
     prec = GradientPrecision(mode="mixed", dtype=dtype)
-    state = cast_state(module_state(vae), prec, torch.device("cuda"))
+    state = cast_state(module_state(vae), prec, torch.device(device))
     rows, bad = GradientFeaturizer(vae, loss, names, engine=FactoredEngine(), precision=prec).rows(x, ids, state)
     assert not bad.any()
+    assert float((rows.float() - ref).norm() / ref.norm()) > 1e-4  # computed in half precision, not fp32
     s_ref, s_half = (ref[:16] @ ref[16:].T).cpu(), (rows[:16] @ rows[16:].T).cpu()
     rho = torch.stack([spearman_corrcoef(a, b) for a, b in zip(s_half, s_ref)])
     assert rho.min() >= 0.99, rho
