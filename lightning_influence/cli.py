@@ -319,7 +319,10 @@ def record(
     dirpath: str = "runs/influence_posthoc",
     params: Optional[list[str]] = None,
     projection_dim: Optional[int] = None,
+    projection_kind: Literal["sjlt", "rademacher", "gaussian", "kronecker"] = "sjlt",
     grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    engine: Literal["auto", "factored", "vmap", "loop"] = "auto",
+    factored_storage: bool = False,
     steps_per_epoch: Optional[int] = None,
     accumulate_grad_batches: int = 1,
     batch_size: int = 64,
@@ -335,7 +338,11 @@ def record(
         dirpath: the new store's directory.
         params: parameter names or module prefixes to track (default: all trainable).
         projection_dim: random projection width (default: exact gradients).
+        projection_kind: the projection (``kronecker``: per layer, from the factored engine's factors).
         grad_dtype: storage dtype.
+        engine: the per-sample gradient engine (``auto``: factored where layers have rules, else vmap;
+            ``loop`` for layers vmap cannot batch, such as GRU).
+        factored_storage: store exact gradients of large layers as their factors (exact rows only).
         steps_per_epoch: optimizer steps per epoch (default: from the training DataLoader).
         accumulate_grad_batches: the run's gradient accumulation.
         batch_size: samples per gradient batch.
@@ -351,7 +358,10 @@ def record(
         dm,
         params=params,
         projection_dim=projection_dim,
+        projection_kind=projection_kind,
         grad_dtype=grad_dtype,
+        engine=engine,
+        factored_storage=factored_storage,
         steps_per_epoch=steps_per_epoch,
         accumulate_grad_batches=accumulate_grad_batches,
         batch_size=batch_size,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,14 +32,14 @@ from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import num_samples
 from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.factored import describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.gradients.vmap import VmapEngine
 from lightning_influence.trajectory.store import GradientStore, GradientStoreWriter, header_for
-from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
+from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
 from lightning_influence.utils.modes import module_device
 
 __all__ = ["checkpoint_learning_rates", "record_from_checkpoints"]
@@ -119,13 +120,14 @@ def record_from_checkpoints(
     train_loss: PerSampleLoss | None = None,
     params: Sequence[str] | str | None = None,
     projection_dim: int | None = None,
-    projection_kind: Literal["sjlt", "rademacher", "gaussian"] = "sjlt",
+    projection_kind: Literal["sjlt", "rademacher", "gaussian", "kronecker"] = "sjlt",
     grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
     steps_per_epoch: int | None = None,
     accumulate_grad_batches: int = 1,
     batch_size: int = 64,
     chunk_size: int | None = None,
-    engine: PerSampleGradientEngine | None = None,
+    engine: Literal["auto", "factored", "vmap", "loop"] | PerSampleGradientEngine | None = "auto",
+    factored_storage: bool = False,
     device: torch.device | str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -149,14 +151,19 @@ def record_from_checkpoints(
         train_loss: ``train_loss(module, batch) -> Tensor[B]`` (default: ``model.per_sample_loss``).
         params: parameter names or module prefixes to track (default: all trainable).
         projection_dim: ``None`` for exact gradients, or the width of a seeded random projection.
-        projection_kind: ``"sjlt"``, ``"rademacher"`` or ``"gaussian"``.
+        projection_kind: ``"sjlt"``, ``"rademacher"``, ``"gaussian"`` or ``"kronecker"`` (per layer
+            from the factored engine's factors), as for :class:`~lightning_influence.TrajectoryRecorder`.
         grad_dtype: storage dtype of the gradient rows.
         steps_per_epoch: optimizer steps per epoch (default: the training DataLoader's length divided
             by ``accumulate_grad_batches``; required when ``data`` is a Dataset).
         accumulate_grad_batches: the trainer's gradient accumulation.
         batch_size: samples per gradient batch.
-        chunk_size: samples per ``vmap`` chunk of the default engine.
-        engine: the per-sample gradient engine (default ``VmapEngine(chunk_size)``).
+        chunk_size: samples per ``vmap`` chunk (of the vmap engine, or of the factored engine's fallback).
+        engine: the per-sample gradient engine, as for :class:`~lightning_influence.TrajectoryRecorder`:
+            ``"auto"`` (default), ``"factored"``, ``"vmap"`` (also ``None``), ``"loop"`` or an engine
+            instance. The rows do not depend on it; the manifest records the engine and its rules.
+        factored_storage: exact factored storage, as for :class:`~lightning_influence.TrajectoryRecorder`
+            (layers whose factors are smaller than their gradient are stored as factors; exact rows only).
         device: where to compute (default: the model's device).
         seed: projection and noise seed (the recorder's ``seed``).
         overwrite: replace an existing store at ``dirpath``.
@@ -167,8 +174,14 @@ def record_from_checkpoints(
 
     Raises:
         ValueError: on an empty checkpoint list, a checkpoint without optimizer state, two
-            checkpoints at the same step, or unknown ``steps_per_epoch``.
+            checkpoints at the same step, unknown ``steps_per_epoch``, or ``factored_storage`` with a
+            ``projection_dim``.
     """
+    if factored_storage and projection_dim is not None:
+        raise ValueError(
+            "`factored_storage=True` stores exact gradients as layer factors; it cannot be combined with"
+            f" `projection_dim`={projection_dim}. Use one of them."
+        )
     paths = [str(p) for p in checkpoints]
     if not paths:
         raise ValueError("`checkpoints` is empty: pass at least one Lightning .ckpt file.")
@@ -200,11 +213,26 @@ def record_from_checkpoints(
         module,
         loss_fn,
         names,
-        engine=engine if engine is not None else VmapEngine(chunk_size),
+        engine=resolve_engine(engine, module, names, chunk_size),
         precision=precision,
         argname="train_loss",
         noise_seed=seed,
     )
+    # At the first checkpoint's weights: an unusable loss fails before anything is written, and the
+    # engine's checks run once, so the manifest records the rules it will use.
+    module.load_state_dict(loaded[0][0]["state_dict"])
+    shapes = {n: tuple(named[n].shape) for n in names}
+    first_projection = RandomProjection.for_shapes(spec, shapes, checkpoint=0) if spec is not None else None
+    probe_rows(featurizer, module, dataset, collate=collate, projection=first_projection, argname="data")
+    layout: dict[str, dict[str, Any]] = {}
+    if factored_storage:
+        layout = factor_layout(featurizer, module, dataset, collate=collate, argname="data")
+        if not layout:
+            warnings.warn(
+                "record_from_checkpoints: `factored_storage=True` but no tracked parameter has layer factors smaller"
+                f" than its gradient (engine {featurizer.engine.name!r}); every gradient is stored densely.",
+                stacklevel=2,
+            )
     hparams = getattr(module, "hparams", None)
     header = header_for(
         n_samples=num_samples(dataset, "data"),
@@ -219,9 +247,10 @@ def record_from_checkpoints(
             "model": type(module).__qualname__,
             "model_class": f"{type(module).__module__}.{type(module).__qualname__}",
             "hparams": _json_or_none(dict(hparams)) if hparams else None,
-            "engine": featurizer.engine.name,
+            **describe_engine(featurizer.engine, module, names, loss_fn),
             "posthoc": {"checkpoints": [p for _, p in loaded], "steps_per_epoch": steps_per_epoch},
         },
+        factored=layout or None,
     )
     writer = GradientStoreWriter(dirpath, header, overwrite=overwrite)
     group_names = _param_group_names(module, len(checkpoint_learning_rates(loaded[0][0], loaded[0][1])))
@@ -241,7 +270,6 @@ def record_from_checkpoints(
         cw = writer.begin_checkpoint()
         projection = None
         if spec is not None:
-            shapes = {n: tuple(named[n].shape) for n in names}
             projection = RandomProjection.for_shapes(spec, shapes, checkpoint=cw.index)
         try:
             bad = sweep_rows(
@@ -252,6 +280,7 @@ def record_from_checkpoints(
                 batch_size=batch_size,
                 collate=collate,
                 projection=projection,
+                factored=list(layout),
                 param_scales=scales,
                 argname="data",
             )

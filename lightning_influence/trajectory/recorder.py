@@ -16,21 +16,20 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.data.batches import iterate_batches, num_samples
+from lightning_influence.data.batches import num_samples
 from lightning_influence.errors import StoreError
-from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine
+from lightning_influence.gradients.engine import PerSampleGradientEngine
 from lightning_influence.gradients.factored import describe_engine, resolve_engine
-from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
 from lightning_influence.gradients.precision import precision_from_trainer
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.gradients.split import bias_partners, stores_smaller
 from lightning_influence.trajectory.store import (
     MANIFEST,
     CheckpointWriter,
@@ -38,9 +37,8 @@ from lightning_influence.trajectory.store import (
     header_for,
     shard_bounds,
 )
-from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
+from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
 from lightning_influence.utils.distributed import all_gather_objects
-from lightning_influence.utils.modes import isolated
 
 __all__ = ["TrajectoryRecorder"]
 
@@ -460,44 +458,15 @@ class TrajectoryRecorder(pl.Callback):
     def _probe(self, pl_module: pl.LightningModule) -> None:
         """Fail before training, not after the first epoch, if the loss is unusable."""
         assert self._featurizer is not None
-        with isolated(pl_module):
-            ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
-            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
-            batch = move_data_to_device(batch, pl_module.device)
-            try:
-                rows, _ = self._featurizer.rows(batch, ids, state, projection=self._projection(0))
-            except (TypeError, ValueError) as err:
-                raise MisconfigurationException(f"TrajectoryRecorder: {err}") from err
-        if rows.shape != (len(ids), self._featurizer.dim(self._projection(0))):
-            raise MisconfigurationException(
-                f"`train_loss` produced gradient rows of shape {tuple(rows.shape)} for {len(ids)} samples."
-            )
+        try:
+            probe_rows(self._featurizer, pl_module, self._data, collate=self._collate, projection=self._projection(0))
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"TrajectoryRecorder: {err}") from err
 
     def _factor_layout(self, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
         """The parameters to store as factors (smaller than their gradient), with positions and sizes."""
         assert self._featurizer is not None
-        with isolated(pl_module):
-            ids, batch = next(iterate_batches(self._data, min(2, self.batch_size), self._collate, name="dataset"))
-            state = cast_state(module_state(pl_module, upcast=False), self._featurizer.precision, pl_module.device)
-            batch = move_data_to_device(batch, pl_module.device)
-            split, _ = self._featurizer.split_rows(batch, ids, state, factored=self._names)
-        layout: dict[str, dict[str, Any]] = {}
-        for name in self._names:
-            f = split.factors[name]
-            if stores_smaller(f):
-                assert isinstance(f, LayerFactors) and f.inputs is not None
-                layout[name] = {
-                    "positions": int(f.output_grads.shape[1]),
-                    "inputs": int(f.inputs.shape[2]),
-                    "outputs": int(f.output_grads.shape[2]),
-                    "groups": int(f.groups),
-                    "shape": [int(x) for x in f.shape],
-                }
-        # A stored layer's bias is its g summed over positions: kept as nothing but a reference.
-        for bias, weight in bias_partners(split).items():
-            if weight in layout:
-                layout[bias] = {"bias_of": weight, "shape": [int(x) for x in split.factors[bias].shape]}
-        layout = {n: layout[n] for n in self._names if n in layout}
+        layout = factor_layout(self._featurizer, pl_module, self._data, collate=self._collate)
         if not layout:
             rank_zero_warn(
                 "TrajectoryRecorder: `factored_storage=True` but no tracked parameter has layer factors smaller than"

@@ -16,14 +16,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.gradients.engine import LayerFactors
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state
 from lightning_influence.gradients.projection import RandomProjection
-from lightning_influence.gradients.split import SplitRows
+from lightning_influence.gradients.split import SplitRows, bias_partners, stores_smaller
 from lightning_influence.utils.modes import isolated, module_device
 
-__all__ = ["RowSink", "learning_rate_scales", "sweep_rows"]
+__all__ = ["RowSink", "factor_layout", "learning_rate_scales", "probe_rows", "sweep_rows"]
 
 
 class RowSink(Protocol):
@@ -131,3 +132,78 @@ def sweep_rows(
                 bad.extend(ids[nonfinite.cpu()].tolist())
             out.write_rows(ids, rows)
     return bad
+
+
+def _first_batch(
+    featurizer: GradientFeaturizer,
+    module: nn.Module,
+    data: Any,
+    collate: Callable[[list[Any]], Any] | None,
+    argname: str,
+) -> tuple[Tensor, Any, dict[str, Tensor]]:
+    # Two samples: enough for the engine's checks of how rows belong to samples.
+    ids, batch = next(iterate_batches(data, 2, collate, name=argname))
+    state = cast_state(module_state(module, upcast=False), featurizer.precision, module_device(module))
+    return ids, move_data_to_device(batch, module_device(module)), state
+
+
+def probe_rows(
+    featurizer: GradientFeaturizer,
+    module: nn.Module,
+    data: Any,
+    *,
+    collate: Callable[[list[Any]], Any] | None = None,
+    projection: RandomProjection | None = None,
+    argname: str = "dataset",
+) -> Tensor:
+    """The rows of the first two samples: fails early on an unusable loss, and runs the engine's checks once.
+
+    After it, :func:`~lightning_influence.gradients.factored.describe_engine` with the featurizer's
+    loss describes the engine as it will run (the factored engine's checked plan).
+
+    Raises:
+        ValueError: if the rows do not have the featurizer's width.
+    """
+    with isolated(module):
+        ids, batch, state = _first_batch(featurizer, module, data, collate, argname)
+        rows, _ = featurizer.rows(batch, ids, state, projection=projection)
+    if rows.shape != (len(ids), featurizer.dim(projection)):
+        raise ValueError(f"`train_loss` produced gradient rows of shape {tuple(rows.shape)} for {len(ids)} samples.")
+    return rows
+
+
+def factor_layout(
+    featurizer: GradientFeaturizer,
+    module: nn.Module,
+    data: Any,
+    *,
+    collate: Callable[[list[Any]], Any] | None = None,
+    argname: str = "dataset",
+) -> dict[str, dict[str, Any]]:
+    """The parameters exact factored storage keeps as factors, with their positions and sizes (the header's ``factored``).
+
+    A parameter is kept as its layer's inputs and output gradients when those are smaller than its
+    gradient (:func:`~lightning_influence.gradients.split.stores_smaller`); such a layer's bias is
+    kept as nothing but a reference (its gradient is ``g`` summed over positions). Measured on the
+    first two samples, so the positions must not change between batches. Empty when no parameter
+    qualifies (an engine without factors, or only small layers).
+    """
+    with isolated(module):
+        ids, batch, state = _first_batch(featurizer, module, data, collate, argname)
+        split, _ = featurizer.split_rows(batch, ids, state, factored=featurizer.param_names)
+    layout: dict[str, dict[str, Any]] = {}
+    for name in featurizer.param_names:
+        f = split.factors[name]
+        if stores_smaller(f):
+            assert isinstance(f, LayerFactors) and f.inputs is not None
+            layout[name] = {
+                "positions": int(f.output_grads.shape[1]),
+                "inputs": int(f.inputs.shape[2]),
+                "outputs": int(f.output_grads.shape[2]),
+                "groups": int(f.groups),
+                "shape": [int(x) for x in f.shape],
+            }
+    for bias, weight in bias_partners(split).items():
+        if weight in layout:
+            layout[bias] = {"bias_of": weight, "shape": [int(x) for x in split.factors[bias].shape]}
+    return {n: layout[n] for n in featurizer.param_names if n in layout}

@@ -61,3 +61,51 @@ def test_a_test_set_of_none_names_setup_test(run):
     vae, _, _, store_path, _, _, _ = run
     with pytest.raises(TypeError, match=r"`test_data` is None.*dm.setup\('test'\)"):
         InfluenceAnalysis(store_path, vae).tracin(None)
+
+
+def test_post_hoc_factored_storage_and_engine_rules_match_the_callback(run):
+    vae, _, loader, store_path, files, root, queries = run
+    live = InfluenceAnalysis(store_path, vae)
+    posthoc = record_from_checkpoints(
+        files, root / "posthoc_fs", MLPVAE, loader, batch_size=48, factored_storage=True, progress=False
+    )
+    # The engine ran its checks before the header was written: the manifest has the rules it used.
+    for key in ("engine", "engine_rules"):
+        assert posthoc.manifest["extra"][key] == live.store.manifest["extra"][key]
+    assert posthoc.manifest["extra"]["engine"] == "factored"
+    assert "encoder.0.weight" in posthoc.factored  # 16 + 64 values per sample instead of 1024
+    ph = InfluenceAnalysis(posthoc, MLPVAE(**posthoc.manifest["extra"]["hparams"]))
+    got, ref = ph.tracin(queries), live.tracin(queries)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5  # factors against dense vmap rows: float rounding
+
+
+def test_post_hoc_kronecker_projection_is_the_same_from_factors_and_from_dense_gradients(run):
+    _, _, loader, _, files, root, _ = run
+    stores = {
+        engine: record_from_checkpoints(
+            files,
+            root / f"kron_{engine}",
+            MLPVAE,
+            loader,
+            batch_size=48,
+            projection_dim=256,
+            projection_kind="kronecker",
+            engine=engine,
+            progress=False,
+        )
+        for engine in ("factored", "vmap")
+    }
+    assert stores["factored"].manifest["projection"]["kind"] == "kronecker"
+    for a, b in zip(stores["factored"].checkpoints, stores["vmap"].checkpoints):
+        ra, rb = a.gradients(), b.gradients()
+        assert ra.shape == (96, 256)
+        assert float((ra - rb).norm() / rb.norm()) < 1e-5
+
+
+def test_post_hoc_refuses_factored_storage_with_a_projection_and_an_unknown_engine(run, tmp_path):
+    _, _, loader, _, files, _, _ = run
+    with pytest.raises(ValueError, match=r"`factored_storage=True` .* `projection_dim`=64"):
+        record_from_checkpoints(files, tmp_path / "a", MLPVAE, loader, projection_dim=64, factored_storage=True)
+    with pytest.raises(ValueError, match=r"`engine` must be 'vmap', 'factored', 'auto', 'loop'"):
+        record_from_checkpoints(files, tmp_path / "b", MLPVAE, loader, engine="fast")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

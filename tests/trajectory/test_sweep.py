@@ -11,7 +11,7 @@ from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.split import SplitRows
 from lightning_influence.models import MLPVAE
-from lightning_influence.trajectory.sweep import learning_rate_scales, sweep_rows
+from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
 
 
 class _Sink:
@@ -117,3 +117,42 @@ def test_learning_rate_scales_fold_group_rates_into_one_eta():
     assert math.isclose(folded, direct, rel_tol=1e-6, abs_tol=1e-9)
     with pytest.raises(ValueError, match="`per_param` is empty"):
         learning_rate_scales({})
+
+
+def test_factor_layout_keeps_layers_whose_factors_are_smaller_and_their_biases_by_reference():
+    torch.manual_seed(0)
+    vae = MLPVAE(input_dim=64, hidden_dim=32, latent_dim=2, influence_draws=2)
+    names = [n for n, _ in vae.named_parameters()]
+    data = TensorDataset(torch.rand(6, 64))
+    layout = factor_layout(GradientFeaturizer(vae, _loss, names, engine=FactoredEngine()), vae, data)
+    # encoder.0 is 32 x 64 with one position: 96 values per sample instead of 2048. decoder.0 is
+    # 32 x 2 with two draws: 2 (2 + 32) = 68 values are more than its 64 entries, so it stays dense.
+    assert layout["encoder.0.weight"] == {"positions": 1, "inputs": 64, "outputs": 32, "groups": 1, "shape": [32, 64]}
+    assert layout["decoder.2.weight"]["positions"] == 2
+    assert layout["encoder.0.bias"] == {"bias_of": "encoder.0.weight", "shape": [32]}
+    assert "decoder.0.weight" not in layout and "decoder.0.bias" not in layout
+    assert list(layout) == [n for n in names if n in layout]  # the store's column order
+    vmap = GradientFeaturizer(vae, _loss, names)  # dense gradients only: nothing to keep as factors
+    assert factor_layout(vmap, vae, data) == {}
+
+
+def test_probe_rows_runs_the_engines_checks_before_anything_is_recorded():
+    from lightning_influence.gradients.factored import describe_engine
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t())
+
+    net = Tied()
+    names = [n for n, _ in net.named_parameters()]
+    loss = lambda m, b: (m(b[0]) - b[0]).pow(2).sum(1)  # noqa: E731
+    feat = GradientFeaturizer(net, loss, names, engine=FactoredEngine())
+    assert describe_engine(feat.engine, net, names, loss)["engine_rules"]["enc.weight"] == "linear"  # unchecked
+    with pytest.warns(UserWarning, match="read outside the layer"):
+        rows = probe_rows(feat, net, TensorDataset(torch.rand(5, 6)))
+    assert rows.shape == (2, feat.dim())
+    assert describe_engine(feat.engine, net, names, loss)["engine_rules"]["enc.weight"] == "vmap"
