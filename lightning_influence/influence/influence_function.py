@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from lightning_influence.data.batches import iterate_batches, num_samples
 from lightning_influence.errors import ConfigurationError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.factored import resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, check_per_sample_loss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream, fixed_noise
 from lightning_influence.gradients.parameters import resolve_parameter_names
-from lightning_influence.gradients.vmap import VmapEngine
 from lightning_influence.influence.curvature import EigenEstimate, HVPMode
 from lightning_influence.influence.diagnostics import InfluenceDiagnostics
 from lightning_influence.influence.hessian import BlockCurvature
@@ -92,7 +92,9 @@ class InfluenceFunction:
             anyway; CG then reports no eigenvalues; LiSSA always needs them for its scale.
         noise_seed: seed of the keyed reparameterisation noise (use the recorder's seed).
         chunk_size: ``vmap`` chunk of the default per-sample gradient engine.
-        engine: the per-sample gradient engine (default: ``VmapEngine(chunk_size)``).
+        engine: the per-sample gradient engine: ``"vmap"`` (default, also ``None``), ``"factored"``,
+            ``"auto"``, ``"loop"`` (for layers ``vmap`` cannot batch, such as ``nn.GRU``) or an engine
+            instance, as for :class:`~lightning_influence.TrajectoryRecorder`.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` for a solver that does not converge.
         hessian_data: data for the Hessian if not ``train_data`` (e.g. a subsample); default ``train_data``.
         hessian_batch_size: samples per Hessian-vector-product batch (default ``max(batch_size, 512)``:
@@ -131,7 +133,7 @@ class InfluenceFunction:
         eigen_iters: int = 30,
         noise_seed: int = 0,
         chunk_size: int | None = None,
-        engine: PerSampleGradientEngine | None = None,
+        engine: Literal["vmap", "factored", "auto", "loop"] | PerSampleGradientEngine | None = None,
         on_failure: OnFailure = "warn",
         hessian_data: Any = None,
         hessian_batch_size: int | None = None,
@@ -186,7 +188,10 @@ class InfluenceFunction:
         first = next(iter(self.params.values()))
         self.device = first.device
         self.dtype = first.dtype
-        self.engine: PerSampleGradientEngine = engine if engine is not None else VmapEngine(chunk_size)
+        try:
+            self.engine: PerSampleGradientEngine = resolve_engine(engine, model, self.param_names, chunk_size)
+        except (TypeError, ValueError) as err:
+            raise ConfigurationError(str(err)) from err
         self.curvature = BlockCurvature(
             model,
             self.train_loss,

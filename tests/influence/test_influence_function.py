@@ -1,5 +1,7 @@
 """InfluenceFunction on L2-regularised logistic regression (breast cancer, float64) against closed forms and LOO."""
 
+import warnings
+
 import pytest
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -111,6 +113,19 @@ def test_exact_matches_closed_form(problem, exact_scores):
     assert d.smallest_eigenvalue == pytest.approx(float(ev[0]), rel=1e-8)
     assert d.largest_eigenvalue == pytest.approx(float(ev[-1]), rel=1e-8)
     assert not d.negative_curvature and d.n_train == N_TRAIN and d.n_test == N_TEST
+
+
+@pytest.mark.parametrize("engine", ["factored", "auto", "loop"])
+def test_every_engine_gives_the_closed_form(problem, engine):
+    # The loss reads the weight outside its layer (the L2 penalty): the factored engine must see it
+    # and send the weight to its fallback, or the scores would miss the penalty's gradient.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inf = InfluenceFunction(problem["model"], problem["train"], solver="exact", damping=DAMPING, engine=engine)
+        scores = inf.influence(problem["test"])
+    assert (scores - problem["closed"]).norm() / problem["closed"].norm() < 1e-6
+    penalty_seen = any("'linear.weight' (by torch.Tensor.pow) is read outside" in str(w.message) for w in caught)
+    assert penalty_seen == (engine != "loop")
 
 
 @pytest.mark.parametrize(
@@ -270,6 +285,8 @@ def test_bad_inputs_raise_clear_errors(problem):
         InfluenceFunction(model, problem["train"], damping=-1.0)
     with pytest.raises(MisconfigurationException, match="`train_loss`"):
         InfluenceFunction(nn.Linear(30, 1), problem["train"])
+    with pytest.raises(MisconfigurationException, match="`engine` must be 'vmap', 'factored', 'auto', 'loop'"):
+        InfluenceFunction(model, problem["train"], engine="hooks")
 
 
 def test_singular_hessian_with_zero_damping_raises(problem):
