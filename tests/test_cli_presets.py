@@ -49,3 +49,31 @@ def test_cli_reports_a_bad_recorder_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(["--config", str(bad), "--trainer.logger=false"])
     assert "grad_dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("engine", "expected"),
+    [
+        ("loop", "loop"),
+        (
+            "{class_path: lightning_influence.gradients.VmapEngine, init_args: {chunk_size: 16}}",
+            "VmapEngine(chunk_size=16)",
+        ),
+        (
+            "{class_path: lightning_influence.gradients.FactoredEngine,"
+            " init_args: {fallback: {class_path: lightning_influence.gradients.LoopEngine}}}",
+            "FactoredEngine(fallback=LoopEngine())",
+        ),
+    ],
+)
+def test_a_config_chooses_the_engine_by_name_or_class_path(engine, expected, tmp_path):
+    # jsonargparse accepts a class for a Protocol-typed argument only if its methods' signatures
+    # match the protocol's, return types included.
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_influence.TrajectoryRecorder\n"
+        f"      init_args:\n        dirpath: runs/x\n        engine: {engine}\n"
+    )
+    cli = _cli(["--config", str(cfg), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+    (rec,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, TrajectoryRecorder)]
+    assert (rec.engine if isinstance(rec.engine, str) else repr(rec.engine)) == expected

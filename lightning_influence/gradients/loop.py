@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.data.batches import batch_size_of, slice_batch
+from lightning_influence.gradients.engine import PerSampleGradients
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
 
 __all__ = ["LoopEngine"]
@@ -61,7 +62,7 @@ class LoopEngine:
         noise_stream: int,
         loss_scale: float = 1.0,
         argname: str = "loss_fn",
-    ) -> dict[str, Tensor]:
+    ) -> PerSampleGradients:  # dense tensors only; the protocol's type, so jsonargparse sees it implemented
         if not params:
             raise ValueError("`params` is empty: name at least one parameter to differentiate.")
         names = list(params)

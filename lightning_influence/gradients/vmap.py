@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_influence.data.batches import slice_batch, tensor_leaves
 from lightning_influence.errors import EngineUnsupportedError
+from lightning_influence.gradients.engine import PerSampleGradients
 from lightning_influence.gradients.losses import LossCall, ModuleCall, PerSampleLoss, check_per_sample_loss
 from lightning_influence.gradients.noise import NoiseStream, fixed_noise
 from lightning_influence.gradients.parameters import module_state
@@ -155,7 +156,7 @@ class VmapEngine:
         noise_stream: int,
         loss_scale: float = 1.0,
         argname: str = "loss_fn",
-    ) -> dict[str, Tensor]:
+    ) -> PerSampleGradients:  # dense tensors only; the protocol's type, so jsonargparse sees it implemented
         return per_sample_gradients(
             module,
             loss_fn,
