@@ -256,6 +256,7 @@ def analyze(
     unbiased: bool = False,
     embedding: bool = True,
     batch_size: int = 256,
+    engine: Literal["auto", "factored", "vmap", "loop"] = "auto",
     device: Optional[str] = None,
     progress: bool = True,
 ) -> dict[str, Path]:
@@ -276,6 +277,8 @@ def analyze(
         embedding: also write TensorBoard's embedding projector (training samples at the encoder's
             posterior means, coloured by self-influence), for models with ``encode(x) -> (mu, ...)``.
         batch_size: samples per gradient batch.
+        engine: the per-sample gradient engine of the queries (``auto``: factored where layers have rules,
+            the loop engine wherever the recording used it; any engine gives the same rows).
         device: where to compute (default: CPU).
         progress: progress bars over checkpoints.
 
@@ -294,7 +297,7 @@ def analyze(
     if device is not None:
         net.to(device)
     test = _queries(dm, split, queries)
-    analysis = InfluenceAnalysis(gs, net, train_data=train, batch_size=batch_size, progress=progress)
+    analysis = InfluenceAnalysis(gs, net, train_data=train, batch_size=batch_size, engine=engine, progress=progress)
     summary = analysis.summary(test, k=k, measurement=measurement, unbiased=unbiased)
     losses = per_sample_losses(net, gs, train, batch_size)
     out = Path(logdir) if logdir else gs.path.with_name(gs.path.name + "_analysis")

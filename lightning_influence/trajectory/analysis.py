@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from lightning_influence.data.batches import iterate_batches, num_samples, subset, tensor_leaves
 from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import resolve_engine
+from lightning_influence.gradients.factored import FactoredEngine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
+from lightning_influence.gradients.loop import LoopEngine
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.split import SplitRows, cat_split_rows
@@ -69,8 +70,9 @@ class InfluenceAnalysis:
         train_block: at most this many training rows are read from the store at once.
         chunk_size: samples per ``vmap`` chunk of the vmap engine (or of the factored engine's fallback).
         engine: the per-sample gradient engine for test gradients: ``"auto"`` (default: the
-            factored engine where the model has layer rules, else vmap), ``"factored"``,
-            ``"vmap"``, ``"loop"``, or an engine instance; any engine gives the same rows.
+            factored engine where the model has layer rules, else vmap; the loop engine for the
+            parameters the recording computed with it), ``"factored"``, ``"vmap"``, ``"loop"``, or
+            an engine instance; any engine gives the same rows.
         progress: show progress bars over checkpoints.
         block_bytes: at most this many bytes of training rows (as fp32) are in memory at once;
             together with ``train_block`` it sets the block (one checkpoint's rows at a time).
@@ -126,7 +128,7 @@ class InfluenceAnalysis:
         self.device = torch.device(device) if device is not None else module_device(model)
         self.batch_size = batch_size
         self.train_block = train_block
-        self.engine: PerSampleGradientEngine = resolve_engine(engine, model, self.store.param_names, chunk_size)
+        self.engine: PerSampleGradientEngine = _analysis_engine(engine, model, self.store, chunk_size)
         self.progress = progress
         self.block_bytes = block_bytes
         self.cache_bytes = cache_bytes
@@ -575,6 +577,23 @@ def _warn_nonfinite(store: GradientStore) -> None:
     bad = sorted({i for c in store.checkpoints for i in c.nonfinite})
     if bad:
         rank_zero_warn(f"{len(bad)} training sample(s) have non-finite recorded gradients; their scores are NaN.")
+
+
+def _analysis_engine(
+    engine: str | PerSampleGradientEngine | None, model: nn.Module, store: GradientStore, chunk_size: int | None
+) -> PerSampleGradientEngine:
+    """:func:`resolve_engine`; with ``"auto"``, the loop engine wherever the store's recording needed it.
+
+    A parameter the recorder computed with the loop engine is one ``vmap`` could not batch (an
+    ``nn.GRU``): the test side would fail on it the same way.
+    """
+    names = store.param_names
+    rules = store.manifest.get("extra", {}).get("engine_rules") or {}
+    if engine == "auto" and "loop" in rules.values():
+        if set(rules.values()) == {"loop"}:
+            return LoopEngine()
+        return FactoredEngine(chunk_size, fallback=LoopEngine())
+    return resolve_engine(engine, model, names, chunk_size)
 
 
 def _is_shape_error(err: RuntimeError) -> bool:

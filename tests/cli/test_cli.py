@@ -74,10 +74,19 @@ def test_help_prints_the_documented_arguments(tmp_path):
     for arg in ("--model", "--data", "--config", "--print_config", "--trainer.max_epochs", "--trainer.callbacks"):
         assert arg in fit, arg
     analyze = run_cli("analyze", "--help", cwd=tmp_path).stdout
-    for arg in ("store", "--model", "--data", "--k", "--queries", "--logdir", "--measurement", "--split"):
+    for arg in ("store", "--model", "--data", "--k", "--queries", "--logdir", "--measurement", "--split", "--engine"):
         assert arg in analyze, arg
     record = run_cli("record", "--help", cwd=tmp_path).stdout
-    for arg in ("--ckpt", "--model", "--data", "--dirpath", "--projection_dim"):
+    for arg in (
+        "--ckpt",
+        "--model",
+        "--data",
+        "--dirpath",
+        "--projection_dim",
+        "--projection_kind",
+        "--engine",
+        "--factored_storage",
+    ):
         assert arg in record, arg
 
 

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import GradientStore, InfluenceAnalysis, TrajectoryRecorder
+from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients import FactoredEngine, LoopEngine, VmapEngine, module_state, resolve_engine
 from lightning_influence.gradients.engine import LayerFactors, dense_gradient
 from lightning_influence.models import MLPVAE
@@ -188,6 +189,9 @@ def test_a_gru_model_records_with_the_loop_fallback_and_scores_like_the_loop_eng
     got = InfluenceAnalysis(stores["mixed"], models["mixed"], engine=FactoredEngine(fallback=LoopEngine())).tracin(q)
     assert ref.abs().sum() > 0
     assert _rel(got, ref) < 1e-5
-    # Auto (factored with a vmap fallback) stops at the first batch and says what to do.
-    with pytest.raises(RuntimeError, match=r"FactoredEngine\(fallback=LoopEngine\(\)\)"):
-        InfluenceAnalysis(stores["loop"], models["loop"]).tracin(q)
+    # "auto" takes the loop engine wherever the recording needed it; vmap stops and says what to do.
+    assert repr(InfluenceAnalysis(stores["mixed"], models["mixed"]).engine) == "FactoredEngine(fallback=LoopEngine())"
+    assert repr(InfluenceAnalysis(stores["loop"], models["loop"]).engine) == "LoopEngine()"
+    assert _rel(InfluenceAnalysis(stores["mixed"], models["mixed"]).tracin(q), ref) < 1e-5
+    with pytest.raises(EngineUnsupportedError, match=r"FactoredEngine\(fallback=LoopEngine\(\)\)"):
+        InfluenceAnalysis(stores["loop"], models["loop"], engine="vmap").tracin(q)
