@@ -36,8 +36,16 @@ class StoreError(RuntimeError):
 class EngineUnsupportedError(RuntimeError):
     """A per-sample gradient engine cannot differentiate this model although its loss runs (another engine can).
 
-    The message names the engine to use instead; the engine's own error is the ``__cause__``.
+    The message is ``reason`` then ``advice`` (the engine to use instead); the engine's own error is
+    the ``__cause__``.
+
+    Attributes:
+        reason: what the engine cannot do, without the advice.
     """
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}. {advice}")
+        self.reason = reason
 
 
 class SingularHessianError(ValueError):

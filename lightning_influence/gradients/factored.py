@@ -47,6 +47,7 @@ __all__ = [
     "FactoredEngine",
     "describe_engine",
     "factored_inner_products",
+    "loop_fallbacks",
     "resolve_engine",
 ]
 
@@ -91,6 +92,24 @@ def resolve_engine(
             f" {type(engine).__name__}."
         )
     return engine
+
+
+def loop_fallbacks(engine: PerSampleGradientEngine) -> list[PerSampleGradientEngine]:
+    """Engines to try, in order, when ``engine`` cannot differentiate a model whose loss runs.
+
+    The factored engine keeps its layer rules with a :class:`~lightning_influence.gradients.loop.LoopEngine`
+    fallback first (an ``nn.GRU`` that ``vmap`` cannot batch), then the loop engine alone (activation
+    checkpointing, which the capture hooks cannot follow); any other engine gets the loop engine.
+
+    Example:
+        >>> loop_fallbacks(FactoredEngine())
+        [FactoredEngine(fallback=LoopEngine()), LoopEngine()]
+    """
+    if isinstance(engine, LoopEngine):
+        return []
+    if isinstance(engine, FactoredEngine) and not isinstance(engine.fallback, LoopEngine):
+        return [FactoredEngine(fallback=LoopEngine(), rules=engine.rules), LoopEngine()]
+    return [LoopEngine()]
 
 
 def describe_engine(
@@ -263,8 +282,8 @@ class FactoredEngine:
         except CheckpointError as err:
             raise EngineUnsupportedError(
                 "FactoredEngine: the loss runs tracked layers under activation checkpointing"
-                " (torch.utils.checkpoint), whose recomputation during backward the capture hooks cannot follow."
-                " Pass engine='loop' (exact, one backward per sample) or turn checkpointing off while recording."
+                " (torch.utils.checkpoint), whose recomputation during backward the capture hooks cannot follow",
+                "Pass engine='loop' (exact, one backward per sample) or turn checkpointing off while recording.",
             ) from err
 
     def _gradients(self, call: LossCall, names: list[str], loss_scale: float, argname: str) -> PerSampleGradients:

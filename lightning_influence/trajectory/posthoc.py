@@ -223,7 +223,15 @@ def record_from_checkpoints(
     module.load_state_dict(loaded[0][0]["state_dict"])
     shapes = {n: tuple(named[n].shape) for n in names}
     first_projection = RandomProjection.for_shapes(spec, shapes, checkpoint=0) if spec is not None else None
-    probe_rows(featurizer, module, dataset, collate=collate, projection=first_projection, argname="data")
+    probe_rows(
+        featurizer,
+        module,
+        dataset,
+        collate=collate,
+        projection=first_projection,
+        argname="data",
+        loop_if_needed=engine == "auto",
+    )
     layout: dict[str, dict[str, Any]] = {}
     if factored_storage:
         layout = factor_layout(featurizer, module, dataset, collate=collate, argname="data")

@@ -459,7 +459,14 @@ class TrajectoryRecorder(pl.Callback):
         """Fail before training, not after the first epoch, if the loss is unusable."""
         assert self._featurizer is not None
         try:
-            probe_rows(self._featurizer, pl_module, self._data, collate=self._collate, projection=self._projection(0))
+            probe_rows(
+                self._featurizer,
+                pl_module,
+                self._data,
+                collate=self._collate,
+                projection=self._projection(0),
+                loop_if_needed=self.engine == "auto",
+            )
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"TrajectoryRecorder: {err}") from err
 

@@ -11,12 +11,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from pytorch_lightning.utilities import move_data_to_device
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import iterate_batches, num_samples, subset
+from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import LayerFactors
+from lightning_influence.gradients.factored import loop_fallbacks
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state
@@ -155,18 +157,43 @@ def probe_rows(
     collate: Callable[[list[Any]], Any] | None = None,
     projection: RandomProjection | None = None,
     argname: str = "dataset",
+    loop_if_needed: bool = False,
 ) -> Tensor:
     """The rows of the first two samples: fails early on an unusable loss, and runs the engine's checks once.
 
     After it, :func:`~lightning_influence.gradients.factored.describe_engine` with the featurizer's
     loss describes the engine as it will run (the factored engine's checked plan).
 
+    Args:
+        loop_if_needed: when the engine cannot differentiate the model although its loss runs
+            (:class:`~lightning_influence.errors.EngineUnsupportedError`: an ``nn.GRU`` under ``vmap``,
+            activation checkpointing), replace ``featurizer.engine`` by the first of
+            :func:`~lightning_influence.gradients.factored.loop_fallbacks` that can, and warn
+            (``engine="auto"``).
+
     Raises:
         ValueError: if the rows do not have the featurizer's width.
+        EngineUnsupportedError: if the engine cannot differentiate the model (and ``loop_if_needed``
+            is off, or no fallback can).
     """
     with isolated(module):
         ids, batch, state = _first_batch(featurizer, module, data, collate, argname)
-        rows, _ = featurizer.rows(batch, ids, state, projection=projection)
+        candidates = loop_fallbacks(featurizer.engine) if loop_if_needed else []
+        first: EngineUnsupportedError | None = None
+        while True:
+            try:
+                rows, _ = featurizer.rows(batch, ids, state, projection=projection)
+                break
+            except EngineUnsupportedError as err:
+                if not candidates:
+                    raise
+                first = first or err
+                featurizer.engine = candidates.pop(0)
+    if first is not None:
+        rank_zero_warn(
+            f"engine='auto': {first.reason}. Recording with {featurizer.engine!r} instead: exact, but one backward"
+            " per sample for the parameters it loops over. Choose an engine explicitly to silence this."
+        )
     if rows.shape != (len(ids), featurizer.dim(projection)):
         raise ValueError(f"`train_loss` produced gradient rows of shape {tuple(rows.shape)} for {len(ids)} samples.")
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -195,3 +196,70 @@ def test_a_gru_model_records_with_the_loop_fallback_and_scores_like_the_loop_eng
     assert _rel(InfluenceAnalysis(stores["mixed"], models["mixed"]).tracin(q), ref) < 1e-5
     with pytest.raises(EngineUnsupportedError, match=r"FactoredEngine\(fallback=LoopEngine\(\)\)"):
         InfluenceAnalysis(stores["loop"], models["loop"], engine="vmap").tracin(q)
+
+
+class CheckpointedAutoencoder(GRUAutoencoder):
+    """Linear layers under activation checkpointing: neither vmap nor the capture hooks can follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(64, 8)
+        self.dec = nn.Linear(8, 64)
+
+    def per_sample_loss(self, batch):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        h = checkpoint(lambda t: torch.tanh(self.enc(t)), x, use_reentrant=False)
+        return (self.dec(h) - x).pow(2).sum(1)
+
+
+@pytest.mark.parametrize(
+    ("model", "engine", "rules"),
+    [
+        (GRUAutoencoder, "FactoredEngine(fallback=LoopEngine())", {"rnn.weight_hh_l0": "loop", "inp.weight": "linear"}),
+        (CheckpointedAutoencoder, "LoopEngine()", {"enc.weight": "loop", "dec.weight": "loop"}),
+    ],
+)
+def test_auto_records_with_the_loop_engine_where_the_others_cannot_and_says_so(model, engine, rules, tmp_path):
+    from lightning_influence.data import load_digits_tensors
+
+    x, _ = load_digits_tensors()
+    data, q = TensorDataset(x[:32]), x[300:303]
+    pl.seed_everything(5, verbose=False)
+    rec = TrajectoryRecorder(tmp_path / "auto", every_n_epochs=1, batch_size=16)
+    net = model()
+    with pytest.warns(UserWarning, match=rf"engine='auto': .* Recording with {re.escape(engine)} instead"):
+        quiet_trainer(max_epochs=1, callbacks=[rec]).fit(net, DataLoader(data, batch_size=16))
+    store = GradientStore(rec.store_path)
+    assert {k: store.manifest["extra"]["engine_rules"][k] for k in rules} == rules
+    scores = InfluenceAnalysis(store, net).tracin(q)  # "auto" again: the store says where to loop
+    ref = InfluenceAnalysis(store, net, engine="loop").tracin(q)
+    assert scores.abs().sum() > 0 and _rel(scores, ref) < 1e-5
+    # An engine named explicitly is not replaced: it stops before training, saying what to use.
+    with pytest.raises(EngineUnsupportedError, match="engine='loop'"):
+        quiet_trainer(max_epochs=1, callbacks=[TrajectoryRecorder(tmp_path / "v", engine="vmap")]).fit(
+            model(), DataLoader(data, batch_size=16)
+        )
+    assert not (tmp_path / "v").exists() or not list((tmp_path / "v").glob("ckpt*"))
+
+
+def test_post_hoc_auto_records_a_gru_model_like_the_recorder(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_influence.data import load_digits_tensors
+    from lightning_influence.trajectory.posthoc import record_from_checkpoints
+
+    x, _ = load_digits_tensors()
+    data, q = TensorDataset(x[:32]), x[300:303]
+    loader = DataLoader(data, batch_size=16)
+    pl.seed_everything(5, verbose=False)
+    net = GRUAutoencoder()
+    rec = TrajectoryRecorder(tmp_path / "live", every_n_epochs=1, batch_size=16, engine="loop")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1)
+    quiet_trainer(max_epochs=2, callbacks=[rec, ckpt], enable_checkpointing=True).fit(net, loader)
+    with pytest.warns(UserWarning, match=r"engine='auto': torch.func.vmap cannot .* for GRUAutoencoder"):
+        posthoc = record_from_checkpoints(
+            sorted((tmp_path / "ckpts").glob("*.ckpt")), tmp_path / "posthoc", GRUAutoencoder(), loader, progress=False
+        )
+    assert posthoc.manifest["extra"]["engine_rules"]["rnn.weight_ih_l0"] == "loop"
+    live = InfluenceAnalysis(rec.store_path, net).tracin(q)
+    assert _rel(InfluenceAnalysis(posthoc, net).tracin(q), live) < 1e-5
