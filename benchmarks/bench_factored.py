@@ -432,6 +432,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma-separated workload names to run (default: all)")
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (needs CUDA; see gpu_check.sh)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="li_bench_factored_"))
@@ -483,6 +484,10 @@ def main() -> None:
                 draws=16,
             )
         )
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            p.error("--gpu-only needs a CUDA device; none is available.")
+        workloads = []
     if args.only:
         keep = set(args.only.split(","))
         workloads = [w for w in workloads if w.name in keep]
@@ -495,7 +500,8 @@ def main() -> None:
             print(f"[{w.name} done in {time.perf_counter() - t:.0f} s]", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print_table(rows, args)
+    if not args.gpu_only:
+        print_table(rows, args)
     if torch.cuda.is_available():
         gpu_rows(args, torch.device("cuda"))
     else:

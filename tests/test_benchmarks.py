@@ -62,3 +62,11 @@ def test_the_gpu_rows_run_on_any_device(bench, capsys):
     bench.gpu_rows(args, torch.device("cpu"), sizes=(80, 8, 500))
     out = capsys.readouterr().out
     assert out.count("| sweep 80 x 4096 |") == 3 and "| top-10, 8 queries x 500 x 10000" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_only_without_cuda_stops_with_a_clear_message(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_factored.py", "--gpu-only"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and "--gpu-only needs a CUDA device" in capsys.readouterr().err
