@@ -1,4 +1,5 @@
-"""The loop engine: exact where vmap cannot batch (RNN/GRU, activation checkpointing), equal to vmap elsewhere."""
+"""The loop engine: exact where vmap cannot batch (RNN/GRU, checkpointing), equal to vmap elsewhere; "auto" picks it
+(recorder, post hoc, analysis) where the other engines cannot differentiate a model."""
 
 from __future__ import annotations
 
