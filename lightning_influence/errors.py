@@ -46,6 +46,11 @@ class EngineUnsupportedError(RuntimeError):
     def __init__(self, reason: str, advice: str) -> None:
         super().__init__(f"{reason}. {advice}")
         self.reason = reason
+        self.advice = advice
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with both parts (a process pool or a spawned rank re-raising it), not the joined message.
+        return type(self), (self.reason, self.advice)
 
 
 class SingularHessianError(ValueError):
