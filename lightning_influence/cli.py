@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.data.batches import batch_inputs, batch_labels, gather_samples, iterate_batches, num_samples
+from lightning_influence.gradients.factored import EngineName
 from lightning_influence.reporting.influence import log_embedding, log_influence
 from lightning_influence.trajectory.analysis import InfluenceAnalysis, InfluenceSummary
 from lightning_influence.trajectory.posthoc import record_from_checkpoints
@@ -256,7 +257,7 @@ def analyze(
     unbiased: bool = False,
     embedding: bool = True,
     batch_size: int = 256,
-    engine: Literal["auto", "factored", "vmap", "loop"] = "auto",
+    engine: EngineName = "auto",
     device: Optional[str] = None,
     progress: bool = True,
 ) -> dict[str, Path]:
@@ -324,7 +325,7 @@ def record(
     projection_dim: Optional[int] = None,
     projection_kind: Literal["sjlt", "rademacher", "gaussian", "kronecker"] = "sjlt",
     grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-    engine: Literal["auto", "factored", "vmap", "loop"] = "auto",
+    engine: EngineName = "auto",
     factored_storage: bool = False,
     steps_per_epoch: Optional[int] = None,
     accumulate_grad_batches: int = 1,

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -44,12 +44,19 @@ from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_en
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = [
+    "ENGINE_NAMES",
+    "EngineName",
     "FactoredEngine",
     "describe_engine",
     "factored_inner_products",
     "loop_fallbacks",
     "resolve_engine",
 ]
+
+
+#: The engines a facade takes by name (``"auto"`` picks per model; see :func:`resolve_engine`).
+EngineName = Literal["auto", "factored", "vmap", "loop"]
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 
 
 def resolve_engine(

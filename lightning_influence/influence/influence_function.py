@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightning_influence.data.batches import iterate_batches, num_samples
 from lightning_influence.errors import ConfigurationError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import resolve_engine
+from lightning_influence.gradients.factored import EngineName, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, check_per_sample_loss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream, fixed_noise
@@ -133,7 +133,7 @@ class InfluenceFunction:
         eigen_iters: int = 30,
         noise_seed: int = 0,
         chunk_size: int | None = None,
-        engine: Literal["vmap", "factored", "auto", "loop"] | PerSampleGradientEngine | None = None,
+        engine: EngineName | PerSampleGradientEngine | None = None,
         on_failure: OnFailure = "warn",
         hessian_data: Any = None,
         hessian_batch_size: int | None = None,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lightning_influence.data.batches import num_samples
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import describe_engine, resolve_engine
+from lightning_influence.gradients.factored import EngineName, describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
@@ -126,7 +126,7 @@ def record_from_checkpoints(
     accumulate_grad_batches: int = 1,
     batch_size: int = 64,
     chunk_size: int | None = None,
-    engine: Literal["auto", "factored", "vmap", "loop"] | PerSampleGradientEngine | None = "auto",
+    engine: EngineName | PerSampleGradientEngine | None = "auto",
     factored_storage: bool = False,
     device: torch.device | str | None = None,
     seed: int = 0,

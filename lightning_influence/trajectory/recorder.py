@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_influence.data.batches import num_samples
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import describe_engine, resolve_engine
+from lightning_influence.gradients.factored import ENGINE_NAMES, EngineName, describe_engine, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
@@ -158,7 +158,7 @@ class TrajectoryRecorder(pl.Callback):
         nonfinite: Literal["raise", "skip"] = "raise",
         batch_size: int = 64,
         chunk_size: int | None = None,
-        engine: Literal["auto", "factored", "vmap", "loop"] | PerSampleGradientEngine = "auto",
+        engine: EngineName | PerSampleGradientEngine = "auto",
         seed: int = 0,
         overwrite: bool = False,
         verbose: bool = False,
@@ -193,7 +193,7 @@ class TrajectoryRecorder(pl.Callback):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(engine, str):
-            if engine not in ("auto", "factored", "vmap", "loop"):
+            if engine not in ENGINE_NAMES:
                 raise MisconfigurationException(
                     f"`engine` must be 'auto', 'factored', 'vmap', 'loop' or a PerSampleGradientEngine, got {engine!r}."
                 )
