@@ -221,7 +221,13 @@ class _Identity(nn.Module):
 
 
 def captum_tracin(
-    vae: nn.Module, loss: Callable, train_x: Tensor, test_x: Tensor, store: GradientStore, sample_wise: bool
+    vae: nn.Module,
+    loss: Callable,
+    train_x: Tensor,
+    test_x: Tensor,
+    store: GradientStore,
+    sample_wise: bool,
+    batch: int = 256,
 ) -> Tensor:
     """Captum ``TracInCP`` scores ``[n_test, n_train]`` on the store's checkpoints and learning-rate weights."""
     model = _LossModel(vae, loss, store.noise_seed)
@@ -236,11 +242,11 @@ def captum_tracin(
     train = TensorDataset(train_x, train_key, torch.zeros(n))
     tracin = TracInCP(
         model,
-        DataLoader(train, batch_size=256),
+        DataLoader(train, batch_size=batch),
         checkpoints=list(lrs),
         checkpoints_load_func=load,
         loss_fn=_Identity("sum" if sample_wise else "none"),
-        batch_size=256,
+        batch_size=batch,
         sample_wise_grads_per_batch=sample_wise,
     )
     q = test_x.shape[0]
@@ -308,7 +314,7 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
                 root / w.name / label.replace(" ", "_").replace("=", ""),
                 train_loss=w.record_loss,
                 every_n_epochs=1,
-                batch_size=256,
+                batch_size=args.record_batch,
                 projection_dim=k,
                 projection_kind=kind or "sjlt",
                 engine=FactoredEngine() if engine == "factored" else VmapEngine(),
@@ -321,7 +327,7 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
                     root / w.name / "factored_exact_storage",
                     train_loss=w.record_loss,
                     every_n_epochs=1,
-                    batch_size=256,
+                    batch_size=args.record_batch,
                     engine=FactoredEngine(),
                     factored_storage=True,
                 )
@@ -338,7 +344,7 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
             root / w.name / f"solo_{factored_storage}_{rep}",
             train_loss=w.record_loss,
             every_n_epochs=1,
-            batch_size=256,
+            batch_size=args.record_batch,
             engine=FactoredEngine(),
             factored_storage=factored_storage,
         )
@@ -404,7 +410,9 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
     _, rss = peak_rss_rise(lambda: InfluenceAnalysis(exact_store, vae, train_loss=w.record_loss).top_k(queries, k=10))
     rows[0]["rss_top10"] = rss
 
-    bare, t_bare = timed(lambda: bare_factor_tracin(vae, w.record_loss, train_x, queries, exact_store), args.repeats)
+    bare, t_bare = timed(
+        lambda: bare_factor_tracin(vae, w.record_loss, train_x, queries, exact_store, args.record_batch), args.repeats
+    )
     rows.append(dict(workload=w.name, variant="bare factor trick", tracin=t_bare, e2e=t_bare, scores=bare))
 
     if TracInCP is not None:
@@ -413,7 +421,10 @@ def run_workload(w: Workload, args: argparse.Namespace, root: Path) -> list[dict
             try:
                 reps = args.repeats if sample_wise else 1
                 sc, t_c = timed(
-                    lambda sw=sample_wise: captum_tracin(vae, w.record_loss, train_x, queries, exact_store, sw), reps
+                    lambda sw=sample_wise: captum_tracin(
+                        vae, w.record_loss, train_x, queries, exact_store, sw, args.record_batch
+                    ),
+                    reps,
                 )
                 rows.append(dict(workload=w.name, variant=label, tracin=t_c, e2e=t_c, scores=sc.detach()))
             except Exception as err:  # noqa: BLE001 - report Captum's failure in the table, keep going
@@ -431,9 +442,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--record-batch",
+        type=int,
+        default=256,
+        help="samples per gradient batch of the recordings, the bare computation and Captum (default 256, as the"
+        " callbacks/ presets; the recorder's own default is 64)",
+    )
     p.add_argument("--only", default=None, help="comma-separated workload names to run (default: all)")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (needs CUDA; see gpu_check.sh)")
     args = p.parse_args()
+    if args.record_batch < 1:
+        p.error(f"--record-batch must be a positive integer, got {args.record_batch}.")
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="li_bench_factored_"))
     dm = DigitsDataModule(batch_size=64)
@@ -578,7 +598,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
-        f" {torch.get_num_threads()} thread(s); {args.queries} queries; min of {args.repeats} repeats"
+        f" {torch.get_num_threads()} thread(s); {args.queries} queries; gradient batches of {args.record_batch};"
+        f" min of {args.repeats} repeats"
         f" (sweeps: fastest checkpoint); Captum {'installed' if TracInCP is not None else 'not installed'}"
     )
     head = (

@@ -70,3 +70,10 @@ def test_gpu_only_without_cuda_stops_with_a_clear_message(bench, monkeypatch, ca
     with pytest.raises(SystemExit) as stop:
         bench.main()
     assert stop.value.code == 2 and "--gpu-only needs a CUDA device" in capsys.readouterr().err
+
+
+def test_record_batch_must_be_positive(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_factored.py", "--record-batch", "0"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and "--record-batch must be a positive integer, got 0" in capsys.readouterr().err
