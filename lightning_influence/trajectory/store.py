@@ -784,11 +784,11 @@ class ShardWriter:
 
     @staticmethod
     def _submit(work: list[tuple[ShardWriter, list[tuple[memoryview, int, bool]]]], behind: WriteBehind | None) -> None:
-        """Write planned blocks of one or several files: now, or as ONE task behind the computation."""
+        """Write planned blocks of one or several files: now, or gathered with the next batches' behind the computation."""
         if behind is None:
             _write_planned(work)
         else:
-            behind.submit(_write_planned, sum(len(b[0]) for _, blocks in work for b in blocks), work)
+            behind.gather(_write_gathered, work, sum(len(b[0]) for _, blocks in work for b in blocks))
 
     def _wrap(self, err: OSError) -> OSError:
         return _wrap_os_error(err, self.store.path, f"gradient rows ({self.fname})", self._file_bytes)
@@ -875,6 +875,33 @@ def _write_planned(work: list[tuple[ShardWriter, list[tuple[memoryview, int, boo
         except OSError as err:
             # Named here: one task may carry several files' rows.
             raise writer._wrap(err) from err
+
+
+def _write_gathered(works: list[list[tuple[ShardWriter, list[tuple[memoryview, int, bool]]]]]) -> None:
+    """Several batches' planned writes as one task: per file, blocks that continue each other become one write.
+
+    One write (and one hash update) per file instead of one per batch: the worker takes the GIL
+    back once per call (see :mod:`~lightning_influence.trajectory.write_behind`). Blocks keep their
+    order, so each file is still hashed in order.
+    """
+    per_file: dict[int, tuple[ShardWriter, list[list[Any]]]] = {}
+    for work in works:
+        for writer, blocks in work:
+            runs = per_file.setdefault(id(writer), (writer, []))[1]
+            for data, offset, hashed in blocks:
+                last = runs[-1] if runs else None
+                if last is not None and last[1] + last[3] == offset and last[2] == hashed:
+                    last[0].append(data)
+                    last[3] += len(data)
+                else:
+                    runs.append([[data], offset, hashed, len(data)])
+    _write_planned(
+        [
+            (writer, [(parts[0] if len(parts) == 1 else memoryview(b"".join(parts)), offset, hashed)
+                      for parts, offset, hashed, _ in runs])
+            for writer, runs in per_file.values()
+        ]
+    )  # fmt: skip
 
 
 class RowsWriter:

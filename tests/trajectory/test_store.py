@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -92,6 +94,36 @@ def test_round_trip(tmp_path, grad_dtype):
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert manifest["grad_dtype"] == grad_dtype and manifest["extra"] == {"note": "t"}
     assert set(manifest["checkpoints"][0]["files"]) == {"grads.npy", "weights.safetensors"}
+
+
+def test_small_batches_are_written_gathered_and_hashed_while_writing(tmp_path, monkeypatch):
+    # Ten batches of one row: gathered behind the sweep into one write of grads.npy, hashed in
+    # order as it is written (the checksum is the file's without reading it back).
+    from lightning_influence.trajectory import store as store_module
+
+    writes, reads = [], []
+    pwrite_all, pread = store_module._pwrite_all, store_module.os.pread
+
+    def counted(fd, data, offset):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == "grads.npy":
+            writes.append(len(data))
+        pwrite_all(fd, data, offset)
+
+    monkeypatch.setattr(store_module, "_pwrite_all", counted)
+    monkeypatch.setattr(store_module.os, "pread", lambda *a: (reads.append(a), pread(*a))[1])
+    w = GradientStoreWriter(tmp_path, _header())
+    rows = _rows(0)
+    ck = w.begin_checkpoint()
+    writes.clear()
+    for i in range(N):
+        ck.write_rows(torch.tensor([i]), rows[i : i + 1])
+    entry = ck.commit(_state(0), {"step": 1, "epoch": 0, "lr": 0.1})
+    assert writes == [N * 15 * 4] and reads == []
+    assert (
+        entry["files"]["grads.npy"]["sha256"]
+        == hashlib.sha256((tmp_path / "ckpt-00000" / "grads.npy").read_bytes()).hexdigest()
+    )
+    assert torch.equal(GradientStore(tmp_path).checkpoints[0].gradients(), rows)
 
 
 def test_bfloat16_stored_as_uint16_bits(tmp_path):

@@ -119,3 +119,43 @@ def test_a_shared_thread_outlives_each_queue_and_a_forked_child_starts_its_own()
     finally:
         proc.join(timeout=30)
     thread.shutdown()
+
+
+def test_gathered_items_run_as_one_task_in_order_with_submitted_ones():
+    calls = []
+    wb = WriteBehind(gather_bytes=10)
+    wb.gather(lambda items: calls.append(("g", items)), "a", 4)
+    wb.gather(lambda items: calls.append(("g", items)), "b", 4)
+    wb.drain()
+    assert calls == [("g", ["a"]), ("g", ["b"])]  # two functions: not gathered together
+    calls.clear()
+    run = calls.append
+    wb.gather(run, "a", 4)
+    wb.gather(run, "b", 4)
+    time.sleep(0.02)
+    assert calls == []  # 8 of 10 bytes held: not sent yet
+    wb.submit(run, 1, "task")  # sends the held items first
+    wb.gather(run, "c", 6)
+    wb.gather(run, "d", 6)  # 12 >= 10: sent at once
+    wb.gather(run, "e", 1)
+    wb.drain()  # sends "e"
+    wb.close()
+    assert calls == [["a", "b"], "task", ["c", "d"], ["e"]]
+
+
+def test_close_drops_what_is_gathered_and_an_error_reaches_the_next_gather():
+    out = []
+    wb = WriteBehind(gather_bytes=100)
+    wb.gather(out.extend, [1], 1)
+    wb.close()
+    assert out == []  # abandoned, never written
+
+    def fail(items):
+        raise OSError(28, "No space left on device")
+
+    wb = WriteBehind(gather_bytes=1)
+    wb.gather(fail, "x", 1)
+    time.sleep(0.05)
+    with pytest.raises(OSError, match="No space"):
+        wb.gather(out.extend, [2], 0)
+    wb.close()
