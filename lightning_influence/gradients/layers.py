@@ -9,9 +9,9 @@ draws decoded as rows ``i * K + k``): :func:`fold_positions` moves the draws ont
 
 - :class:`LinearRule`: ``W`` ``[d_out, d_in]``, ``a`` the input, ``g`` the output gradient; extra
   leading axes (sequence positions) are positions.
-- :class:`ConvRule`: ``nn.Conv1d`` / ``nn.Conv2d`` by unfolding (im2col): the weight gradient of a
-  convolution is that of a Linear layer applied at every output location.
-- :class:`ConvTransposeRule`: ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` as the adjoint: a
+- :class:`ConvRule`: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` by unfolding (im2col): the weight gradient
+  of a convolution is that of a Linear layer applied at every output location.
+- :class:`ConvTransposeRule`: ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` as the adjoint: a
   transposed convolution's weight gradient is the conv weight gradient with input and output
   swapped, so the *output gradient* is unfolded at every input location.
 - :class:`NormRule`: affine parameters of ``BatchNorm*d`` (eval mode, running statistics),
@@ -80,34 +80,44 @@ def rows_per_sample(n: int, batch: int, layer: str = "layer") -> int:
 def unfold_patches(
     x: Tensor, kernel: Sequence[int], dilation: Sequence[int], padding: Sequence[int], stride: Sequence[int]
 ) -> Tensor:
-    """Sliding patches of a 1-D or 2-D feature map as rows: ``[N, C, *spatial]`` -> ``[N, L, C * prod(kernel)]``.
+    """Sliding patches of a 1-D, 2-D or 3-D feature map as rows: ``[N, C, *spatial]`` -> ``[N, L, C * prod(kernel)]``.
 
     Column ``c * prod(kernel) + k`` is channel ``c`` at kernel offset ``k`` (the layout of a conv weight
-    flattened to ``[C_out, C_in * prod(kernel)]``), row ``l`` the ``l``-th output location.
+    flattened to ``[C_out, C_in * prod(kernel)]``), row ``l`` the ``l``-th output location (row-major
+    over the output's spatial axes).
 
     Example:
         >>> import torch
         >>> unfold_patches(torch.randn(2, 3, 8, 8), (3, 3), (1, 1), (1, 1), (2, 2)).shape
         torch.Size([2, 16, 27])
+        >>> unfold_patches(torch.randn(2, 3, 4, 8, 8), (2, 3, 3), (1, 1, 1), (0, 1, 1), (2, 2, 2)).shape
+        torch.Size([2, 32, 54])
     """
-    if x.dim() == 3:  # 1-D: a 2-D map of height one
-        x = x.unsqueeze(2)
-        kernel, dilation, padding, stride = ((1, *kernel), (1, *dilation), (0, *padding), (1, *stride))
-    elif x.dim() != 4:
-        raise ValueError(f"unfold_patches takes [N, C, L] or [N, C, H, W] inputs, got shape {tuple(x.shape)}.")
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    n, c, h, w = x.shape
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    # Patches as a strided view [N, C, kh, kw, oh, ow] of the (padded) map and ONE copy into the
-    # [N, C * kh * kw, L] layout F.unfold returns: F.unfold (im2col) loops over the batch and
-    # costs about twice as much on CPU.
-    s_n, s_c, s_h, s_w = x.stride()
+    dims = x.dim() - 2
+    if dims not in (1, 2, 3) or not len(kernel) == len(dilation) == len(padding) == len(stride) == dims:
+        raise ValueError(
+            f"unfold_patches takes [N, C, *spatial] inputs with 1-3 spatial axes and one kernel size, dilation,"
+            f" padding and stride per axis; got shape {tuple(x.shape)} and kernel {tuple(kernel)}."
+        )
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    n, c = x.shape[:2]
+    out = [(size - d * (k - 1) - 1) // s + 1 for size, k, d, s in zip(x.shape[2:], kernel, dilation, stride)]
+    # Patches as a strided view [N, C, *kernel, *out] of the (padded) map and ONE copy into the
+    # [N, C * prod(kernel), L] layout F.unfold returns: F.unfold (im2col, 2-D only) loops over the
+    # batch and costs about twice as much on CPU.
+    steps = x.stride()[2:]
     patches = x.as_strided(
-        (n, c, kh, kw, oh, ow), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), x.storage_offset()
+        (n, c, *kernel, *out),
+        (
+            x.stride(0),
+            x.stride(1),
+            *(st * d for st, d in zip(steps, dilation)),
+            *(st * s for st, s in zip(steps, stride)),
+        ),
+        x.storage_offset(),
     )
-    return patches.reshape(n, c * kh * kw, oh * ow).transpose(1, 2)
+    return patches.reshape(n, c * math.prod(kernel), math.prod(out)).transpose(1, 2)
 
 
 def _positions_last(t: Tensor) -> Tensor:
@@ -218,14 +228,15 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...],
 
 
 class ConvRule(LayerRule):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding incl. ``"same"`` and padding modes, dilation, groups).
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (any stride, padding incl. ``"same"`` and padding modes, dilation,
+    groups).
 
     The weight ``[C_out, C_in / G, *k]`` is a Linear map from unfolded patches ``[L, C_in * prod(k)]``
     to the output locations ``[L, C_out]``; groups take block-diagonal slices of both.
     """
 
     name = "conv"
-    module_types = (nn.Conv1d, nn.Conv2d)
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         x = inputs[0].detach()
@@ -265,7 +276,7 @@ class ConvRule(LayerRule):
 
 
 class ConvTransposeRule(LayerRule):
-    """``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` (stride, padding, output padding, dilation, groups).
+    """``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (stride, padding, output padding, dilation, groups).
 
     .. math::
         \\frac{\\partial \\ell}{\\partial W_{c_i, c_o, k}} = \\sum_p x_{c_i, p}\\, g_{c_o,\\, p s + k d - \\text{pad}}
@@ -277,7 +288,7 @@ class ConvTransposeRule(LayerRule):
     """
 
     name = "conv_transpose"
-    module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+    module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
     def supports(self, module: nn.Module) -> bool:
         return runs_forward_of(module, self.module_types) and module.padding_mode == "zeros"

@@ -108,6 +108,25 @@ LAYERS = {
         lambda: nn.Sequential(nn.ConvTranspose1d(4, 4, 3, stride=3, output_padding=2, groups=4, dilation=1)),
         (5, 4, 9),
     ),
+    "conv3d": (
+        lambda: nn.Sequential(
+            nn.Conv3d(4, 6, (2, 3, 3), stride=(1, 2, 1), groups=2, dilation=(2, 1, 1), padding=(1, 0, 2)),
+            nn.Tanh(),
+            nn.Conv3d(6, 3, 3, padding="same", padding_mode="replicate"),
+            nn.Tanh(),
+            nn.Conv3d(3, 2, 2, stride=2, bias=False),
+        ),
+        (4, 4, 3, 5, 4),
+    ),
+    "conv_transpose3d": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose3d(4, 6, 3, stride=2, output_padding=1, dilation=2, groups=2, padding=1),
+            nn.Tanh(),
+            nn.ConvTranspose3d(6, 2, (1, 2, 3), stride=(1, 2, 1), padding=(0, 0, 1)),
+            nn.BatchNorm3d(2),
+        ),
+        (3, 4, 3, 4, 3),
+    ),
     "norms": (
         lambda: nn.Sequential(
             nn.Conv2d(3, 4, 3),
@@ -139,12 +158,15 @@ def test_every_layer_rule_matches_vmap(kind):
     net.eval()
     fact, ref = _both(net, torch.randn(shape))
     weights = [n for n, _ in net.named_parameters() if n.endswith("weight")]
-    conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d))]  # fmt: skip
+    conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.modules.conv._ConvNd))]  # fmt: skip
     _assert_same(fact, ref, factored=conv_like)
     assert "vmap" not in plan_engine(net, list(ref)).rules().values()
 
 
-@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "conv_same_zeros", "conv_transpose2d", "conv_transpose1d"])
+@pytest.mark.parametrize(
+    "kind",
+    ["conv1d", "conv2d", "conv3d", "conv_same_zeros", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"],
+)
 def test_direct_conv_weight_gradients_match_vmap(kind, monkeypatch):
     """Every conv layer whose factors are no smaller than its gradient takes the direct weight backward."""
     monkeypatch.setattr(layers, "DIRECT_CONV_VALUES", 0)
