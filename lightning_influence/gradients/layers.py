@@ -14,6 +14,8 @@ draws decoded as rows ``i * K + k``): :func:`fold_positions` moves the draws ont
 - :class:`ConvTransposeRule`: ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` as the adjoint: a
   transposed convolution's weight gradient is the conv weight gradient with input and output
   swapped, so the *output gradient* is unfolded at every input location.
+- :class:`EmbeddingRule`: ``nn.Embedding``: the weight ``[V, d]`` gets ``g`` in the rows of the tokens
+  looked up, ``dW_i = sum_s onehot(t_{i,s}) g_{i,s}^T``.
 - :class:`NormRule`: affine parameters of ``BatchNorm*d`` (eval mode, running statistics),
   ``LayerNorm`` and ``GroupNorm``: ``dW = sum_s g_s * xhat_s`` per sample, returned dense (a
   vector per sample is already the cheap form).
@@ -41,6 +43,7 @@ __all__ = [
     "DEFAULT_RULES",
     "ConvRule",
     "ConvTransposeRule",
+    "EmbeddingRule",
     "LayerRule",
     "LinearRule",
     "NormRule",
@@ -405,6 +408,39 @@ def conv_weight_gradients(
     return vmap(one)(x.reshape(batch, k, *x.shape[1:]), g.reshape(batch, k, *g.shape[1:]))
 
 
+class EmbeddingRule(LayerRule):
+    """``nn.Embedding`` (with ``padding_idx``): ``dW_i = sum_s onehot(t_{i,s}) g_{i,s}^T``, ``W`` of shape ``[V, d]``.
+
+    The factors are ``a = g`` ``[S, d]`` and, on the output side, the one-hot rows of the tokens
+    ``[S, V]``, so the Gram form scores ``(g_{is} . g_{jt}) [t_{is} = t_{jt}]``. Where they would be no
+    smaller than the gradient (``S (V + d) >= V d``: sequences about as long as the embedding is
+    wide) the gradient is scattered into ``[V, d]`` directly. A position holding ``padding_idx``
+    adds nothing, as in ``F.embedding``'s backward. ``max_norm`` (which rewrites the weight during
+    the forward) and ``scale_grad_by_freq`` (which couples the samples of a batch) fall back.
+    """
+
+    name = "embedding"
+    module_types = (nn.Embedding,)
+
+    def supports(self, module: nn.Module) -> bool:
+        return runs_forward_of(module, self.module_types) and module.max_norm is None and not module.scale_grad_by_freq
+
+    def gradients(
+        self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
+    ) -> dict[str, Tensor | LayerFactors]:
+        acc = _acc_dtype(grads[0])
+        vocab, width = module.num_embeddings, module.embedding_dim
+        tokens = _stack_calls([fold_positions(t.reshape(t.shape[0], -1, 1), batch, layer) for t in kept])[..., 0]
+        g = _stack_calls([fold_positions(y.reshape(y.shape[0], -1, width).to(acc), batch, layer) for y in grads])
+        if module.padding_idx is not None:
+            g = g * (tokens != module.padding_idx).unsqueeze(-1).to(acc)
+        if g.shape[1] * (vocab + width) >= vocab * width:
+            dense = torch.zeros(batch, vocab, width, dtype=acc, device=g.device)
+            return {"weight": dense.scatter_add_(1, tokens.unsqueeze(-1).expand_as(g), g)}
+        onehot = F.one_hot(tokens, vocab).to(acc)
+        return {"weight": LayerFactors(g, onehot, (vocab, width))}
+
+
 class NormRule(LayerRule):
     """Affine parameters of ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm`` and ``GroupNorm``.
 
@@ -457,7 +493,7 @@ class NormRule(LayerRule):
 
 
 #: The rules the factored engine tries, in order; the first that supports a module tracks it.
-DEFAULT_RULES: tuple[LayerRule, ...] = (LinearRule(), ConvRule(), ConvTransposeRule(), NormRule())
+DEFAULT_RULES: tuple[LayerRule, ...] = (LinearRule(), ConvRule(), ConvTransposeRule(), EmbeddingRule(), NormRule())
 
 
 def rule_for(module: nn.Module, rules: Sequence[LayerRule] = DEFAULT_RULES) -> LayerRule | None:

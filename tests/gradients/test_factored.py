@@ -311,6 +311,56 @@ def test_unsupported_layer_falls_back_to_vmap_for_its_parameters_only():
     }
 
 
+class _Tokens(nn.Module):
+    """Token sequences: an embedding (called twice, on the tokens and on their reversal) and a Linear head."""
+
+    def __init__(self, vocab: int, width: int, **kwargs):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, **kwargs)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.emb(tokens) + 0.5 * self.emb(tokens.flip(-1)))
+        return self.head(h).sum(1)
+
+
+def _token_loss(m, b):
+    return m(b).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("length, width, form", [(4, 16, "factors"), (20, 3, "dense")])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_rows_match_vmap_in_both_forms(length, width, form, padding_idx):
+    torch.manual_seed(12)
+    net = _Tokens(40, width, padding_idx=padding_idx)
+    tokens = torch.randint(0, 40, (5, length))
+    tokens[0, :2] = 0  # the padding token, where there is one, adds nothing
+    fact, ref = _both(net, tokens, loss=_token_loss)
+    _assert_same(fact, ref)
+    assert isinstance(fact["emb.weight"], LayerFactors) == (form == "factors")
+    if padding_idx is not None:
+        assert dense_gradient(fact["emb.weight"])[:, 0].abs().max() == 0
+    assert FactoredEngine().describe(net, list(ref))["engine_rules"]["emb.weight"] == "embedding"
+
+
+def test_embedding_with_draws_and_in_float64_matches_vmap():
+    torch.manual_seed(13)
+    net = _Tokens(30, 24).double()
+
+    def loss(m, b):  # three rows per sample, sample-major (ELBO draws of a sequence model)
+        return _token_loss(m, b.repeat_interleave(3, dim=0)).reshape(len(b), 3).sum(1)
+
+    fact, ref = _both(net, torch.randint(0, 30, (4, 2)), loss=loss)
+    _assert_same(fact, ref, factored=["emb.weight"])
+    assert fact["emb.weight"].output_grads.dtype == torch.float64
+
+
+@pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True)])
+def test_embeddings_that_renormalise_or_count_tokens_fall_back(option):
+    net = _Tokens(7, 4, **option)
+    assert plan_engine(net, [n for n, _ in net.named_parameters()]).rules()["emb.weight"] == "vmap"
+
+
 def test_modules_that_mix_samples_send_everything_to_the_fallback():
     torch.manual_seed(5)
     # batch statistics in every mode: a batched forward would normalise samples by each other

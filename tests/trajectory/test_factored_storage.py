@@ -264,6 +264,54 @@ def test_a_volumetric_conv_autoencoder_records_with_layer_rules_and_scores_like_
     assert _rel(stores["auto k"].checkpoints[-1].gradients(), projected) < 1e-5
 
 
+class TokenAutoencoder(pl.LightningModule):
+    """Token sequences (a SMILES or text model in miniature): embedding, pooled code, per-position logits."""
+
+    def __init__(self, vocab: int = 40, width: int = 24, length: int = 3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width, padding_idx=0)
+        self.code = torch.nn.Linear(width, 6)
+        self.out = torch.nn.Linear(6, vocab * length)
+        self.vocab, self.length = vocab, length
+
+    def per_sample_loss(self, batch):
+        tokens = batch[0]
+        logits = self.out(torch.tanh(self.code(self.emb(tokens).mean(1))))
+        logits = logits.reshape(-1, self.length, self.vocab).transpose(1, 2)
+        return torch.nn.functional.cross_entropy(logits, tokens, reduction="none").sum(1)
+
+    def training_step(self, batch, _):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_token_model_records_its_embedding_as_factors_and_scores_like_vmap(tmp_path):
+    tokens = torch.randint(0, 40, (56, 3), generator=torch.Generator().manual_seed(1))
+    tokens[:8, -1] = 0  # padded sequences
+    data, q = TensorDataset(tokens[:48]), (tokens[48:],)
+    stores, models = {}, {}
+    for label, kwargs in {
+        "vmap": dict(engine="vmap"),
+        "auto": dict(engine="auto", factored_storage=True),
+        "vmap k": dict(engine="vmap", projection_dim=128, projection_kind="kronecker"),
+        "auto k": dict(engine="auto", projection_dim=128, projection_kind="kronecker"),
+    }.items():
+        pl.seed_everything(4, verbose=False)
+        rec = TrajectoryRecorder(tmp_path / label.replace(" ", "_"), every_n_epochs=1, batch_size=16, **kwargs)
+        models[label] = TokenAutoencoder()
+        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(models[label], torch.utils.data.DataLoader(data, batch_size=8))
+        stores[label] = GradientStore(rec.store_path)
+    assert stores["auto"].manifest["extra"]["engine_rules"]["emb.weight"] == "embedding"
+    assert "emb.weight" in stores["auto"].factored
+    reference = InfluenceAnalysis(stores["vmap"], models["vmap"], engine="vmap").tracin(q)
+    assert reference.abs().max() > 0
+    assert _rel(InfluenceAnalysis(stores["auto"], models["auto"]).tracin(q), reference) < 1e-5
+    projected = stores["vmap k"].checkpoints[-1].gradients()
+    assert _rel(stores["auto k"].checkpoints[-1].gradients(), projected) < 1e-5
+
+
 def test_a_bias_whose_g_is_not_its_layers_is_refused(run, tmp_path):
     src = GradientStore(run["factored"])
     w = store_module.GradientStoreWriter(tmp_path / "s", _header_like(src))
