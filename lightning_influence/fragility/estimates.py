@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_influence.data.batches import iterate_batches, num_samples
 from lightning_influence.gradients.engine import PerSampleGradientEngine
+from lightning_influence.gradients.factored import EngineName, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
@@ -161,7 +162,7 @@ def influence_function_parts(
     batch_size: int = 256,
     *,
     measurement: PerSampleLoss | None = None,
-    engine: PerSampleGradientEngine | None = None,
+    engine: EngineName | PerSampleGradientEngine | None = None,
 ) -> InfluenceFunctionParts:
     """Exact Hessian, per-sample training gradients and test gradient of a parameter block (float64).
 
@@ -175,10 +176,12 @@ def influence_function_parts(
         batch_size: rows per batch for the Hessian products and gradients.
         measurement: the per-sample test objective; its mean over ``test_data`` is what the
             scores predict the change of (default: ``loss_fn``).
-        engine: the per-sample gradient engine (default: the ``torch.func`` one).
+        engine: the per-sample gradient engine: ``"vmap"`` (default, also ``None``), ``"factored"``,
+            ``"auto"``, ``"loop"`` or an engine instance.
     """
     names = resolve_parameter_names(module, params)
     m64 = copy.deepcopy(module).to(torch.float64).eval()
+    engine = resolve_engine(engine, m64, names)
     values = {n: p.detach() for n, p in m64.named_parameters() if n in names}
     dim = sum(v.numel() for v in values.values())
     if dim > 5000:
@@ -217,7 +220,7 @@ def influence_function_estimates(
     batch_size: int = 256,
     *,
     measurement: PerSampleLoss | None = None,
-    engine: PerSampleGradientEngine | None = None,
+    engine: EngineName | PerSampleGradientEngine | None = None,
 ) -> Tensor:
     """Influence-function scores ``(1/n) g_test^T (H + damping I)^+ g_i`` for every training sample.
 
@@ -230,7 +233,8 @@ def influence_function_estimates(
         damping: ``lambda >= 0``; include the training objective's weight decay here.
         batch_size: rows per batch.
         measurement: the per-sample test objective (default: ``loss_fn``).
-        engine: the per-sample gradient engine (default: the ``torch.func`` one).
+        engine: the per-sample gradient engine: ``"vmap"`` (default, also ``None``), ``"factored"``,
+            ``"auto"``, ``"loop"`` or an engine instance.
 
     Returns:
         ``Tensor[N]`` (float64); positive = removing the sample is predicted to raise the test loss.

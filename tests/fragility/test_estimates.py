@@ -89,6 +89,20 @@ def test_estimates_match_the_analytic_influence_of_least_squares(ridge):
     assert torch.allclose(scores, expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("engine", ["factored", "auto", "loop"])
+def test_every_engine_name_gives_the_analytic_scores(ridge, engine):
+    lin, x, y, x_test, y_test, lam, _ = ridge
+    reference = influence_function_estimates(lin, _sq_loss, (x, y), (x_test, y_test), damping=lam)
+    scores = influence_function_estimates(lin, _sq_loss, (x, y), (x_test, y_test), damping=lam, engine=engine)
+    assert torch.allclose(scores, reference, atol=1e-10)
+
+
+def test_an_unknown_engine_name_is_refused(ridge):
+    lin, x, y, x_test, y_test, lam, _ = ridge
+    with pytest.raises(ValueError, match=r"`engine` must be 'vmap', 'factored', 'auto', 'loop'.*'fast'"):
+        influence_function_estimates(lin, _sq_loss, (x, y), (x_test, y_test), engine="fast")
+
+
 def test_estimates_predict_exact_leave_one_out_refits(ridge):
     lin, x, y, x_test, y_test, lam, solve = ridge
     n = x.shape[0]
