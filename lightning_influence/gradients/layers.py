@@ -417,6 +417,9 @@ class EmbeddingRule(LayerRule):
     wide) the gradient is scattered into ``[V, d]`` directly. A position holding ``padding_idx``
     adds nothing, as in ``F.embedding``'s backward. ``max_norm`` (which rewrites the weight during
     the forward) and ``scale_grad_by_freq`` (which couples the samples of a batch) fall back.
+
+    The one-hot factor is dense, ``V`` values per position: smaller than the gradient, but with a
+    vocabulary of tens of thousands still large per batch (a smaller ``batch_size`` bounds it).
     """
 
     name = "embedding"
