@@ -207,6 +207,32 @@ def test_a_tied_weight_is_stored_densely_and_scores_like_the_vmap_store(tmp_path
     assert _rel(InfluenceAnalysis(auto, models["auto"]).tracin(q), reference) < 1e-5
 
 
+def _record_four_ways(tmp_path, make_model, data, k: int, seed: int):
+    """The same fit recorded by the vmap engine and by "auto" (factored storage), exact and Kronecker-projected."""
+    stores, models = {}, {}
+    for label, kwargs in {
+        "vmap": dict(engine="vmap"),
+        "auto": dict(engine="auto", factored_storage=True),
+        "vmap k": dict(engine="vmap", projection_dim=k, projection_kind="kronecker"),
+        "auto k": dict(engine="auto", projection_dim=k, projection_kind="kronecker"),
+    }.items():
+        pl.seed_everything(seed, verbose=False)
+        rec = TrajectoryRecorder(tmp_path / label.replace(" ", "_"), every_n_epochs=1, batch_size=16, **kwargs)
+        models[label] = make_model()
+        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(models[label], torch.utils.data.DataLoader(data, batch_size=8))
+        stores[label] = GradientStore(rec.store_path)
+    return stores, models
+
+
+def _assert_factored_scores_and_kronecker_rows_match_vmap(stores, models, queries):
+    reference = InfluenceAnalysis(stores["vmap"], models["vmap"], engine="vmap").tracin(queries)
+    assert reference.abs().max() > 0
+    assert _rel(InfluenceAnalysis(stores["auto"], models["auto"]).tracin(queries), reference) < 1e-5
+    # Kronecker rows straight from the layer factors equal the projection of the dense vmap gradients.
+    projected = stores["vmap k"].checkpoints[-1].gradients()
+    assert _rel(stores["auto k"].checkpoints[-1].gradients(), projected) < 1e-5
+
+
 class VolumeAutoencoder(pl.LightningModule):
     """A 3-D convolutional autoencoder (volumes, as in medical imaging): Conv3d, GroupNorm, ConvTranspose3d."""
 
@@ -240,28 +266,12 @@ class VolumeAutoencoder(pl.LightningModule):
 def test_a_volumetric_conv_autoencoder_records_with_layer_rules_and_scores_like_vmap(tmp_path):
     x = torch.rand(48, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     data, q = TensorDataset(x[:40]), x[40:]
-    stores, models = {}, {}
-    for label, kwargs in {
-        "vmap": dict(engine="vmap"),
-        "auto": dict(engine="auto", factored_storage=True),
-        "vmap k": dict(engine="vmap", projection_dim=256, projection_kind="kronecker"),
-        "auto k": dict(engine="auto", projection_dim=256, projection_kind="kronecker"),
-    }.items():
-        pl.seed_everything(3, verbose=False)
-        rec = TrajectoryRecorder(tmp_path / label.replace(" ", "_"), every_n_epochs=1, batch_size=16, **kwargs)
-        models[label] = VolumeAutoencoder()
-        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(models[label], torch.utils.data.DataLoader(data, batch_size=8))
-        stores[label] = GradientStore(rec.store_path)
+    stores, models = _record_four_ways(tmp_path, VolumeAutoencoder, data, k=256, seed=3)
     rules = stores["auto"].manifest["extra"]["engine_rules"]
     assert rules["encoder.0.weight"] == "conv" and rules["decoder.3.weight"] == "conv_transpose"
     assert rules["encoder.1.weight"] == "norm" and "vmap" not in rules.values()
     assert set(stores["auto"].factored) == {"encoder.4.weight", "encoder.4.bias", "decoder.0.weight", "decoder.0.bias"}
-    reference = InfluenceAnalysis(stores["vmap"], models["vmap"], engine="vmap").tracin(q)
-    assert reference.abs().max() > 0
-    assert _rel(InfluenceAnalysis(stores["auto"], models["auto"]).tracin(q), reference) < 1e-5
-    # Kronecker rows straight from the 3-D factors equal the projection of the dense vmap gradients.
-    projected = stores["vmap k"].checkpoints[-1].gradients()
-    assert _rel(stores["auto k"].checkpoints[-1].gradients(), projected) < 1e-5
+    _assert_factored_scores_and_kronecker_rows_match_vmap(stores, models, q)
 
 
 class TokenAutoencoder(pl.LightningModule):
@@ -291,25 +301,10 @@ def test_a_token_model_records_its_embedding_as_factors_and_scores_like_vmap(tmp
     tokens = torch.randint(0, 40, (56, 3), generator=torch.Generator().manual_seed(1))
     tokens[:8, -1] = 0  # padded sequences
     data, q = TensorDataset(tokens[:48]), (tokens[48:],)
-    stores, models = {}, {}
-    for label, kwargs in {
-        "vmap": dict(engine="vmap"),
-        "auto": dict(engine="auto", factored_storage=True),
-        "vmap k": dict(engine="vmap", projection_dim=128, projection_kind="kronecker"),
-        "auto k": dict(engine="auto", projection_dim=128, projection_kind="kronecker"),
-    }.items():
-        pl.seed_everything(4, verbose=False)
-        rec = TrajectoryRecorder(tmp_path / label.replace(" ", "_"), every_n_epochs=1, batch_size=16, **kwargs)
-        models[label] = TokenAutoencoder()
-        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(models[label], torch.utils.data.DataLoader(data, batch_size=8))
-        stores[label] = GradientStore(rec.store_path)
+    stores, models = _record_four_ways(tmp_path, TokenAutoencoder, data, k=128, seed=4)
     assert stores["auto"].manifest["extra"]["engine_rules"]["emb.weight"] == "embedding"
     assert "emb.weight" in stores["auto"].factored
-    reference = InfluenceAnalysis(stores["vmap"], models["vmap"], engine="vmap").tracin(q)
-    assert reference.abs().max() > 0
-    assert _rel(InfluenceAnalysis(stores["auto"], models["auto"]).tracin(q), reference) < 1e-5
-    projected = stores["vmap k"].checkpoints[-1].gradients()
-    assert _rel(stores["auto k"].checkpoints[-1].gradients(), projected) < 1e-5
+    _assert_factored_scores_and_kronecker_rows_match_vmap(stores, models, q)
 
 
 def test_a_bias_whose_g_is_not_its_layers_is_refused(run, tmp_path):
