@@ -17,8 +17,8 @@ draws decoded as rows ``i * K + k``): :func:`fold_positions` moves the draws ont
 - :class:`EmbeddingRule`: ``nn.Embedding``: the weight ``[V, d]`` gets ``g`` in the rows of the tokens
   looked up, ``dW_i = sum_s onehot(t_{i,s}) g_{i,s}^T``.
 - :class:`NormRule`: affine parameters of ``BatchNorm*d`` (eval mode, running statistics),
-  ``LayerNorm`` and ``GroupNorm``: ``dW = sum_s g_s * xhat_s`` per sample, returned dense (a
-  vector per sample is already the cheap form).
+  ``InstanceNorm*d``, ``LayerNorm`` and ``GroupNorm``: ``dW = sum_s g_s * xhat_s`` per sample,
+  returned dense (a vector per sample is already the cheap form).
 
 Everything here is a pure function of tensors except the rule objects, which only dispatch.
 """
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_influence.gradients.engine import LayerFactors
 
@@ -445,7 +446,7 @@ class EmbeddingRule(LayerRule):
 
 
 class NormRule(LayerRule):
-    """Affine parameters of ``BatchNorm1d/2d/3d`` (eval mode), ``LayerNorm`` and ``GroupNorm``.
+    """Affine parameters of ``BatchNorm1d/2d/3d`` (eval mode), ``InstanceNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``.
 
     ``y = xhat * w + b`` elementwise per channel (or per normalised element), so
     ``dw_i = sum_s g_{i,s} * xhat_{i,s}`` and ``db_i = sum_s g_{i,s}``: the forward hook keeps ``xhat``
@@ -453,7 +454,7 @@ class NormRule(LayerRule):
     """
 
     name = "norm"
-    module_types = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    module_types = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 
     def supports(self, module: nn.Module) -> bool:
         if not runs_forward_of(module, self.module_types):
@@ -467,6 +468,9 @@ class NormRule(LayerRule):
             return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
         if isinstance(module, nn.GroupNorm):
             return F.group_norm(x, module.num_groups, None, None, module.eps)
+        if isinstance(module, _InstanceNorm) and (module.training or not module.track_running_stats):
+            # Each row's own statistics per channel (no running statistics passed: none are updated).
+            return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = module.running_mean.to(x.dtype).reshape(shape)
         var = module.running_var.to(x.dtype).reshape(shape)

@@ -149,10 +149,11 @@ def test_every_layer_rule_matches_vmap(kind):
     build, shape = LAYERS[kind]
     net = build()
     for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            # non-trivial running statistics and affine parameters
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.affine:
+            # non-trivial running statistics and affine parameters (BatchNorm, InstanceNorm)
+            if m.track_running_stats:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
             nn.init.normal_(m.weight)
             nn.init.normal_(m.bias)
     net.eval()
@@ -161,6 +162,35 @@ def test_every_layer_rule_matches_vmap(kind):
     conv_like = [n for n in weights if isinstance(net.get_submodule(n.rsplit(".", 1)[0]), (nn.Linear, nn.modules.conv._ConvNd))]  # fmt: skip
     _assert_same(fact, ref, factored=conv_like)
     assert "vmap" not in plan_engine(net, list(ref)).rules().values()
+
+
+def test_instance_norm_affines_match_vmap():
+    # Normalising layers cancel most of the gradient of what comes before them (a conv bias before one gets
+    # none): compared in float64, where that cancellation leaves the rule's arithmetic visible.
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv3d(2, 4, 2, bias=False),
+        nn.InstanceNorm3d(4, affine=True),  # each sample's own statistics
+        nn.Tanh(),
+        nn.Conv3d(4, 3, 2, bias=False),
+        nn.InstanceNorm3d(3, affine=True, track_running_stats=True),  # running statistics in eval mode
+        nn.Tanh(),  # else the next norm would cancel this one's affine parameters
+        nn.Flatten(2),
+        nn.InstanceNorm1d(3, affine=True),
+        nn.Conv1d(3, 2, 2),  # a normalised output's squared sum is constant: no gradient would reach back
+    ).double()
+    for m in net.modules():
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+            if m.track_running_stats:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    fact, ref = _both(net, torch.randn(4, 2, 4, 5, 4, dtype=torch.float64))
+    _assert_same(fact, ref)
+    rules = plan_engine(net, list(ref)).rules()
+    assert rules["1.weight"] == rules["4.bias"] == rules["7.weight"] == "norm" and "vmap" not in rules.values()
 
 
 @pytest.mark.parametrize(
