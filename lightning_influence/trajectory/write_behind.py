@@ -34,15 +34,22 @@ class WriteThread:
 
     A store writer keeps one for all its checkpoints instead of starting and joining a thread per
     checkpoint. A forked child (whose copy of the thread does not run) starts its own.
+
+    Args:
+        workers: threads; with more than one, tasks run concurrently and in no particular order
+            (the store's concurrent fsyncs), so such a pool must not be given to a :class:`WriteBehind`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"`workers` must be at least 1, got {workers}.")
+        self.workers = int(workers)
         self._pool: ThreadPoolExecutor | None = None
         self._pid = -1
 
     def executor(self) -> ThreadPoolExecutor:
         if self._pool is None or self._pid != os.getpid():
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-influence-store")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lightning-influence-store")
             self._pid = os.getpid()
         return self._pool
 
@@ -77,6 +84,8 @@ class WriteBehind:
     ) -> None:
         self.limit_bytes = int(limit_bytes)
         self.gather_bytes = int(gather_bytes)
+        if thread is not None and thread.workers != 1:
+            raise ValueError(f"`thread` must have one worker (tasks run in order), got {thread.workers}.")
         self._thread = thread if thread is not None else WriteThread()
         self._owns_thread = thread is None
         self._pending: deque[tuple[Future[Any], int]] = deque()

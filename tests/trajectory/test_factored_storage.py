@@ -607,6 +607,43 @@ def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, t
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names descriptors through /proc/self/fd")
+def test_a_failed_fsync_of_one_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
+    """A checkpoint's files are fsynced concurrently: the failure of one (on a pool thread) still names its file."""
+    store = GradientStore(run["factored"])
+    header = store_module.StoreHeader(
+        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
+    )
+    writer = store_module.GradientStoreWriter(tmp_path / "full", header)
+    rows = store.checkpoints[0].block(0, N_TRAIN)
+    real = os.fsync
+    synced: list[str] = []
+
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append(name)
+        if name == "f.encoder.2.weight.npy":  # neither the first file nor the last
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpt = writer.begin_checkpoint()
+    ckpt.write_rows(torch.arange(N_TRAIN), rows)
+    with pytest.raises(OSError, match=r"while writing gradient rows \(f\.encoder\.2\.weight\.npy\): it needs"):
+        ckpt.commit(store.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
+    assert set(header.file_rows()) <= set(synced), "every file's fsync ran (and ended) before the error was raised"
+    ckpt.abort()
+    monkeypatch.undo()
+    assert GradientStore(tmp_path / "full").checkpoints == []
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
+    again = writer.begin_checkpoint()  # the writer carries on once the disk recovers
+    again.write_rows(torch.arange(N_TRAIN), rows)
+    again.commit(store.checkpoints[0].state(), {"step": 1, "epoch": 0, "lr": 0.1})
+    written = GradientStore(tmp_path / "full")
+    written.verify()
+    torch.testing.assert_close(written.checkpoints[0].materialized(), store.checkpoints[0].materialized())
+
+
 def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     """What DDP ranks do with factored storage: disjoint row ranges of every file, one checksum segment each."""
     src = GradientStore(run["factored"])

@@ -159,3 +159,16 @@ def test_close_drops_what_is_gathered_and_an_error_reaches_the_next_gather():
     with pytest.raises(OSError, match="No space"):
         wb.gather(out.extend, [2], 0)
     wb.close()
+
+
+def test_a_pool_of_several_threads_runs_tasks_together_and_is_refused_as_an_ordered_queue():
+    pool = WriteThread(workers=2)
+    barrier = threading.Barrier(2, timeout=10)
+    # Both tasks wait for each other: this only returns if two threads run them at once.
+    futures = [pool.executor().submit(barrier.wait) for _ in range(2)]
+    assert sorted(f.result(timeout=30) for f in futures) == [0, 1]
+    with pytest.raises(ValueError, match="`thread` must have one worker"):
+        WriteBehind(thread=pool)
+    with pytest.raises(ValueError, match="`workers` must be at least 1, got 0"):
+        WriteThread(workers=0)
+    pool.shutdown()
