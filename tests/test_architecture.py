@@ -132,3 +132,14 @@ def test_no_imports_inside_functions():
     assert not hidden, "imports inside functions (move them to the top, or list an optional dependency):\n" + "\n".join(
         hidden
     )
+
+
+def test_the_store_writer_and_reader_share_only_the_format_and_the_durable_writes():
+    """Training writes, analysis reads: each side depends on the layout and the durable-write helpers, not on the other."""
+    graph = import_graph()
+    store = f"{PACKAGE}.trajectory.store"
+    assert f"{store}.reader" not in graph[f"{store}.writer"]
+    assert f"{store}.writer" not in graph[f"{store}.reader"]
+    for side in ("writer", "reader"):
+        assert {f"{store}.layout", f"{store}.durable"} <= graph[f"{store}.{side}"]
+    assert not {t for t in graph[f"{store}.layout"] | graph[f"{store}.durable"] if t.startswith(f"{store}.")}

@@ -41,6 +41,7 @@ from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.parameters import module_state
 from lightning_influence.models import MLPVAE
 from lightning_influence.trajectory.distributed import DistributedInfluence
+from lightning_influence.trajectory.store import durable, layout
 
 N_TRAIN = 300
 REPO = Path(__file__).resolve().parents[2]
@@ -558,25 +559,23 @@ def test_an_older_factored_store_is_not_appended_to(run, tmp_path):
     old = tmp_path / "v3"
     _as_old_schema(run["factored"], old, 3)
     src = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: src.manifest[k] for k in store_module._HEADER_KEYS}, factored=src.factored)
+    header = store_module.StoreHeader(**{k: src.manifest[k] for k in layout.HEADER_KEYS}, factored=src.factored)
     with pytest.raises(StoreError, match="schema version 3, written by an older lightning_influence.*new `dirpath`"):
         store_module.GradientStoreWriter(old, header)
 
 
 def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, monkeypatch):
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(
-        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
-    )
+    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
-    real = store_module._preallocate
+    real = durable.preallocate
 
     def full(fd, size):
         if size == header.file_bytes("f.decoder.2.weight.npy"):
             raise OSError(28, "No space left on device")
         real(fd, size)
 
-    monkeypatch.setattr(store_module, "_preallocate", full)
+    monkeypatch.setattr(durable, "preallocate", full)
     with pytest.raises(OSError, match="Not enough disk space for the gradient store at .*full.*f.encoder"):
         writer.begin_checkpoint()
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "full").iterdir())
@@ -585,9 +584,7 @@ def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, mo
 def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
     """One write task carries every file's rows of a batch: the error still names the file that failed."""
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(
-        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
-    )
+    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
     rows = store.checkpoints[0].block(0, N_TRAIN)
     real = store_module.ShardWriter._write
@@ -611,9 +608,7 @@ def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, t
 def test_a_failed_fsync_of_one_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
     """A checkpoint's files are fsynced concurrently: the failure of one (on a pool thread) still names its file."""
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(
-        **{k: store.manifest[k] for k in store_module._HEADER_KEYS}, factored=store.factored
-    )
+    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
     rows = store.checkpoints[0].block(0, N_TRAIN)
     real = os.fsync
@@ -647,7 +642,7 @@ def test_a_failed_fsync_of_one_factor_file_names_it_and_lists_nothing(run, tmp_p
 def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     """What DDP ranks do with factored storage: disjoint row ranges of every file, one checksum segment each."""
     src = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: src.manifest[k] for k in store_module._HEADER_KEYS}, factored=src.factored)
+    header = store_module.StoreHeader(**{k: src.manifest[k] for k in layout.HEADER_KEYS}, factored=src.factored)
     w = store_module.GradientStoreWriter(tmp_path / "s", header)
     rows = src.checkpoints[0].block(0, N_TRAIN)
     bounds = [store_module.shard_bounds(N_TRAIN, 3, r) for r in range(3)]
@@ -722,7 +717,7 @@ def test_ddp_ranks_write_their_factor_rows_and_score_like_dense_rows(tmp_path):
 
 
 def _header_like(src: GradientStore, **changes) -> store_module.StoreHeader:
-    fields = {k: src.manifest[k] for k in store_module._HEADER_KEYS}
+    fields = {k: src.manifest[k] for k in layout.HEADER_KEYS}
     fields.update(changes)
     return store_module.StoreHeader(**fields, factored=src.factored)
 

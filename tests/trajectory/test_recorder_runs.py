@@ -16,11 +16,11 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_influence.trajectory.store as store_mod
 from lightning_influence import GradientStore, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
 from lightning_influence.gradients.noise import fixed_noise
 from lightning_influence.models.vae import MLPVAE
+from lightning_influence.trajectory.store import durable
 
 X, Y = load_digits_tensors()
 
@@ -221,7 +221,7 @@ def test_a_dataset_that_grows_between_checkpoints_is_named(tmp_path):
 
 
 def test_disk_full_during_fit_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    real = store_mod._preallocate
+    real = durable.preallocate
     calls = []
 
     def fill_up(fd, size):
@@ -231,7 +231,7 @@ def test_disk_full_during_fit_is_a_clear_error_and_keeps_earlier_checkpoints(tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, size)
 
-    monkeypatch.setattr(store_mod, "_preallocate", fill_up)
+    monkeypatch.setattr(durable, "preallocate", fill_up)
     with pytest.raises(OSError, match=r"Not enough disk space for the gradient store at .*store.*checkpoint 1.*needs"):
         _fit(tmp_path / "store", max_epochs=3)
     store = GradientStore(tmp_path / "store")

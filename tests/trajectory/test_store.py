@@ -13,7 +13,14 @@ import torch
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
-from lightning_influence.trajectory.store import MANIFEST, GradientStore, GradientStoreWriter, dtype_name, header_for
+from lightning_influence.trajectory.store import (
+    MANIFEST,
+    GradientStore,
+    GradientStoreWriter,
+    dtype_name,
+    durable,
+    header_for,
+)
 
 SHAPES = {"enc.weight": [3, 4], "enc.bias": [3]}
 N = 10
@@ -99,18 +106,16 @@ def test_round_trip(tmp_path, grad_dtype):
 def test_small_batches_are_written_gathered_and_hashed_while_writing(tmp_path, monkeypatch):
     # Ten batches of one row: gathered behind the sweep into one write of grads.npy, hashed in
     # order as it is written (the checksum is the file's without reading it back).
-    from lightning_influence.trajectory import store as store_module
-
     writes, reads = [], []
-    pwrite_all, pread = store_module._pwrite_all, store_module.os.pread
+    pwrite_all, pread = durable.pwrite_all, os.pread
 
     def counted(fd, data, offset):
         if Path(os.readlink(f"/proc/self/fd/{fd}")).name == "grads.npy":
             writes.append(len(data))
         pwrite_all(fd, data, offset)
 
-    monkeypatch.setattr(store_module, "_pwrite_all", counted)
-    monkeypatch.setattr(store_module.os, "pread", lambda *a: (reads.append(a), pread(*a))[1])
+    monkeypatch.setattr(durable, "pwrite_all", counted)
+    monkeypatch.setattr(os, "pread", lambda *a: (reads.append(a), pread(*a))[1])
     w = GradientStoreWriter(tmp_path, _header())
     rows = _rows(0)
     ck = w.begin_checkpoint()
@@ -326,22 +331,20 @@ def test_checkpoint_killed_mid_write_is_not_listed(tmp_path, mode):
 
 def test_writeback_hints_are_asked_per_write_and_dropped_where_unsupported(tmp_path, monkeypatch):
     """sync_file_range only starts the disk writes early; a filesystem that refuses it changes nothing else."""
-    import lightning_influence.trajectory.store as store_module
-
     if sys.platform.startswith("linux"):
-        assert store_module._sync_file_range() is not None
+        assert durable._sync_file_range() is not None
     calls = []
 
     def refusing(fd, offset, length, flags):
         calls.append((offset, length, flags))
         return -1
 
-    monkeypatch.setattr(store_module, "_sync_file_range", lambda: refusing)
-    monkeypatch.setattr(store_module, "_writeback_hint", True)
+    monkeypatch.setattr(durable, "_sync_file_range", lambda: refusing)
+    monkeypatch.setattr(durable, "_writeback_hint", True)
     w = GradientStoreWriter(tmp_path / "s", _header())
     _write(w, 0)
     _write(w, 1)
-    assert len(calls) == 1 and calls[0][2] == store_module._SYNC_FILE_RANGE_WRITE, "asked once, then not again"
+    assert len(calls) == 1 and calls[0][2] == durable._SYNC_FILE_RANGE_WRITE, "asked once, then not again"
     store = GradientStore(tmp_path / "s")
     store.verify()
     assert torch.equal(store.checkpoints[1].gradients(), _rows(1))

@@ -14,7 +14,7 @@ from test_store import N, _header, _rows, _state, _write
 import lightning_influence.trajectory.store as store_mod
 from lightning_influence import InfluenceAnalysis
 from lightning_influence.errors import StoreError
-from lightning_influence.trajectory.store import MANIFEST, GradientStore, GradientStoreWriter, shard_bounds
+from lightning_influence.trajectory.store import MANIFEST, GradientStore, GradientStoreWriter, durable, shard_bounds
 
 
 def _no_temp_files(path):
@@ -41,7 +41,7 @@ def _assert_intact(path, n=1):
 
 def test_disk_full_when_the_rows_file_is_preallocated(tmp_path, monkeypatch):
     w = _two_checkpoints(tmp_path)
-    monkeypatch.setattr(store_mod, "_preallocate", _enospc)
+    monkeypatch.setattr(durable, "preallocate", _enospc)
     with pytest.raises(OSError, match=r"Not enough disk space for the gradient store at .*needs 728 bytes") as info:
         w.begin_checkpoint()
     assert info.value.errno == errno.ENOSPC and str(tmp_path) in str(info.value)
@@ -52,7 +52,7 @@ def test_disk_full_while_writing_rows(tmp_path, monkeypatch):
     w = _two_checkpoints(tmp_path)
     ck = w.begin_checkpoint()
     ck.write_rows(torch.arange(4), _rows(1)[:4])
-    monkeypatch.setattr(store_mod.os, "pwrite", _enospc)
+    monkeypatch.setattr(os, "pwrite", _enospc)
     # Rows are written behind the computation: the error surfaces at the next write or, at the
     # latest, at commit -- before anything is listed.
     with pytest.raises(OSError, match="gradient rows.*needs \\d+ bytes"):
@@ -68,14 +68,14 @@ def test_disk_full_while_writing_rows(tmp_path, monkeypatch):
 
 def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
     w = _two_checkpoints(tmp_path)
-    real = store_mod._write_file
+    real = durable.write_file
 
     def fail_weights(path, data):
         if path.name == store_mod.WEIGHTS_FILE:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(store_mod, "_write_file", fail_weights)
+    monkeypatch.setattr(durable, "write_file", fail_weights)
     ck = w.begin_checkpoint()
     ck.write_rows(torch.arange(N), _rows(1))
     with pytest.raises(OSError, match=r"weights\.safetensors.*needs \d+ bytes"):
@@ -86,7 +86,7 @@ def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
 
 def test_disk_full_at_the_manifest_lists_nothing_and_leaves_nothing(tmp_path, monkeypatch):
     w = _two_checkpoints(tmp_path)
-    real = store_mod._write_file
+    real = durable.write_file
 
     def fail_manifest(path, data):
         if path.name.startswith(MANIFEST):
@@ -94,7 +94,7 @@ def test_disk_full_at_the_manifest_lists_nothing_and_leaves_nothing(tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(store_mod, "_write_file", fail_manifest)
+    monkeypatch.setattr(durable, "write_file", fail_manifest)
     with pytest.raises(OSError, match=r"manifest\.json"):
         _write(w, 1)
     assert not (tmp_path / "ckpt-00001").exists(), "a renamed but unlisted checkpoint was left behind"
@@ -116,7 +116,7 @@ def test_a_real_posix_fallocate_failure(tmp_path):
 
 
 def test_disk_full_creating_the_store(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "_write_file", _enospc)
+    monkeypatch.setattr(durable, "write_file", _enospc)
     with pytest.raises(OSError, match=r"gradient store at .*manifest\.json"):
         GradientStoreWriter(tmp_path / "s", _header())
     assert not any((tmp_path / "s").iterdir())
