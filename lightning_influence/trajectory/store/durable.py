@@ -215,7 +215,13 @@ def fsync_all(files: Sequence[tuple[int, Callable[[OSError], OSError]]]) -> None
     else:
         # The calling thread syncs the first file while the pool syncs the others.
         futures = [_FSYNC_THREADS.executor().submit(sync, *f) for f in files[1:]]
-        errors = [sync(*files[0])] + [f.result() for f in futures]
+        try:
+            first = sync(*files[0])
+        finally:
+            # Even when interrupted: the caller closes the files next, and a descriptor closed (or
+            # reused) under a running fsync would sync the wrong file.
+            rest = [f.result() for f in futures]
+        errors = [first, *rest]
     for err in errors:
         if err is not None:
             raise err
