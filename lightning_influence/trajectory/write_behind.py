@@ -30,7 +30,7 @@ __all__ = ["WriteBehind", "WriteThread"]
 
 
 class WriteThread:
-    """One background thread, started on first use and kept for every :class:`WriteBehind` given it.
+    """A background thread (or ``workers``), started on first use and kept for every :class:`WriteBehind` given it.
 
     A store writer keeps one for all its checkpoints instead of starting and joining a thread per
     checkpoint. A forked child (whose copy of the thread does not run) starts its own.

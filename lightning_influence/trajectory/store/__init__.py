@@ -19,7 +19,7 @@ needed (the partial checkpoint is removed, earlier ones are untouched) instead o
 process with SIGBUS. The writes, their checksums and the weights run behind the computation on one
 background thread (:class:`~lightning_influence.trajectory.write_behind.WriteBehind`, flushing to
 disk as it goes): the next batch's gradients are computed meanwhile, and a checkpoint's rows are
-durable (drained and fsynced) before it can be listed.
+durable (drained, and its files fsynced together) before it can be listed.
 
 Under DDP every rank writes a disjoint, contiguous range of rows of the same ``grads.npy``
 (:meth:`GradientStoreWriter.open_shard`); rank 0 creates and preallocates the file, then lists the
