@@ -44,6 +44,7 @@ from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_en
 from lightning_influence.gradients.vmap import VmapEngine
 
 __all__ = [
+    "ENGINE_CHOICES",
     "ENGINE_NAMES",
     "EngineName",
     "FactoredEngine",
@@ -57,6 +58,8 @@ __all__ = [
 #: The engines a facade takes by name (``"auto"`` picks per model; see :func:`resolve_engine`).
 EngineName = Literal["auto", "factored", "vmap", "loop"]
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+#: The names as error messages list them: ``'auto', 'factored', 'vmap', 'loop'``.
+ENGINE_CHOICES = ", ".join(repr(n) for n in ENGINE_NAMES)
 
 
 def resolve_engine(
@@ -92,7 +95,7 @@ def resolve_engine(
         plan = plan_engine(module, param_names)
         return FactoredEngine(chunk_size) if plan.tracked else VmapEngine(chunk_size)
     if isinstance(engine, str):
-        raise ValueError(f"`engine` must be 'vmap', 'factored', 'auto', 'loop' or an engine instance, got {engine!r}.")
+        raise ValueError(f"`engine` must be {ENGINE_CHOICES} or an engine instance, got {engine!r}.")
     if not isinstance(engine, PerSampleGradientEngine):
         raise TypeError(
             f"`engine` must be a string or implement lightning_influence.gradients.PerSampleGradientEngine, got"

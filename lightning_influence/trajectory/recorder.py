@@ -24,7 +24,13 @@ from typing_extensions import override
 from lightning_influence.data.batches import num_samples
 from lightning_influence.errors import StoreError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import ENGINE_NAMES, EngineName, describe_engine, resolve_engine
+from lightning_influence.gradients.factored import (
+    ENGINE_CHOICES,
+    ENGINE_NAMES,
+    EngineName,
+    describe_engine,
+    resolve_engine,
+)
 from lightning_influence.gradients.featurizer import GradientFeaturizer
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.parameters import module_state, resolve_parameter_names
@@ -195,11 +201,11 @@ class TrajectoryRecorder(pl.Callback):
         if isinstance(engine, str):
             if engine not in ENGINE_NAMES:
                 raise MisconfigurationException(
-                    f"`engine` must be 'auto', 'factored', 'vmap', 'loop' or a PerSampleGradientEngine, got {engine!r}."
+                    f"`engine` must be {ENGINE_CHOICES} or a PerSampleGradientEngine, got {engine!r}."
                 )
         elif not isinstance(engine, PerSampleGradientEngine):
             raise MisconfigurationException(
-                f"`engine` must be 'auto', 'factored', 'vmap', 'loop' or implement"
+                f"`engine` must be {ENGINE_CHOICES} or implement"
                 f" lightning_influence.gradients.PerSampleGradientEngine, got {engine!r}."
             )
         elif chunk_size is not None:

@@ -106,6 +106,6 @@ def test_post_hoc_refuses_factored_storage_with_a_projection_and_an_unknown_engi
     _, _, loader, _, files, _, _ = run
     with pytest.raises(ValueError, match=r"`factored_storage=True` .* `projection_dim`=64"):
         record_from_checkpoints(files, tmp_path / "a", MLPVAE, loader, projection_dim=64, factored_storage=True)
-    with pytest.raises(ValueError, match=r"`engine` must be 'vmap', 'factored', 'auto', 'loop'"):
+    with pytest.raises(ValueError, match=r"`engine` must be 'auto', 'factored', 'vmap', 'loop'"):
         record_from_checkpoints(files, tmp_path / "b", MLPVAE, loader, engine="fast")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

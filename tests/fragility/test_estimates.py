@@ -99,7 +99,7 @@ def test_every_engine_name_gives_the_analytic_scores(ridge, engine):
 
 def test_an_unknown_engine_name_is_refused(ridge):
     lin, x, y, x_test, y_test, lam, _ = ridge
-    with pytest.raises(ValueError, match=r"`engine` must be 'vmap', 'factored', 'auto', 'loop'.*'fast'"):
+    with pytest.raises(ValueError, match=r"`engine` must be 'auto', 'factored', 'vmap', 'loop'.*'fast'"):
         influence_function_estimates(lin, _sq_loss, (x, y), (x_test, y_test), engine="fast")
 
 

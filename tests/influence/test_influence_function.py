@@ -285,7 +285,7 @@ def test_bad_inputs_raise_clear_errors(problem):
         InfluenceFunction(model, problem["train"], damping=-1.0)
     with pytest.raises(MisconfigurationException, match="`train_loss`"):
         InfluenceFunction(nn.Linear(30, 1), problem["train"])
-    with pytest.raises(MisconfigurationException, match="`engine` must be 'vmap', 'factored', 'auto', 'loop'"):
+    with pytest.raises(MisconfigurationException, match="`engine` must be 'auto', 'factored', 'vmap', 'loop'"):
         InfluenceFunction(model, problem["train"], engine="hooks")
 
 
