@@ -559,14 +559,14 @@ def test_an_older_factored_store_is_not_appended_to(run, tmp_path):
     old = tmp_path / "v3"
     _as_old_schema(run["factored"], old, 3)
     src = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: src.manifest[k] for k in layout.HEADER_KEYS}, factored=src.factored)
+    header = _header_like(src)
     with pytest.raises(StoreError, match="schema version 3, written by an older lightning_influence.*new `dirpath`"):
         store_module.GradientStoreWriter(old, header)
 
 
 def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, monkeypatch):
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
+    header = _header_like(store)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
     real = durable.preallocate
 
@@ -584,7 +584,7 @@ def test_disk_full_while_creating_factor_files_names_the_store(run, tmp_path, mo
 def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
     """One write task carries every file's rows of a batch: the error still names the file that failed."""
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
+    header = _header_like(store)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
     rows = store.checkpoints[0].block(0, N_TRAIN)
     real = store_module.ShardWriter._write
@@ -608,7 +608,7 @@ def test_disk_full_while_writing_a_factor_file_names_it_and_lists_nothing(run, t
 def test_a_failed_fsync_of_one_factor_file_names_it_and_lists_nothing(run, tmp_path, monkeypatch):
     """A checkpoint's files are fsynced concurrently: the failure of one (on a pool thread) still names its file."""
     store = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: store.manifest[k] for k in layout.HEADER_KEYS}, factored=store.factored)
+    header = _header_like(store)
     writer = store_module.GradientStoreWriter(tmp_path / "full", header)
     rows = store.checkpoints[0].block(0, N_TRAIN)
     real = os.fsync
@@ -639,10 +639,41 @@ def test_a_failed_fsync_of_one_factor_file_names_it_and_lists_nothing(run, tmp_p
     torch.testing.assert_close(written.checkpoints[0].materialized(), store.checkpoints[0].materialized())
 
 
+@pytest.mark.parametrize("side", ["checkpoint", "shard"])
+def test_an_abandoned_checkpoint_does_not_write_the_rows_held_for_gathering(run, tmp_path, monkeypatch, side):
+    """Small batches' rows wait to be gathered into one write; abandoning the files drops them unwritten."""
+    src = GradientStore(run["factored"])
+    header = _header_like(src)
+    writer = store_module.GradientStoreWriter(tmp_path / "s", header)
+    rows = src.checkpoints[0].block(0, 4)  # far below the ~1 MB a gathered write waits for
+    writes: list[str] = []
+    real = store_module.ShardWriter._write
+
+    def counted(self, data, offset, hashed):
+        writes.append(self.fname)
+        real(self, data, offset, hashed)
+
+    monkeypatch.setattr(store_module.ShardWriter, "_write", counted)
+    ckpt = writer.begin_checkpoint(stop=2)
+    if side == "checkpoint":
+        ckpt.write_rows(torch.arange(2), rows[:2])
+        assert writes == [], "the rows are held, not written yet"
+        ckpt.abort()
+    else:
+        other = store_module.GradientStoreWriter(tmp_path / "s", header, run_id=writer.run_id, attach=True)
+        shard = other.open_shard(ckpt.index, 2, 4)
+        shard.write_rows(torch.arange(2, 4), rows[2:4])
+        assert writes == [], "the rows are held, not written yet"
+        shard.close()
+        ckpt.abort()
+    assert writes == [], f"abandoned rows were written into {sorted(set(writes))}"
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "s").iterdir())
+
+
 def test_factor_rows_written_by_several_ranks_tile_each_file(run, tmp_path):
     """What DDP ranks do with factored storage: disjoint row ranges of every file, one checksum segment each."""
     src = GradientStore(run["factored"])
-    header = store_module.StoreHeader(**{k: src.manifest[k] for k in layout.HEADER_KEYS}, factored=src.factored)
+    header = _header_like(src)
     w = store_module.GradientStoreWriter(tmp_path / "s", header)
     rows = src.checkpoints[0].block(0, N_TRAIN)
     bounds = [store_module.shard_bounds(N_TRAIN, 3, r) for r in range(3)]

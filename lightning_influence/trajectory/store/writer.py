@@ -577,10 +577,11 @@ class RowsWriter:
         return {"start": self.start, "stop": self.stop, "missing": missing, "files": files}
 
     def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
+        # The queue first: it drops the rows still held for gathering, which the files are abandoned with.
         if self._behind is not None:
             self._behind.close()
+        for w in self.writers.values():
+            w.close()
 
 
 def _check_folded_bias(name: str, bias: Any, weight: Any) -> None:
@@ -791,10 +792,10 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Drop the partial checkpoint (nothing listed is touched)."""
         self._closed = True
+        self._behind.close()  # first: rows still held for gathering are dropped, not written into doomed files
         if self.rows is not None:
             self.rows.close()
             self.rows = None
-        self._behind.close()
         self._close_fds()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.final.exists() and self.name not in {c["dir"] for c in self.store.manifest["checkpoints"]}:
