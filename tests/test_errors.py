@@ -38,6 +38,7 @@ def test_the_vmap_engine_reason_names_the_model_without_the_advice():
             noise_stream=0,
         )
     assert "for GRU" in caught.value.reason and "engine='loop'" not in caught.value.reason
+    assert "vmap's error: " in caught.value.reason  # which op failed, also in the auto engine's warning
     assert "engine='loop'" in caught.value.advice
 
 

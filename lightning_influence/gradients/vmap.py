@@ -111,9 +111,10 @@ def per_sample_gradients(
         raise EngineUnsupportedError(
             f"torch.func.vmap cannot compute per-sample gradients of `{argname}` for {type(module).__name__},"
             " although the loss runs on its own: some ops have no working vmap batching rule (nn.RNN and nn.GRU"
-            " in torch 2.x, custom autograd Functions without vmap support, activation checkpointing)",
+            " in torch 2.x, custom autograd Functions without vmap support, activation checkpointing); vmap's error:"
+            f" {str(err).strip().rstrip('.')}",
             "Pass engine='loop' (exact, one backward per sample), or engine=FactoredEngine(fallback=LoopEngine())"
-            f" to keep the factored layer rules and loop only over the other parameters. vmap's error: {err}",
+            " to keep the factored layer rules and loop only over the other parameters",
         ) from err
 
 
