@@ -441,7 +441,8 @@ class EmbeddingRule(LayerRule):
         if g.shape[1] * (vocab + width) >= vocab * width:
             dense = torch.zeros(batch, vocab, width, dtype=acc, device=g.device)
             return {"weight": dense.scatter_add_(1, tokens.unsqueeze(-1).expand_as(g), g)}
-        onehot = F.one_hot(tokens, vocab).to(acc)
+        # Built in the factor's dtype: F.one_hot would first make an int64 copy twice its size.
+        onehot = torch.zeros(*tokens.shape, vocab, dtype=acc, device=g.device).scatter_(-1, tokens.unsqueeze(-1), 1.0)
         return {"weight": LayerFactors(g, onehot, (vocab, width))}
 
 
