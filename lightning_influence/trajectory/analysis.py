@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 from lightning_influence.data.batches import iterate_batches, num_samples, subset, tensor_leaves
 from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import PerSampleGradientEngine
-from lightning_influence.gradients.factored import FactoredEngine, resolve_engine
+from lightning_influence.gradients.factored import FactoredEngine, loop_fallbacks, resolve_engine
 from lightning_influence.gradients.featurizer import GradientFeaturizer, cast_state
-from lightning_influence.gradients.loop import LoopEngine
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
 from lightning_influence.gradients.noise import NoiseStream
 from lightning_influence.gradients.split import SplitRows, cat_split_rows
@@ -590,9 +589,9 @@ def _analysis_engine(
     names = store.param_names
     rules = store.manifest.get("extra", {}).get("engine_rules") or {}
     if engine == "auto" and "loop" in rules.values():
-        if set(rules.values()) == {"loop"}:
-            return LoopEngine()
-        return FactoredEngine(chunk_size, fallback=LoopEngine())
+        # What the recorder's auto fell back to: the layer rules with the loop engine beside them, or the loop alone.
+        with_rules, loop_only = loop_fallbacks(FactoredEngine())
+        return loop_only if set(rules.values()) == {"loop"} else with_rules
     return resolve_engine(engine, model, names, chunk_size)
 
 
