@@ -454,6 +454,8 @@ def main() -> None:
     args = p.parse_args()
     if args.record_batch < 1:
         p.error(f"--record-batch must be a positive integer, got {args.record_batch}.")
+    if args.gpu_only and not torch.cuda.is_available():
+        p.error("--gpu-only needs a CUDA device; none is available.")
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="li_bench_factored_"))
     dm = DigitsDataModule(batch_size=64)
@@ -505,8 +507,6 @@ def main() -> None:
             )
         )
     if args.gpu_only:
-        if not torch.cuda.is_available():
-            p.error("--gpu-only needs a CUDA device; none is available.")
         workloads = []
     if args.only:
         keep = set(args.only.split(","))

@@ -18,6 +18,6 @@ print("torch", torch.__version__, "|", torch.cuda.get_device_name(), "|", round(
 PY
 status=0
 python -m pytest -q -p no:cacheprovider -m gpu tests || status=$?
-python -m pytest -q -p no:cacheprovider tests/gradients || status=$?
+python -m pytest -q -p no:cacheprovider -m "not gpu" tests/gradients || status=$?
 python benchmarks/bench_factored.py --gpu-only "$@" || status=$?
 exit $status
