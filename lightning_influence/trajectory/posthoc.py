@@ -69,6 +69,13 @@ def checkpoint_learning_rates(checkpoint: dict[str, Any], path: str = "checkpoin
             f"{path!r} has no optimizer state, so its learning rate is unknown; save checkpoints with"
             " ModelCheckpoint(save_weights_only=False) (the default)."
         )
+    if len(states) > 1:
+        # Each optimizer steps its own parameters and Lightning's global_step counts all their steps: the
+        # checkpoints alone cannot say which parameters moved how often at which rate.
+        raise ValueError(
+            f"{path!r} holds the state of {len(states)} optimizers; record_from_checkpoints reads one optimizer's"
+            " learning rates. Record during fit with TrajectoryRecorder, which credits every optimizer's steps."
+        )
     return [float(g["lr"]) for g in states[0]["param_groups"]]
 
 
@@ -173,15 +180,20 @@ def record_from_checkpoints(
         The new :class:`~lightning_influence.GradientStore`.
 
     Raises:
-        ValueError: on an empty checkpoint list, a checkpoint without optimizer state, two
-            checkpoints at the same step, unknown ``steps_per_epoch``, or ``factored_storage`` with a
-            ``projection_dim``.
+        ValueError: on an empty checkpoint list, a checkpoint without optimizer state or with several
+            optimizers, two checkpoints at the same step, unknown ``steps_per_epoch``, a batch size or
+            accumulation below one, or ``factored_storage`` with a ``projection_dim``.
+        StoreError: ``dirpath`` already holds a gradient store (and ``overwrite`` is off), or files the
+            store did not write.
     """
     if factored_storage and projection_dim is not None:
         raise ValueError(
             "`factored_storage=True` stores exact gradients as layer factors; it cannot be combined with"
             f" `projection_dim`={projection_dim}. Use one of them."
         )
+    for name, value in (("batch_size", batch_size), ("accumulate_grad_batches", accumulate_grad_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     paths = [str(p) for p in checkpoints]
     if not paths:
         raise ValueError("`checkpoints` is empty: pass at least one Lightning .ckpt file.")
@@ -260,7 +272,8 @@ def record_from_checkpoints(
         },
         factored=layout or None,
     )
-    writer = GradientStoreWriter(dirpath, header, overwrite=overwrite)
+    # A new run: a store already at `dirpath` is refused (unless `overwrite`), never appended to.
+    writer = GradientStoreWriter(dirpath, header, overwrite=overwrite, new_run=True)
     group_names = _param_group_names(module, len(checkpoint_learning_rates(loaded[0][0], loaded[0][1])))
     previous = 0
     items = tqdm(loaded, desc="recording checkpoints", leave=False) if progress else loaded
@@ -291,6 +304,7 @@ def record_from_checkpoints(
                 factored=list(layout),
                 param_scales=scales,
                 argname="data",
+                storage_dtype=getattr(torch, grad_dtype),
             )
             if bad:
                 raise FloatingPointError(

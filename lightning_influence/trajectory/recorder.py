@@ -245,14 +245,7 @@ class TrajectoryRecorder(pl.Callback):
         self.overwrite = overwrite
         self.verbose = verbose
         self.factored_storage = factored_storage
-        # Bookkeeping (also the callback's state_dict).
-        self._last_step = -1
-        self._credit: dict[str, float] = {}
-        self._steps = 0
-        self._skipped = 0
-        self._pending: list[tuple[list[float], list[list[int]]]] = []
-        self._scale_before: float | None = None
-        self._resumed: dict[str, Any] | None = None
+        self._new_run()
         self._run_id: str | None = None
         # Resolved in setup / at fit start.
         self._resolved = Path(dirpath).expanduser().resolve()
@@ -269,6 +262,16 @@ class TrajectoryRecorder(pl.Callback):
         self._data: Any = None
         self._collate: Callable | None = None
         self._active = False
+
+    def _new_run(self) -> None:
+        # Bookkeeping (also the callback's state_dict): fresh for every fit; a resumed one loads it afterwards.
+        self._last_step = -1
+        self._credit: dict[str, float] = {}
+        self._steps = 0
+        self._skipped = 0
+        self._pending: list[tuple[list[float], list[list[int]]]] = []
+        self._scale_before: float | None = None
+        self._resumed: dict[str, Any] | None = None
 
     @property
     def store_path(self) -> Path:
@@ -290,6 +293,9 @@ class TrajectoryRecorder(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # A recorder used for a second fit must not carry the first one's step count and learning-rate credit
+        # (its steps would count as already seen). Lightning restores a resumed fit's state after setup.
+        self._new_run()
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if names & set(_SHARDED):
             raise MisconfigurationException(
@@ -600,6 +606,7 @@ class TrajectoryRecorder(pl.Callback):
                         projection=self._projection(index),
                         factored=self._factored,
                         param_scales=scales,
+                        storage_dtype=getattr(torch, self.grad_dtype),
                         progress=f"TrajectoryRecorder: checkpoint {index}" if self._progress(trainer) else None,
                     )
                 # Durable before the clock stops: the sweep's time includes the write-behind and fsync.
@@ -629,8 +636,13 @@ class TrajectoryRecorder(pl.Callback):
         if all_bad and self.nonfinite == "raise":
             if ckpt is not None:
                 ckpt.abort()
+            half = (
+                " (or beyond float16's range, with grad_dtype='float16': store them as 'bfloat16' or 'float32')"
+                if self.grad_dtype == "float16"
+                else ""
+            )
             raise FloatingPointError(
-                f"TrajectoryRecorder: {len(all_bad)} sample(s) have non-finite per-sample gradients at step"
+                f"TrajectoryRecorder: {len(all_bad)} sample(s) have non-finite per-sample gradients{half} at step"
                 f" {trainer.global_step} (ids {all_bad[:10]}{'...' if len(all_bad) > 10 else ''}), even after"
                 " loss-scale back-off. Checkpoint not written; earlier checkpoints are intact. Use"
                 " grad_precision='fp32', or nonfinite='skip' to store and flag them."

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import torch
 from pytorch_lightning.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -77,6 +78,7 @@ def sweep_rows(
     param_scales: Mapping[str, float] | None = None,
     progress: str | None = None,
     argname: str = "dataset",
+    storage_dtype: torch.dtype = torch.float32,
 ) -> list[int]:
     """Write the training rows of samples ``[start, stop)`` of ``data``, at ``module``'s current weights, in order.
 
@@ -99,6 +101,8 @@ def sweep_rows(
             without them, readers apply the checkpoint's.
         progress: a progress bar's description (``None``: no bar).
         argname: the argument ``data`` came from, for error messages.
+        storage_dtype: the dtype ``out`` stores rows in: with ``torch.float16``, rows that overflow it
+            (finite in fp32, ``inf`` once stored) count as non-finite too.
 
     Returns:
         The ids of samples with non-finite rows, ascending.
@@ -130,10 +134,23 @@ def sweep_rows(
                 rows, nonfinite = featurizer.rows(
                     batch, ids, state, projection=projection, stream=NoiseStream.TRAIN, param_scales=param_scales
                 )
+            if storage_dtype == torch.float16:
+                nonfinite = nonfinite | _overflows(rows, storage_dtype)
             if nonfinite.any():
                 bad.extend(ids[nonfinite.cpu()].tolist())
             out.write_rows(ids, rows)
     return bad
+
+
+def _overflows(rows: Tensor | SplitRows, dtype: torch.dtype) -> Tensor:
+    """``[B]``: whether a sample's rows (or factors) hold a value beyond ``dtype``'s range."""
+    limit = torch.finfo(dtype).max
+    tensors = rows.tensors() if isinstance(rows, SplitRows) else [rows]
+    out = torch.zeros(len(rows), dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        if t.numel():
+            out |= (t.detach().abs().flatten(1) > limit).any(1)
+    return out
 
 
 def _first_batch(

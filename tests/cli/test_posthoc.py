@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
+from lightning_influence.errors import StoreError
 from lightning_influence.models import MLPVAE
 from lightning_influence.trajectory.posthoc import record_from_checkpoints
 
@@ -55,6 +56,31 @@ def test_post_hoc_errors_name_the_argument(run, tmp_path):
         record_from_checkpoints(files, tmp_path / "b", MLPVAE, train)
     with pytest.raises(ValueError, match="same global_step"):
         record_from_checkpoints([files[0], files[0]], tmp_path / "c", MLPVAE, loader)
+    for name, bad in (("batch_size", 0), ("accumulate_grad_batches", 0), ("accumulate_grad_batches", -2)):
+        with pytest.raises(ValueError, match=rf"`{name}` must be a positive integer, got {bad}"):
+            record_from_checkpoints(files, tmp_path / "d", MLPVAE, loader, **{name: bad})
+        assert not (tmp_path / "d").exists(), "refused before anything was created"
+
+
+def test_post_hoc_never_appends_another_run_to_a_store(run, tmp_path):
+    _, _, loader, _, files, _, _ = run
+    first = record_from_checkpoints(files[:2], tmp_path / "s", MLPVAE, loader, batch_size=48, progress=False)
+    manifest = (tmp_path / "s" / "manifest.json").read_text()
+    with pytest.raises(StoreError, match=rf"already holds a gradient store of run '{first.run_id}' .*steps \[2, 4\]"):
+        record_from_checkpoints(files[2:], tmp_path / "s", MLPVAE, loader, batch_size=48, progress=False)
+    assert (tmp_path / "s" / "manifest.json").read_text() == manifest
+    again = record_from_checkpoints(files[2:], tmp_path / "s", MLPVAE, loader, batch_size=48, overwrite=True)
+    assert [c.step for c in again.checkpoints] == [6] and again.run_id != first.run_id
+
+
+def test_post_hoc_refuses_checkpoints_of_several_optimizers(run, tmp_path):
+    """Each optimizer steps its own parameters: one optimizer's learning rates would weight them all wrongly."""
+    vae, _, loader, _, files, _, _ = run
+    ckpt = torch.load(files[0], weights_only=False)
+    ckpt["optimizer_states"] = [ckpt["optimizer_states"][0]] * 2
+    torch.save(ckpt, tmp_path / "two.ckpt")
+    with pytest.raises(ValueError, match=r"two\.ckpt' holds the state of 2 optimizers.*TrajectoryRecorder"):
+        record_from_checkpoints([tmp_path / "two.ckpt"], tmp_path / "s", vae, loader, progress=False)
 
 
 def test_a_test_set_of_none_names_setup_test(run):

@@ -225,6 +225,42 @@ def test_nonfinite_gradients_raise_by_default_and_nothing_is_listed(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in rec.store_path.iterdir())
 
 
+def _scaled_loss(m, batch):
+    return m.per_sample_loss(batch[:2]) * batch[2]
+
+
+def _weighted(n: int = 24, bad: int = 5) -> TensorDataset:
+    w = torch.ones(n)
+    w[bad] = 1e7  # its gradients stay finite in fp32 but exceed float16's range (65504) once stored
+    return TensorDataset(X[:n].clone(), Y[:n].clone(), w)
+
+
+def test_rows_that_overflow_float16_storage_are_non_finite_and_score_nan(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, influence_draws=2)
+    loader = DataLoader(small_data(16), batch_size=8)
+    kw = dict(dataset=_weighted(), train_loss=_scaled_loss, batch_size=8, grad_dtype="float16")
+    rec = TrajectoryRecorder(tmp_path / "raise", **kw)
+    with pytest.raises(FloatingPointError, match=r"1 sample\(s\) have non-finite .*beyond float16's range.*ids \[5\]"):
+        quiet_trainer(max_epochs=1, callbacks=[rec]).fit(vae, loader)
+    rec = TrajectoryRecorder(tmp_path / "skip", nonfinite="skip", **kw)
+    with pytest.warns(UserWarning, match="non-finite"):
+        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(vae, loader)
+    store = GradientStore(rec.store_path)
+    assert all(c.nonfinite == [5] for c in store.checkpoints)
+    row = store.checkpoints[0].gradients()[5].float()
+    assert torch.isinf(row).any() and not torch.isnan(row).any(), "stored as inf: +inf scores unless masked"
+    with pytest.warns(UserWarning, match="non-finite recorded gradients"):
+        analysis = InfluenceAnalysis(store, vae, train_loss=_scaled_loss, train_block=4)
+    queries = [X[100:103], Y[100:103], torch.ones(3)]
+    scores = analysis.tracin(queries)
+    assert torch.isnan(scores[:, 5]).all() and torch.isfinite(torch.cat([scores[:, :5], scores[:, 6:]], 1)).all()
+    assert torch.isnan(analysis.self_influence()[5])
+    for proponents in (True, False):
+        idx, vals = analysis.top_k(queries, k=6, proponents=proponents)
+        assert not (idx == 5).any() and torch.isfinite(vals).all()
+
+
 @pytest.mark.parametrize("factored_storage", [False, True])
 def test_nonfinite_skip_policy_flags_the_sample_and_scores_nan(tmp_path, factored_storage):
     vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3, influence_draws=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -59,9 +60,9 @@ class Crash(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
-def _crashed_run(tmp_path, store):
+def _crashed_run(tmp_path, store, **kw):
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(store, [Crash()], ckpt_dir=tmp_path / "ckpts")
+        _fit(store, [Crash()], ckpt_dir=tmp_path / "ckpts", **kw)
     return sorted((tmp_path / "ckpts").glob("epoch=1*.ckpt"))[-1]
 
 
@@ -86,6 +87,53 @@ def test_a_directory_with_other_files_is_refused(tmp_path):
     ):
         _fit(tmp_path / "store", max_epochs=1, overwrite=True)
     assert os.listdir(tmp_path / "store") == ["notes.txt"]
+
+
+def test_a_recorder_reused_for_a_second_fit_records_it_like_a_fresh_one(tmp_path):
+    """The first fit's step count and learning-rate credit must not carry over (the steps would count as seen)."""
+    loader = DataLoader(small_data(), batch_size=8)
+    rec = TrajectoryRecorder(tmp_path / "store", batch_size=16, overwrite=True)
+    for _ in range(2):
+        pl.seed_everything(0, verbose=False)
+        quiet_trainer(max_epochs=2, callbacks=[rec]).fit(_vae(), loader)
+    reused = GradientStore(tmp_path / "store")
+    fresh = GradientStore(_fit(tmp_path / "fresh", max_epochs=2).store_path)
+    assert [(c.step, c.eta, c.entry["optimizer_steps"]) for c in reused.checkpoints] == [
+        (c.step, c.eta, c.entry["optimizer_steps"]) for c in fresh.checkpoints
+    ]
+    assert all(c.eta > 0 for c in reused.checkpoints)
+    torch.testing.assert_close(reused.checkpoints[-1].gradients(), fresh.checkpoints[-1].gradients())
+
+
+@pytest.mark.parametrize("case", ["foreign manifest", "checkpoint-named folder", "file inside a checkpoint"])
+def test_nothing_the_store_did_not_write_is_deleted_even_with_overwrite(tmp_path, case):
+    store = tmp_path / "store"
+    if case == "foreign manifest":
+        store.mkdir()
+        (store / "manifest.json").write_text('{"format": "some.other.tool", "entries": [1, 2]}')
+        foreign = "manifest.json"
+    elif case == "checkpoint-named folder":  # no manifest: not our debris, a user's folder
+        (store / "ckpt-00001").mkdir(parents=True)
+        (store / "ckpt-00001" / "model.pt").write_bytes(b"weights")
+        foreign = "ckpt-00001/model.pt"
+    else:
+        _fit(store, max_epochs=1)
+        (store / "ckpt-00000" / "notes.txt").write_text("mine")
+        foreign = "ckpt-00000/notes.txt"
+    before = sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file())
+    for overwrite in (False, True):
+        with pytest.raises(MisconfigurationException, match=rf"did not write \(\[{re.escape(repr(foreign))}\]"):
+            _fit(store, max_epochs=1, overwrite=overwrite)
+    assert sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file()) == before
+
+
+def test_resuming_with_another_factored_storage_setting_is_refused(tmp_path):
+    """Dense rows appended to a factored store (or the reverse) would leave checkpoints of two layouts."""
+    ckpt = _crashed_run(tmp_path, tmp_path / "store", factored_storage=True)
+    manifest = (tmp_path / "store" / "manifest.json").read_text()
+    with pytest.raises(MisconfigurationException, match=r"different settings \(dense_dim, factored: "):
+        _fit(tmp_path / "store", ckpt_path=ckpt, factored_storage=False)
+    assert (tmp_path / "store" / "manifest.json").read_text() == manifest
 
 
 def test_resume_is_keyed_by_the_resolved_path_not_its_spelling(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -268,13 +269,25 @@ def test_verify_detects_corruption(tmp_path, which):
         GradientStore(tmp_path).verify()
 
 
+@pytest.mark.parametrize("which", ["grads.npy", "weights.safetensors"])
+def test_verify_names_a_file_the_manifest_entry_does_not_list(tmp_path, which):
+    """An entry without one of the checkpoint's files (an edited manifest) fails verify(), not only a later read."""
+    w = GradientStoreWriter(tmp_path, _header())
+    _write(w, 0)
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    del m["checkpoints"][0]["files"][which]
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=rf"Checkpoint 0 of '{re.escape(str(tmp_path))}': .*lists no {which}"):
+        GradientStore(tmp_path).verify()
+
+
 def test_open_errors(tmp_path):
     with pytest.raises(StoreError, match="No gradient store"):
         GradientStore(tmp_path / "nowhere")
     GradientStoreWriter(tmp_path, _header())
     m = json.loads((tmp_path / MANIFEST).read_text())
     (tmp_path / MANIFEST).write_text(json.dumps({**m, "schema_version": 99}))
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StoreError, match=r"manifest\.json.: store schema version 99 is not supported"):
         GradientStore(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps({**m, "format": "something.else"}))
     with pytest.raises(StoreError, match="not a lightning_influence gradient store"):

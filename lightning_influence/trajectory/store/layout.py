@@ -26,6 +26,7 @@ from lightning_influence.gradients.projection import ProjectionSpec
 
 __all__ = [
     "CKPT_DIR",
+    "CKPT_FILE",
     "DEBRIS",
     "ENTRY_KEYS",
     "FACTORED_SCHEMA_VERSION",
@@ -72,6 +73,8 @@ STORAGE_DTYPES = {
 OWN_ENTRY = re.compile(r"^(manifest\.json|manifest\.json\.tmp-.+|ckpt-\d{5,}|\.tmp-ckpt-\d{5,})$")
 DEBRIS = re.compile(r"^(manifest\.json\.tmp-.+|\.tmp-ckpt-\d{5,})$")
 CKPT_DIR = re.compile(r"^ckpt-\d{5,}$")
+#: Files a checkpoint directory holds (``a.``/``g.`` factor files: schema version 2).
+CKPT_FILE = re.compile(r"^(grads\.npy|weights\.safetensors|[fag]\..+\.npy)$")
 HEADER_KEYS = (
     "n_samples",
     "dim",
@@ -149,8 +152,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     )
     if m.get("schema_version") not in readable:
         raise StoreError(
-            f"Store schema version {m.get('schema_version')} is not supported (this version reads"
-            f" {', '.join(map(str, readable))})."
+            f"{str(mpath)!r}: store schema version {m.get('schema_version')} is not supported (this version reads"
+            f" {', '.join(map(str, readable))}); it was written by another version of lightning_influence."
         )
     missing = [k for k in (*HEADER_KEYS, "checkpoints") if k not in m]
     if missing:

@@ -87,7 +87,10 @@ class StoredCheckpoint:
         path = self.dir / fn
         info = self.entry["files"].get(fn)
         if info is None:
-            raise StoreError(f"Checkpoint {self.index}: the manifest lists no {fn}.")
+            raise StoreError(
+                f"Checkpoint {self.index} of {str(self._store.path)!r}: its manifest entry lists no {fn}; the manifest"
+                " is incomplete or was edited."
+            )
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -124,6 +127,16 @@ class StoredCheckpoint:
             raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
         t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self._store.grad_dtype == torch.bfloat16 else t
+
+    def expected_files(self) -> list[str]:
+        """The files this checkpoint holds under the store's settings (weights, ``grads.npy``, factor files)."""
+        store = self._store
+        files = [WEIGHTS_FILE] + ([GRADS_FILE] if not store.factored or store.dense_dim > 0 else [])
+        two_files = store.manifest["schema_version"] == TWO_FILE_FACTORED_SCHEMA_VERSION
+        for name, info in store.factored.items():
+            if "bias_of" not in info:
+                files += [factor_file(name, "a"), factor_file(name, "g")] if two_files else [factor_file(name)]
+        return files
 
     def gradients(self) -> Tensor:
         """Gradient rows ``[n_samples, dim]`` in the storage dtype, memory-mapped (copy-on-write).
@@ -337,6 +350,9 @@ class GradientStore:
     def verify(self) -> None:
         """Recompute every file's checksum; raise :class:`StoreError` on a mismatch."""
         for ckpt in self.checkpoints:
+            for fn in ckpt.expected_files():
+                if fn not in ckpt.entry["files"]:
+                    ckpt._check(fn)  # raises: the entry lists no such file
             for fn, info in ckpt.entry["files"].items():
                 p = ckpt.dir / fn
                 problem = "is missing" if not p.is_file() else _check_file(p, info, p.stat().st_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from lightning_influence.gradients.split import SplitRows
 from lightning_influence.trajectory.store import durable
 from lightning_influence.trajectory.store.layout import (
     CKPT_DIR,
+    CKPT_FILE,
     DEBRIS,
     FORMAT,
     GRADS_FILE,
@@ -50,6 +52,35 @@ _SYNC_EVERY_BYTES = 4 << 20
 
 def _write_manifest(path: Path, payload: Mapping[str, Any], store: Path) -> None:
     durable.write_atomic(path, manifest_text(payload).encode(), store)
+
+
+def _foreign_entries(path: Path, entries: Sequence[str]) -> list[str]:
+    """What in the store directory ``path`` the store did not write, as paths relative to it.
+
+    Names the store does not use; files other than a checkpoint's inside ``ckpt-*`` directories (a
+    user's file put there, or a directory of the same name that is no checkpoint); a ``manifest.json``
+    that is no gradient store's. Overwriting or clearing debris deletes only what passes this check.
+    """
+    foreign: list[str] = []
+    for name in entries:
+        p = path / name
+        if not OWN_ENTRY.match(name):
+            foreign.append(name)
+        elif name == MANIFEST:
+            try:
+                m = json.loads(p.read_text())
+            except (OSError, ValueError):  # unreadable or broken: the manifest's own checks name the problem
+                continue
+            if not isinstance(m, dict) or m.get("format") != FORMAT:
+                foreign.append(name)
+        elif CKPT_DIR.match(name) or name.startswith(".tmp-ckpt-"):
+            if not p.is_dir() or p.is_symlink():
+                foreign.append(name)
+                continue
+            foreign.extend(
+                f"{name}/{f.name}" for f in sorted(p.iterdir()) if not (CKPT_FILE.match(f.name) and f.is_file())
+            )
+    return foreign
 
 
 class GradientStoreWriter:
@@ -101,7 +132,7 @@ class GradientStoreWriter:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"`dirpath` {str(self.path)!r} exists and is not a directory.")
         entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
-        foreign = [e for e in entries if not OWN_ENTRY.match(e)]
+        foreign = _foreign_entries(self.path, entries)
         if foreign:
             raise StoreError(
                 f"`dirpath` {str(self.path)!r} holds files the gradient store did not write ({foreign[:5]}"
@@ -110,6 +141,13 @@ class GradientStoreWriter:
             )
         manifest_path = self.path / MANIFEST
         if manifest_path.exists() and overwrite:
+            try:
+                json.loads(manifest_path.read_text())
+            except (OSError, ValueError) as err:
+                raise StoreError(
+                    f"{str(manifest_path)!r} cannot be read as JSON ({err}); overwrite=True deletes only a gradient"
+                    " store it can identify. If the directory is a broken store of yours, delete it by hand."
+                ) from err
             self._remove_own(entries)
         elif manifest_path.exists():
             existing = read_manifest(self.path)
@@ -121,19 +159,25 @@ class GradientStoreWriter:
                     f" appends only to version {header.schema_version}. Record to a new `dirpath`, or overwrite=True"
                     " to replace it."
                 )
-            if any(existing.get(k) != v for k, v in mine.items() if k != "extra"):
+            # Over the keys of both: a dense header has no "factored" entry, a factored store's manifest does.
+            differ = sorted(
+                k
+                for k in {*mine, *existing.keys() & {"factored", "dense_dim"}} - {"extra"}
+                if existing.get(k) != mine.get(k)
+            )
+            if differ:
                 raise StoreError(
                     f"`dirpath` {str(self.path)!r} already holds a gradient store recorded with different settings"
-                    " (parameters, projection, dtype or sample count). Use a new `dirpath`, or overwrite=True to"
-                    " replace it."
+                    f" ({', '.join(differ)}: parameters, projection, dtype, sample count or factored storage). Use a"
+                    " new `dirpath`, or overwrite=True to replace it."
                 )
             steps = [c["step"] for c in existing["checkpoints"]]
             if new_run:
                 raise StoreError(
                     f"`dirpath` {str(self.path)!r} already holds a gradient store of run {existing.get('run_id')!r}"
-                    f" ({len(steps)} checkpoint(s) at steps {steps[:8]}{'...' if len(steps) > 8 else ''}); a new fit"
-                    " would mix two runs. Resume that run with trainer.fit(..., ckpt_path=...), pass overwrite=True to"
-                    " replace it, or use a new `dirpath`."
+                    f" ({len(steps)} checkpoint(s) at steps {steps[:8]}{'...' if len(steps) > 8 else ''}); recording a"
+                    " new run into it would mix two runs. Resume that run with trainer.fit(..., ckpt_path=...), pass"
+                    " overwrite=True to replace it, or use a new `dirpath`."
                 )
             if run_id is not None and existing.get("run_id") != run_id:
                 raise StoreError(
