@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -297,7 +297,8 @@ class InfluenceAnalysis:
     ) -> Tensor | SplitRows:
         """Test-side rows of ``data`` (or of its rows ``span``) at ``ckpt``, cached for the same queries."""
         start, stop = span if span is not None else (0, num_samples(data, "test_data"))
-        key = (ckpt.index, id(data), id(fn), start, stop)
+        # The checkpoint's uid, not only its index: after store.refresh() a re-recorded store reuses the indices.
+        key = (ckpt.index, ckpt.entry.get("uid"), id(data), id(fn), start, stop)
         rows = self._cache.get(key, data, fn)
         if rows is None:
             part = data if span is None else subset(data, start, stop)
@@ -325,11 +326,17 @@ class InfluenceAnalysis:
     def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor | SplitRows:
         # A fresh mapping per block, dropped with the block: pages of blocks already scored are
         # not kept resident by a long-lived mapping of every checkpoint.
+        rows: Tensor | SplitRows
         if self.store.factored:
             block = ckpt.block(start, stop)
             assert isinstance(block, SplitRows)
-            return block.to(self.device, torch.float32)
-        return ckpt.gradients()[start:stop].to(self.device).float()
+            rows = block.to(self.device, torch.float32)
+        else:
+            rows = ckpt.gradients()[start:stop].to(self.device).float()
+        flagged = [i - start for i in ckpt.nonfinite if start <= i < stop]
+        # A flagged row may hold inf rather than NaN, which would score +-inf and lead the top-k: flagged samples
+        # score NaN, as documented, whatever their stored values.
+        return _nan_rows(rows, flagged) if flagged else rows
 
     def tracin(self, test_data: Any, measurement: PerSampleLoss | None = None) -> Tensor:
         """TracIn scores of every (test, training) pair.
@@ -532,30 +539,31 @@ class InfluenceSummary:
 class _RowCache:
     """Test-side rows per (checkpoint, queries, objective), up to a byte budget.
 
-    Entries hold a reference to the queries and the objective, so an ``id`` is never reused by
-    another object while its entry lives; a lookup also checks identity, and for queries given as
-    tensors their version counters (queries modified in place are computed again).
+    Entries hold a reference to the queries, their tensors and the objective, so an ``id`` is never
+    reused by another object while its entry lives. A lookup checks the identity of the queries, of
+    the objective and of every tensor the queries hold, and the tensors' version counters: queries
+    modified in place, or a container given other tensors (``q[0] = x``), are computed again.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._rows: dict[tuple[int, ...], tuple[Any, Any, tuple[int, ...], Tensor | SplitRows]] = {}
+        self._rows: dict[tuple[Any, ...], tuple[Any, Any, _Leaves, Tensor | SplitRows]] = {}
 
-    def get(self, key: tuple[int, ...], data: Any, fn: Any) -> Tensor | SplitRows | None:
+    def get(self, key: tuple[Any, ...], data: Any, fn: Any) -> Tensor | SplitRows | None:
         hit = self._rows.get(key)
-        if hit is None or hit[0] is not data or hit[1] is not fn or hit[2] != _versions(data):
+        if hit is None or hit[0] is not data or hit[1] is not fn or not hit[2].unchanged(data):
             return None
         return hit[3]
 
-    def put(self, key: tuple[int, ...], data: Any, fn: Any, rows: Tensor | SplitRows) -> None:
+    def put(self, key: tuple[Any, ...], data: Any, fn: Any, rows: Tensor | SplitRows) -> None:
         size = _nbytes(rows)
         old = self._rows.pop(key, None)
         if old is not None:  # a stale entry (queries modified in place) makes room for its successor
             self.used -= _nbytes(old[3])
         if self.used + size > self.budget:
             return
-        self._rows[key] = (data, fn, _versions(data), rows)
+        self._rows[key] = (data, fn, _Leaves(data), rows)
         self.used += size
 
     def clear(self) -> None:
@@ -563,13 +571,46 @@ class _RowCache:
         self.used = 0
 
 
+class _Leaves:
+    """The tensors a collated batch holds and their version counters (a Dataset is taken as fixed)."""
+
+    def __init__(self, data: Any) -> None:
+        self.tensors = tuple(tensor_leaves(data))
+        self.versions = tuple(t._version for t in self.tensors)
+
+    def unchanged(self, data: Any) -> bool:
+        now = tuple(tensor_leaves(data))
+        return (
+            len(now) == len(self.tensors)
+            and all(a is b for a, b in zip(now, self.tensors))
+            and tuple(t._version for t in now) == self.versions
+        )
+
+
+def _nan_rows(rows: Tensor | SplitRows, positions: list[int]) -> Tensor | SplitRows:
+    """``rows`` with the samples at ``positions`` set to NaN, on copies (stored blocks may be memory-mapped)."""
+    nan = float("nan")
+    if isinstance(rows, Tensor):
+        rows = rows.clone()
+        rows[positions] = nan
+        return rows
+    copies: dict[int, Tensor] = {}
+
+    def masked(t: Tensor) -> Tensor:
+        if id(t) not in copies:  # a bias shares its layer's g: one copy for both
+            copies[id(t)] = t.clone()
+            copies[id(t)][positions] = nan
+        return copies[id(t)]
+
+    factors: dict[str, Any] = {
+        n: masked(f) if isinstance(f, Tensor) else replace(f, output_grads=masked(f.output_grads))
+        for n, f in rows.factors.items()
+    }
+    return replace(rows, dense=masked(rows.dense), factors=factors)
+
+
 def _nbytes(rows: Tensor | SplitRows) -> int:
     return rows.nbytes if isinstance(rows, SplitRows) else rows.numel() * rows.element_size()
-
-
-def _versions(data: Any) -> tuple[int, ...]:
-    # A collated batch's tensors: an in-place change bumps their version. A Dataset is taken as fixed.
-    return tuple(t._version for t in tensor_leaves(data))
 
 
 def _warn_nonfinite(store: GradientStore) -> None:

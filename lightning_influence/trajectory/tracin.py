@@ -185,11 +185,12 @@ def merge_top_k(best: TopK | None, scores: Tensor, indices: Tensor, k: int, larg
     vals, idx = scores, indices
     if idx.dim() == 1:
         idx = idx.unsqueeze(0).expand(vals.shape[0], -1)
-    fill = float("-inf") if largest else float("inf")
-    vals = torch.where(torch.isnan(vals), torch.full_like(vals, fill), vals)
     if best is not None:
         vals = torch.cat([best.scores, vals], dim=1)
         idx = torch.cat([best.indices, idx.to(best.indices.device)], dim=1)
+    # After the merge: the running top-k's empty slots are NaN too, and topk ranks NaN above everything.
+    fill = float("-inf") if largest else float("inf")
+    vals = torch.where(torch.isnan(vals), torch.full_like(vals, fill), vals)
     kk = min(k, vals.shape[1])
     top_vals, pos = torch.topk(vals, kk, dim=1, largest=largest, sorted=True)
     top_idx = torch.gather(idx, 1, pos)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional import spearman_corrcoef
@@ -12,7 +13,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 import lightning_influence.trajectory.analysis as analysis_module
 import lightning_influence.trajectory.tracin as tracin_module
-from lightning_influence import GradientStore, InfluenceAnalysis
+from lightning_influence import GradientStore, InfluenceAnalysis, TrajectoryRecorder
 from lightning_influence.data.batches import gather_samples
 from lightning_influence.gradients import FactoredEngine
 from lightning_influence.models.vae import MLPVAE
@@ -266,3 +267,34 @@ def test_queries_modified_in_place_are_not_served_from_the_cache(digits_run):
     torch.testing.assert_close(scores, fresh, rtol=1e-5, atol=1e-6)
     analysis.tracin(queries)
     assert engine.calls == 2 * n_ckpt, "the new values are cached in turn"
+
+
+def test_a_query_container_given_other_tensors_is_not_served_from_the_cache(digits_run):
+    analysis = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae, batch_size=256)
+    x = digits_run.dm.test_set.tensors[0]
+    queries = [x[:6].clone()]
+    first = analysis.tracin(queries)
+    queries[0] = x[6:12].clone()  # the same list, another tensor
+    fresh = InfluenceAnalysis(digits_run.stores["exact"], digits_run.vae).tracin([x[6:12].clone()])
+    torch.testing.assert_close(analysis.tracin(queries), fresh, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, fresh)
+
+
+def test_refreshing_a_re_recorded_store_scores_the_new_checkpoints(digits_run, tmp_path):
+    """Test rows cached for a checkpoint index are not reused once the store holds another recording there."""
+    from conftest import VAE_KWARGS, quiet_trainer
+
+    def record(epochs):
+        pl.seed_everything(epochs, verbose=False)
+        rec = TrajectoryRecorder(tmp_path / "store", every_n_epochs=1, batch_size=256, overwrite=True)
+        quiet_trainer(max_epochs=epochs, callbacks=[rec]).fit(MLPVAE(**VAE_KWARGS), digits_run.dm)
+
+    record(1)
+    analysis = InfluenceAnalysis(tmp_path / "store", digits_run.vae, batch_size=256)
+    queries = digits_run.dm.test_set.tensors[0][:5].clone()
+    before = analysis.tracin(queries)
+    record(2)  # checkpoint 0 again, other weights, and a checkpoint 1
+    analysis.store.refresh()
+    fresh = InfluenceAnalysis(tmp_path / "store", digits_run.vae).tracin(queries)
+    torch.testing.assert_close(analysis.tracin(queries), fresh, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, fresh)

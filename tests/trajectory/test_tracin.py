@@ -145,6 +145,16 @@ def test_merge_top_k_with_per_row_indices_and_short_blocks():
 
 
 @pytest.mark.parametrize("largest", [True, False])
+def test_the_empty_slots_of_an_earlier_block_never_beat_a_later_score(largest):
+    """A first block with fewer finite scores than k leaves NaN slots; the next block's scores replace them."""
+    top = merge_top_k(None, torch.tensor([[1.0, float("nan")]]), torch.tensor([0, 1]), k=2, largest=largest)
+    assert top.indices.tolist() == [[0, -1]]
+    idx, vals = merge_top_k(top, torch.tensor([[0.5, 0.2]]), torch.tensor([2, 3]), k=2, largest=largest)
+    assert idx.tolist() == ([[0, 2]] if largest else [[3, 2]])
+    assert torch.isfinite(vals).all()
+
+
+@pytest.mark.parametrize("largest", [True, False])
 def test_merge_top_k_never_selects_nan(largest):
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(4, 30, generator=g)
