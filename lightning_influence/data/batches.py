@@ -186,8 +186,8 @@ def _tensor_rows(data: Any) -> tuple[tuple[Tensor, ...], int] | None:
     offset = 0
     while isinstance(data, Subset):
         indices = data.indices
-        if not isinstance(indices, range) or indices.step != 1:
-            return None
+        if not isinstance(indices, range) or indices.step != 1 or indices.start < 0:
+            return None  # a negative range counts from the end: left to the Dataset's own indexing
         offset += indices.start
         data = data.dataset
     if type(data) is TensorDataset:
@@ -218,16 +218,16 @@ def _index_batch(batch: Any, index: Tensor) -> Any:
     return batch
 
 
-def subset(data: Any, start: int, stop: int) -> Any:
+def subset(data: Any, start: int, stop: int, name: str = "test_data") -> Any:
     """Samples ``start:stop`` of a Dataset, DataLoader or collated batch, in the same form.
 
     A DataLoader becomes a non-shuffling DataLoader over the same samples with the same batch
-    size and collate function.
+    size and collate function. ``name`` is the argument ``data`` came from, for error messages.
     """
-    if start == 0 and stop >= num_samples(data):
+    if start == 0 and stop >= num_samples(data, name):
         return data
     if isinstance(data, DataLoader):
-        check_ordered_loader(data, "test_data")
+        check_ordered_loader(data, name)
         sub = torch.utils.data.Subset(data.dataset, range(start, stop))
         return DataLoader(sub, batch_size=data.batch_size or 1, shuffle=False, collate_fn=data.collate_fn)
     if is_collated_batch(data):

@@ -15,6 +15,7 @@ training block is the dense part plus the stored factors, scored exactly
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -109,14 +110,9 @@ class InfluenceAnalysis:
             raise ValueError(f"The store at {str(self.store.path)!r} has no checkpoints yet.")
         self._check_model(model)
         self.train_loss = resolve_loss(train_loss, model, argname="train_loss")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("train_block", train_block),
-            ("block_bytes", block_bytes),
-            ("cache_bytes", cache_bytes + 1),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name, value in (("batch_size", batch_size), ("train_block", train_block), ("block_bytes", block_bytes)):
+            _check_count(name, value)
+        _check_count("cache_bytes", cache_bytes, minimum=0)
         if train_data is not None and num_samples(train_data, "train_data") != self.store.n_samples:
             raise ValueError(
                 f"`train_data` has {num_samples(train_data, 'train_data')} samples but the store recorded"
@@ -268,7 +264,7 @@ class InfluenceAnalysis:
                     shapes = [tuple(t.shape) for t in tensor_leaves(batch)]
                     raise ValueError(
                         f"`{argname}` failed on a batch of `{name}` with tensors of shapes {shapes}: {err}. The store was"
-                        f" recorded for {type(self.model).__name__}; `{name}` must hold samples shaped like its"
+                        f" recorded for {type(self.model).__name__}; `{name}` must hold samples shaped (and typed) like its"
                         " training data."
                     ) from err
                 if bad.any():
@@ -398,7 +394,7 @@ class InfluenceAnalysis:
                 g = [self._train_rows(ckpt, start, stop)]
                 second: list[Any] | None = None
                 if unbiased:
-                    part = subset(data, start, stop)
+                    part = subset(data, start, stop, name="train_data")
                     rows = self._rows(part, ckpt, stream=NoiseStream.TRAIN_SECOND, name="train_data", id_offset=start)
                     second = [rows]
                 out[start:stop] += self_influence_scores(g, [ckpt.eta], second)
@@ -451,8 +447,8 @@ class InfluenceAnalysis:
             One :class:`~lightning_influence.trajectory.tracin.TopK` (each ``[n_test, k]``,
             strongest first) per ``largest`` entry.
         """
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        _check_count("k", k)
+        _check_count("query_block", query_block)
         n = self.store.n_samples
         if k > n:
             raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
@@ -636,12 +632,20 @@ def _analysis_engine(
     return resolve_engine(engine, model, names, chunk_size)
 
 
+def _check_count(name: str, value: Any, minimum: int = 1) -> None:
+    # Any integer type (numpy's too), never a bool: `k=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
 def _is_shape_error(err: RuntimeError) -> bool:
     # torch reports mismatched inputs as RuntimeErrors about shapes or sizes (matmul, conv, reshape, broadcasting).
     if isinstance(err, EngineUnsupportedError):  # the loss ran; the engine cannot differentiate it
         return False
     msg = str(err)
-    return any(key in msg for key in ("shape", "size of tensor", "sizes", "Expected input", "expected input"))
+    keys = ("shape", "size of tensor", "sizes", "Expected input", "expected input", "same dtype", "dtype")
+    return any(key in msg for key in keys)
 
 
 def _all_zero(rows: Tensor | SplitRows) -> bool:

@@ -117,7 +117,7 @@ def sweep_rows(
     bad: list[int] = []
     with isolated(module):
         state = cast_state(module_state(module, upcast=False), featurizer.precision, module_device(module))
-        batches = iterate_batches(subset(data, start, stop), batch_size, collate, name=argname)
+        batches = iterate_batches(subset(data, start, stop, argname), batch_size, collate, name=argname)
         if progress is not None:
             # Only then: even a disabled tqdm takes tqdm's process-shared lock, which a process
             # killed while holding it (SIGKILL during a sweep) never releases for its relatives.
