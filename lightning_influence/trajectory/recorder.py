@@ -269,6 +269,9 @@ class TrajectoryRecorder(pl.Callback):
         self._credit: dict[str, float] = {}
         self._steps = 0
         self._skipped = 0
+        # The epoch of the last optimizer step: the final checkpoint is recorded after the loop moved past it
+        # (not in the state: a resumed fit counts it again from its next step).
+        self._step_epoch: int | None = None
         self._pending: list[tuple[list[float], list[list[int]]]] = []
         self._scale_before: float | None = None
         self._resumed: dict[str, Any] | None = None
@@ -528,6 +531,7 @@ class TrajectoryRecorder(pl.Callback):
                                 self._credit[name] = self._credit.get(name, 0.0) + lr
                     self._steps += 1
             self._last_step = trainer.global_step
+            self._step_epoch = trainer.current_epoch
             self._pending.clear()
             self._scale_before = None
             if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
@@ -651,7 +655,7 @@ class TrajectoryRecorder(pl.Callback):
         if ckpt is not None:
             meta = {
                 "step": int(trainer.global_step),
-                "epoch": int(trainer.current_epoch),
+                "epoch": int(trainer.current_epoch if self._step_epoch is None else self._step_epoch),
                 "lr": float(eta),
                 "optimizer_steps": self._steps,
                 "skipped_steps": self._skipped,

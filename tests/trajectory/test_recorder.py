@@ -422,3 +422,16 @@ def test_resuming_after_a_crash_rolls_the_store_back_and_matches_an_uninterrupte
     for a, b in zip(resumed.checkpoints, reference.checkpoints):
         assert a.eta == pytest.approx(b.eta)
         torch.testing.assert_close(a.gradients(), b.gradients())
+
+
+@pytest.mark.parametrize("stop", ["max_epochs", "max_steps"])
+def test_every_checkpoint_names_the_epoch_its_last_step_was_in(tmp_path, stop):
+    """The extra final checkpoint is recorded after the loop moved past the last epoch: it keeps that epoch."""
+    vae = MLPVAE(input_dim=64, hidden_dim=16, latent_dim=3)
+    rec = TrajectoryRecorder(tmp_path / "store", every_n_steps=3, every_n_epochs=None, batch_size=16)
+    limits = dict(max_epochs=2) if stop == "max_epochs" else dict(max_steps=7, max_epochs=10)
+    quiet_trainer(callbacks=[rec], **limits).fit(vae, DataLoader(small_data(32), batch_size=8))  # 4 steps an epoch
+    store = GradientStore(rec.store_path)
+    assert [(c.step, c.epoch) for c in store.checkpoints] == (
+        [(3, 0), (6, 1), (8, 1)] if stop == "max_epochs" else [(3, 0), (6, 1), (7, 1)]
+    )
