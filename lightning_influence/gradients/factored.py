@@ -16,10 +16,12 @@ Parameters without a rule (and every parameter when a module couples samples: Ba
 batch statistics, training-mode dropout) go to the fallback engine (``vmap``), for those
 parameters only. So do parameters the loss reads outside their own layer's call (tied weights, a
 weight read by another module or by the loss), whose layer's ``a`` and ``g`` miss that use, and
-the parameters of a layer whose rows another sample's loss reaches (a sequence-first layout); rows
-stacked draw-major (``z.repeat(K, 1)``) are reordered instead. One watched forward per loss finds
-these (:mod:`~lightning_influence.gradients.plan`). A subclass that overrides a layer type's
-``forward`` has no rule.
+the parameters of a layer whose rows another sample's loss reaches (a sequence-first layout) or
+that is called on a tensor without a batch axis (a Linear on a learned vector); rows stacked
+draw-major (``z.repeat(K, 1)``) are reordered instead. Two forwards per loss find these
+(:mod:`~lightning_influence.gradients.plan`); the first also refuses a loss that draws from torch's
+global RNG, as the ``vmap`` engine does. A subclass that overrides a layer type's ``forward`` has no
+rule.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -37,9 +39,10 @@ from torch.utils.checkpoint import CheckpointError
 
 from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import LayerFactors, PerSampleGradientEngine, PerSampleGradients
-from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule
+from lightning_influence.gradients.layers import DEFAULT_RULES, LayerRule, layer_input
 from lightning_influence.gradients.loop import LoopEngine
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
+from lightning_influence.gradients.noise import refusing_global_rng
 from lightning_influence.gradients.plan import EnginePlan, outside_uses, plan_engine, row_layouts
 from lightning_influence.gradients.vmap import VmapEngine
 
@@ -204,11 +207,16 @@ class FactoredEngine:
         weight tied to another module, read by another module (a decoder reusing the encoder's weight,
         ``nn.MultiheadAttention``'s ``out_proj``) or by the loss itself (a weight penalty) gets gradient
         the rule cannot see, and a layer whose rows another sample's loss reaches (a sequence-first
-        layout) cannot be split by sample (draw-major rows are reordered and keep their rule). One
-        watched forward per module, parameter list and loss finds both
-        (:func:`~lightning_influence.gradients.plan.outside_uses`,
-        :func:`~lightning_influence.gradients.plan.row_layouts`, the latter once a batch has two
-        samples); the result is kept while the plan holds.
+        layout) cannot be split by sample (draw-major rows are reordered and keep their rule), nor can
+        a call on a tensor without a batch axis (a Linear on a learned vector), which every sample
+        shares. Two forwards per module, parameter list and loss find these
+        (:func:`~lightning_influence.gradients.plan.outside_uses`, then the hooked forward, with
+        :func:`~lightning_influence.gradients.plan.row_layouts` once a batch has two samples); the
+        result is kept while the plan holds.
+
+        Raises:
+            ValueError: if the loss draws from torch's global RNG (checked on its first forward):
+                such noise is not keyed by sample, as :class:`VmapEngine` refuses it too.
         """
         plan = self.plan(call.module, param_names)
         if not plan.tracked:
@@ -219,25 +227,36 @@ class FactoredEngine:
         bsz = call.batch_size
         if entry is not None and entry[0] is plan and entry[1]() is call.loss_fn and (entry[3] >= 2 or bsz < 2):
             return entry[2]
-        outside = outside_uses(call, plan)
+        # Fresh noise from the global RNG would differ between this engine's forwards and between
+        # checkpoints, and the vmap fallback refuses it; the first forward of each loss shows it.
+        with refusing_global_rng(argname, {t.device for t in call.state.values()}):
+            outside = outside_uses(call, plan)
         holds = plan.without(list(outside)) if outside else plan
         mixed: list[str] = []
-        if bsz >= 2 and holds.tracked:
-            loss, _, sources, owners = _traced(call, holds, argname)
-            layouts = row_layouts(loss, sources, owners)
-            mixed = [layer for layer, layout in layouts.items() if layout == "mixed"]
-            draw_major = frozenset(layer for layer, layout in layouts.items() if layout == "draw-major")
-            holds = dataclasses.replace(holds, draw_major=draw_major)
-            if mixed:
-                holds = holds.without([p for layer in mixed for p in holds.tracked[layer][1].values()])
+        unbatched: list[str] = []
+        if holds.tracked:
+            trace = _traced(call, holds, argname)
+            unbatched = [layer for layer in holds.tracked if layer in trace.unbatched]
+            if bsz >= 2:
+                layouts = row_layouts(trace.loss, trace.sources, trace.owners)
+                mixed = [layer for layer, layout in layouts.items() if layout == "mixed" and layer not in unbatched]
+                draw_major = frozenset(layer for layer, layout in layouts.items() if layout == "draw-major")
+                holds = dataclasses.replace(holds, draw_major=draw_major)
+            if mixed or unbatched:
+                holds = holds.without([p for layer in [*mixed, *unbatched] for p in holds.tracked[layer][1].values()])
         checked[key] = (plan, _weak(call.loss_fn), holds, bsz)
-        self._warn(outside, mixed)
+        self._warn(outside, mixed, unbatched)
         return holds
 
-    def _warn(self, outside: Mapping[str, str], mixed: Sequence[str]) -> None:
+    def _forget(self, call: LossCall, param_names: Sequence[str]) -> None:
+        self._checked.get(call.module, {}).pop((tuple(param_names), id(call.loss_fn)), None)
+
+    def _warn(self, outside: Mapping[str, str], mixed: Sequence[str], unbatched: Sequence[str] = ()) -> None:
         outside = {n: op for n, op in outside.items() if n not in self._warned}
         mixed = [layer for layer in mixed if f"layer:{layer}" not in self._warned]
+        unbatched = [layer for layer in unbatched if f"unbatched:{layer}" not in self._warned]
         self._warned.update([*outside, *(f"layer:{layer}" for layer in mixed)])
+        self._warned.update([f"unbatched:{layer}" for layer in unbatched])
         if outside:
             uses = ", ".join(f"{n!r} (by {op})" for n, op in outside.items())
             one = len(outside) == 1
@@ -253,6 +272,12 @@ class FactoredEngine:
                 " leading dimension is not the batch in sample-major order (a sequence-first layout?) or an op"
                 " mixes samples after them. Their parameters' per-sample gradients come from the fallback engine"
                 f" ({self.fallback.name})."
+            )
+        if unbatched:
+            rank_zero_warn(
+                f"FactoredEngine: layer(s) {unbatched} are called on a tensor without a batch axis (a learned"
+                " vector, an unbatched [C, L] map), which every sample shares, so no rule can split it by sample."
+                f" Their parameters' per-sample gradients come from the fallback engine ({self.fallback.name})."
             )
 
     def describe(
@@ -299,6 +324,20 @@ class FactoredEngine:
     def _gradients(self, call: LossCall, names: list[str], loss_scale: float, argname: str) -> PerSampleGradients:
         plan = self.checked_plan(call, names, argname)
         out: dict[str, Tensor | LayerFactors] = {}
+        try:
+            out.update(_hooked_gradients(call, plan, loss_scale, argname) if plan.tracked else {})
+        except _UnbatchedCall:
+            # The plan was checked on a batch where these layers had a batch axis: check again on this one.
+            self._forget(call, names)
+            plan = self.checked_plan(call, names, argname)
+            try:
+                out.update(_hooked_gradients(call, plan, loss_scale, argname) if plan.tracked else {})
+            except _UnbatchedCall as err:
+                raise EngineUnsupportedError(
+                    f"FactoredEngine: layer(s) {err.layers} are called on a tensor without a batch axis in one"
+                    " forward of a batch and with one in another forward of the same batch",
+                    "Pass engine='vmap' or engine='loop'.",
+                ) from None
         if plan.fallback:
             out.update(
                 self.fallback.gradients(
@@ -314,8 +353,6 @@ class FactoredEngine:
                     argname=argname,
                 )
             )
-        if plan.tracked:
-            out.update(_hooked_gradients(call, plan, loss_scale, argname))
         return {n: out[n] for n in names}
 
     def __repr__(self) -> str:
@@ -333,37 +370,60 @@ def _weak(obj: Any) -> Any:
 _NEEDS_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _hooked_forward(
-    call: LossCall, plan: EnginePlan, *, copy: bool
-) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]] | None:
-    """The batched forward with capture hooks: ``(loss, kept, sources, owners)``, or ``None`` when not exact.
+class _Trace(NamedTuple):
+    """One hooked forward: the per-sample losses and what the tracked layers' calls left."""
+
+    loss: Any
+    kept: dict[str, list[Tensor]]  # layer -> what its rule kept of each call
+    sources: list[Tensor]  # every captured call's output, where the gradient is taken
+    owners: list[str]  # the layer of each source
+    unbatched: set[str]  # layers called on a tensor without a batch axis (nothing captured of those calls)
+
+
+class _UnbatchedCall(Exception):
+    """A layer the plan tracks was called without a batch axis (the plan was checked on another batch)."""
+
+    def __init__(self, layers: list[str]) -> None:
+        super().__init__(layers)
+        self.layers = layers
+
+
+def _hooked_forward(call: LossCall, plan: EnginePlan, *, copy: bool) -> _Trace | None:
+    """The batched forward with capture hooks, or ``None`` when not exact.
 
     The gradient is taken at ``sources``, the tracked layers' outputs. With ``copy=False`` downstream
     code gets those very tensors and the kept inputs alias the layers' inputs (no copies); an
     in-place op after a layer (``ReLU(inplace=True)``) would change what is differentiated at or
     kept, so every such tensor's version counter is compared after the forward and ``None`` returned
     on any change (or when autograd refuses the in-place op on a leaf). With ``copy=True`` downstream
-    code gets copies of the outputs and kept tensors that alias an input are copied.
+    code gets copies of the outputs and kept tensors that alias an input are copied. A call whose
+    input has no batch axis (see :meth:`~lightning_influence.gradients.layers.LayerRule.batched`)
+    is not captured, only named in ``unbatched``.
     """
     kept: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}
     sources: list[Tensor] = []
     owners: list[str] = []
+    unbatched: set[str] = set()
     watched: list[tuple[Tensor, int]] = []
 
     def hook_for(name: str, rule: LayerRule) -> Any:
-        def hook(sub: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor | None:
+        def hook(sub: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Tensor | None:
             if not isinstance(output, Tensor):
                 raise TypeError(f"Tracked layer {name!r} returned {type(output).__name__}, not a tensor.")
             if not torch.is_grad_enabled():
                 # A call under no_grad gives its weights no gradient; a differentiable stand-in for
                 # its output would let gradient through once the loss leaves the no_grad block.
                 return None
-            a = rule.capture(sub, inputs, output)
+            x = layer_input(sub, args, kwargs)
+            if not isinstance(x, Tensor) or not rule.batched(sub, x):
+                unbatched.add(name)
+                return None
+            a = rule.capture(sub, args or (x,), output)
             source = output if output.requires_grad else output.detach().requires_grad_(True)
             sources.append(source)
             owners.append(name)
             if copy:
-                if isinstance(inputs[0], Tensor) and _aliases(a, inputs[0]):
+                if _aliases(a, x):
                     a = a.clone()
                 kept[name].append(a)
                 return source.clone()
@@ -374,7 +434,10 @@ def _hooked_forward(
         return hook
 
     subs = plan.modules
-    handles = [subs[name].register_forward_hook(hook_for(name, rule)) for name, (rule, _) in plan.tracked.items()]
+    handles = [
+        subs[name].register_forward_hook(hook_for(name, rule), with_kwargs=True)
+        for name, (rule, _) in plan.tracked.items()
+    ]
     try:
         loss = call.evaluate()
     except RuntimeError as err:
@@ -386,16 +449,14 @@ def _hooked_forward(
             h.remove()
     if any(t._version != v for t, v in watched):
         return None
-    return loss, kept, sources, owners
+    return _Trace(loss, kept, sources, owners, unbatched)
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _traced(
-    call: LossCall, plan: EnginePlan, argname: str
-) -> tuple[Tensor, dict[str, list[Tensor]], list[Tensor], list[str]]:
+def _traced(call: LossCall, plan: EnginePlan, argname: str) -> _Trace:
     """:func:`_hooked_forward` at the outputs themselves, or at copies where the loss writes in place."""
     copy = call.module in _NEEDS_COPIES
     traced = None if copy else _hooked_forward(call, plan, copy=False)
@@ -404,8 +465,7 @@ def _traced(
         # at copies instead (and for this module from now on: the same loss would do it again).
         _NEEDS_COPIES.add(call.module)
         traced = _hooked_forward(call, plan, copy=True)
-    loss, kept, sources, owners = traced
-    return check_per_sample_loss(loss, call.batch_size, argname), kept, sources, owners
+    return traced._replace(loss=check_per_sample_loss(traced.loss, call.batch_size, argname))
 
 
 def _hooked_gradients(
@@ -414,7 +474,9 @@ def _hooked_gradients(
     bsz = call.batch_size
     subs = plan.modules
     state = call.state
-    loss, kept, sources, owners = _traced(call, plan, argname)
+    loss, kept, sources, owners, unbatched = _traced(call, plan, argname)
+    if unbatched:
+        raise _UnbatchedCall(sorted(unbatched))
     total = (loss * loss_scale).sum()
     grads = torch.autograd.grad(total, sources, allow_unused=True) if sources else ()
     per_layer: dict[str, list[Tensor]] = {name: [] for name in plan.tracked}

@@ -26,6 +26,7 @@ Everything here is a pure function of tensors except the rule objects, which onl
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "conv_weight_gradients",
     "couples_samples",
     "fold_positions",
+    "layer_input",
     "rows_per_sample",
     "rule_for",
     "runs_forward_of",
@@ -170,6 +172,21 @@ def runs_forward_of(module: nn.Module, types: tuple[type, ...]) -> bool:
     return any(isinstance(module, t) and forward is t.forward for t in types)
 
 
+def layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The first argument of one call of ``module``, passed by position or by keyword (``lin(input=x)``).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 3)
+        >>> x = torch.randn(4, 2)
+        >>> layer_input(lin, (), {"input": x}) is layer_input(lin, (x,), {}) is x
+        True
+    """
+    if args:
+        return args[0]
+    first = next(iter(inspect.signature(module.forward).parameters), None)
+    return kwargs.get(first) if first is not None else None
+
+
 class LayerRule(abc.ABC):
     """A tracked-module type: what its forward hook keeps and the per-sample gradients that follow.
 
@@ -184,8 +201,17 @@ class LayerRule(abc.ABC):
     def supports(self, module: nn.Module) -> bool:
         return runs_forward_of(module, self.module_types)
 
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether ``x``, the input of one call, has the batch axis of the layer's batched form.
+
+        A call on a tensor without one (a Linear on a learned vector, a conv on an unbatched
+        ``[C, L]`` map) is shared by every sample, so no rule can split its rows by sample: the
+        engine sends the layer's parameters to its fallback.
+        """
+        return True
+
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-        """What the forward hook keeps of one call (detached)."""
+        """What the forward hook keeps of one call (detached); ``inputs[0]`` is the layer's input."""
         return inputs[0].detach()
 
     @abc.abstractmethod
@@ -205,6 +231,9 @@ class LinearRule(LayerRule):
 
     name = "linear"
     module_types = (nn.Linear,)
+
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 2  # [B, ..., d_in]; a [d_in] vector has no batch axis
 
     def gradients(
         self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
@@ -241,6 +270,9 @@ class ConvRule(LayerRule):
 
     name = "conv"
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() == len(module.kernel_size) + 2  # [B, C, *spatial], not [C, *spatial]
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         x = inputs[0].detach()
@@ -296,6 +328,9 @@ class ConvTransposeRule(LayerRule):
 
     def supports(self, module: nn.Module) -> bool:
         return runs_forward_of(module, self.module_types) and module.padding_mode == "zeros"
+
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() == len(module.kernel_size) + 2  # [B, C, *spatial], not [C, *spatial]
 
     def gradients(
         self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
@@ -429,6 +464,9 @@ class EmbeddingRule(LayerRule):
     def supports(self, module: nn.Module) -> bool:
         return runs_forward_of(module, self.module_types) and module.max_norm is None and not module.scale_grad_by_freq
 
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 1  # one token per sample at least; a single index has no batch axis
+
     def gradients(
         self, module: nn.Module, kept: list[Tensor], grads: list[Tensor], batch: int, layer: str
     ) -> dict[str, Tensor | LayerFactors]:
@@ -461,6 +499,14 @@ class NormRule(LayerRule):
         if not runs_forward_of(module, self.module_types):
             return False
         return not (isinstance(module, _BatchNorm) and couples_samples(module))
+
+    def batched(self, module: nn.Module, x: Tensor) -> bool:
+        # BatchNorm and GroupNorm refuse an input without a batch axis themselves.
+        if isinstance(module, nn.LayerNorm):
+            return x.dim() > len(module.normalized_shape)
+        if isinstance(module, _InstanceNorm):
+            return x.dim() > module._get_no_batch_dim()
+        return True
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
         x = inputs[0].detach()

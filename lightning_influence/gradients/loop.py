@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_influence.data.batches import batch_size_of, slice_batch
 from lightning_influence.gradients.engine import PerSampleGradients
 from lightning_influence.gradients.losses import LossCall, PerSampleLoss, check_per_sample_loss
+from lightning_influence.gradients.noise import refusing_global_rng
 
 __all__ = ["LoopEngine"]
 
@@ -74,7 +75,12 @@ class LoopEngine:
             call = LossCall(
                 module, loss_fn, slice_batch(batch, i, i + 1), weights, sample_ids[i : i + 1], noise_seed, noise_stream
             )
-            loss = check_per_sample_loss(call.evaluate(), 1, argname)
+            if i == 0:  # once per batch: noise from the global RNG is not keyed by sample, as vmap refuses it too
+                with refusing_global_rng(argname, {leaf.device for leaf in leaves}):
+                    value = call.evaluate()
+            else:
+                value = call.evaluate()
+            loss = check_per_sample_loss(value, 1, argname)
             grads = torch.autograd.grad(loss[0] * loss_scale, leaves, allow_unused=True)
             for rows, g in zip(out, grads):
                 if g is None:

@@ -87,14 +87,20 @@ class LossCall:
         return int(self.sample_ids.shape[0])
 
     def evaluate(self) -> Any:
-        """The loss's value, computed with gradients enabled and the batch's keyed noise."""
+        """The loss's value, computed with gradients enabled and the batch's keyed noise.
+
+        Every buffer of the module is passed as a copy (of the state's value, or of the module's own
+        where the state has none). A forward that updates a buffer in place (the running statistics
+        of a train-mode norm, a step counter) then changes only the copy: per-sample gradients run
+        between training steps and must leave the model's buffers as training left them, and
+        ``state``, reused for the next batch, must give every evaluation the same values.
+        """
+        weights = {"m." + k: v for k, v in self.state.items()}
+        for name, buf in self.module.named_buffers():
+            key = "m." + name
+            weights[key] = (weights[key] if key in weights else buf.detach()).clone()
         with torch.enable_grad(), fixed_noise(self.sample_ids, self.noise_seed, self.noise_stream):
-            return functional_call(
-                ModuleCall(self.module, self.loss_fn),
-                {"m." + k: v for k, v in self.state.items()},
-                (self.batch,),
-                strict=False,
-            )
+            return functional_call(ModuleCall(self.module, self.loss_fn), weights, (self.batch,), strict=False)
 
     def replace(self, **changes: Any) -> LossCall:
         """This call with some attributes replaced."""

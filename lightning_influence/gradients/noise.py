@@ -15,13 +15,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseStream", "fixed_noise", "keyed_standard_normal", "standard_normal"]
+__all__ = [
+    "NoiseStream",
+    "fixed_noise",
+    "global_rng_error",
+    "keyed_standard_normal",
+    "refusing_global_rng",
+    "standard_normal",
+]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -140,3 +147,49 @@ def standard_normal(shape: Sequence[int], *, like: Tensor) -> Tensor:
             " the loss must draw noise with the batch as leading dimension."
         )
     return keyed_standard_normal(key.ids.to(like.device), tuple(shape[1:]), key.seed, key.stream, dtype=like.dtype)
+
+
+def global_rng_error(argname: str) -> ValueError:
+    """The error for a loss that draws from torch's global RNG, naming the loss argument ``argname``."""
+    return ValueError(
+        f"`{argname}` draws random numbers with torch's global RNG (e.g. torch.randn_like), which per-sample"
+        " gradients cannot key by sample. Draw reparameterisation noise with"
+        " lightning_influence.standard_normal(shape, like=...) so each sample gets the same noise at every"
+        " checkpoint; put dropout layers in eval mode."
+    )
+
+
+@contextlib.contextmanager
+def refusing_global_rng(argname: str, devices: Iterable[torch.device] = ()) -> Iterator[None]:
+    """Raises :func:`global_rng_error` if the body draws from torch's global RNG, whose state it then restores.
+
+    Compares the default CPU generator's state, and that of each CUDA device among ``devices``,
+    before and after the body (copies of a few kilobytes): any draw advances one of them, keyed
+    noise (:func:`standard_normal` inside :func:`fixed_noise`) none. An exception from the body
+    propagates unchanged.
+
+    Args:
+        argname: the loss argument's name, for the message.
+        devices: the devices the body computes on.
+
+    Example:
+        >>> with refusing_global_rng("loss_fn"):
+        ...     _ = keyed_standard_normal(torch.arange(2), (3,), seed=0)
+        >>> with refusing_global_rng("loss_fn"):
+        ...     _ = torch.randn(2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `loss_fn` draws random numbers with torch's global RNG (e.g. torch.randn_like), ...
+    """
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    cpu_before = torch.get_rng_state()
+    cuda_before = [torch.cuda.get_rng_state(d) for d in cuda]
+    yield
+    drew = not torch.equal(torch.get_rng_state(), cpu_before)
+    drew |= any(not torch.equal(torch.cuda.get_rng_state(d), state) for d, state in zip(cuda, cuda_before))
+    if drew:
+        # What the loss drew is discarded: the caller's random stream stays where it was.
+        torch.set_rng_state(cpu_before)
+        for d, state in zip(cuda, cuda_before):
+            torch.cuda.set_rng_state(state, d)
+        raise global_rng_error(argname)

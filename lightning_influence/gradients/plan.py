@@ -10,6 +10,7 @@ keeps both per module, parameter list and loss.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -216,15 +217,24 @@ def row_layouts(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str]) 
     """How each tracked layer's output rows belong to the batch's samples.
 
     The layer rules need every row of a layer to belong to one sample, and no other sample's loss
-    to depend on it. The first and last samples' losses are differentiated with respect to every
-    output; the rows each reaches must lie in that sample's rows under one layout for every call of
-    the layer: ``"sample-major"`` (rows ``i K .. i K + K - 1``; preferred when both fit),
-    ``"draw-major"`` (rows ``i, B + i, 2 B + i, ...``), otherwise ``"mixed"`` (a sequence-first
-    ``[T, B, d]`` layout, an op that mixes samples after the layer, rows that are not ``B K``). With
-    one sample nothing can be seen: every layer is ``"sample-major"``.
+    to depend on it. Two backwards test every sample at once: ``G``, the gradient of ``sum_i loss_i``
+    at the outputs, and ``H``, that of ``sum_i w_i loss_i`` with random, distinct weights ``w``. A
+    row ``r`` that only the loss of sample ``s`` reaches has ``H_r = w_s G_r``. A row that another
+    sample's loss reaches as well has ``H_r - w_s G_r = sum_{i != s} (w_i - w_s) c_i``, with ``c_i``
+    the part of ``G_r`` that comes from sample ``i``: for weights drawn at random this vanishes only if
+    every such ``c_i`` does, so any row another sample's loss reaches is seen, whichever samples have
+    zero loss (and symmetric contributions, as from an average over neighbouring rows, cannot cancel
+    as they would for weights in arithmetic progression). A layer keeps the first layout under which
+    every row of every call passes: ``"sample-major"`` (row ``r`` of ``N = B K`` belongs to sample
+    ``r // K``; preferred when both fit), ``"draw-major"`` (sample ``r mod B``), otherwise ``"mixed"``
+    (a sequence-first ``[T, B, d]`` layout, an op that mixes samples after the layer, rows that are
+    not ``B K``). Rows are compared to a tolerance of ``sqrt(eps)`` of the gradients' dtype relative
+    to their norm (two backwards round differently). A row no sample's loss reaches in this batch
+    (every loss flat there) or whose gradient overflowed shows nothing; with one sample nothing can
+    be seen: every layer is ``"sample-major"``.
 
     Args:
-        loss: the per-sample losses ``[B]``, with their graph.
+        loss: the per-sample losses ``[B]``, with their graph (kept for the caller).
         outputs: the tracked layers' outputs (one per call) that the gradient is taken at.
         owners: the layer name of each output.
 
@@ -245,19 +255,50 @@ def row_layouts(loss: Tensor, outputs: Sequence[Tensor], owners: Sequence[str]) 
     bsz = int(loss.shape[0])
     fits = {name: [True, True] for name in owners}  # layer -> [sample-major fits, draw-major fits]
     if bsz >= 2 and outputs:
-        for i in sorted({0, bsz - 1}):
-            grads = torch.autograd.grad(loss[i], list(outputs), retain_graph=True, allow_unused=True)
-            for name, out, g in zip(owners, outputs, grads):
-                n = int(out.shape[0]) if out.dim() else 0
-                if n % bsz:
-                    fits[name] = [False, False]
-                    continue
-                if g is None:
-                    continue
-                k = n // bsz
-                reached = g.detach().reshape(n, -1).ne(0).any(dim=1).nonzero().flatten()
-                fits[name][0] &= bool(((reached // k) == i).all())
-                fits[name][1] &= bool(((reached % bsz) == i).all())
+        weights = _probe_weights(bsz, loss.dtype, loss.device)
+        plain = torch.autograd.grad(loss.sum(), list(outputs), retain_graph=True, allow_unused=True)
+        weighted = torch.autograd.grad(loss, list(outputs), weights, retain_graph=True, allow_unused=True)
+        w = weights.double()
+        for name, out, g, h in zip(owners, outputs, plain, weighted):
+            n = int(out.shape[0]) if out.dim() else 0
+            if n == 0 or n % bsz:
+                fits[name] = [False, False]
+                continue
+            if g is None or h is None:
+                continue
+            rows = torch.arange(n, device=w.device)
+            tol = math.sqrt(torch.finfo(g.dtype).eps)
+            g, h = g.detach().reshape(n, -1).double(), h.detach().reshape(n, -1).double()
+            fits[name][0] &= _rows_owned(g, h, w[rows // (n // bsz)], tol)
+            fits[name][1] &= _rows_owned(g, h, w[rows % bsz], tol)
     return {
         name: "sample-major" if sample else "draw-major" if draw else "mixed" for name, (sample, draw) in fits.items()
     }
+
+
+def _probe_weights(bsz: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``bsz`` distinct values of ``dtype`` from ``[1, 2)`` (beyond 2 when it has fewer), in random order.
+
+    Consecutive bit patterns of a positive float are consecutive representable values, so offsets
+    from ``1.0``'s pattern are distinct even in bfloat16 (128 values per octave), where rounding
+    random draws would make equal weights, and an equal pair hides that pair's mixing. A fixed
+    seed: the check must not advance torch's global RNG (nor depend on it).
+    """
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(dtype, torch.int64)
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float64
+    mantissa = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}.get(dtype, 52)
+    gen = torch.Generator().manual_seed(0x5EED)
+    step = max(1, (1 << mantissa) // bsz)  # spread over [1, 2) when there is room
+    offsets = torch.randperm(bsz, generator=gen) * step + torch.randint(step, (bsz,), generator=gen)
+    one = int(torch.ones((), dtype=dtype).view(bits))
+    finite = int(torch.tensor(torch.finfo(dtype).max, dtype=dtype).view(bits)) - one + 1
+    return (one + offsets % finite).to(bits).view(dtype).to(device)  # repeats only past every finite value
+
+
+def _rows_owned(g: Tensor, h: Tensor, w: Tensor, tol: float) -> bool:
+    # Whether every row r has h_r = w_r g_r, to rounding relative to the row's norm. A row with an
+    # overflowed (non-finite) gradient cannot be compared; refusing the layout for it would send
+    # the layer to the fallback for good over one batch's overflow.
+    diff = (h - w[:, None] * g).norm(dim=1)
+    scale = h.norm(dim=1) + w * g.norm(dim=1)
+    return bool(((diff <= tol * scale) | ~torch.isfinite(diff)).all())

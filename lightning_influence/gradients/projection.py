@@ -91,6 +91,9 @@ class ProjectionSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or self.dim < 1:
             raise ValueError(f"`projection_dim` must be a positive integer, got {self.dim!r}.")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's SeedSequence, which seeds every block, takes non-negative integers only.
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
         if self.kind not in ("sjlt", "rademacher", "gaussian", "kronecker"):
             raise ValueError(
                 f"`projection_kind` must be 'sjlt', 'rademacher', 'gaussian' or 'kronecker', got {self.kind!r}."

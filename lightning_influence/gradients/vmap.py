@@ -19,7 +19,7 @@ from lightning_influence.data.batches import slice_batch, tensor_leaves
 from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients.engine import PerSampleGradients
 from lightning_influence.gradients.losses import LossCall, ModuleCall, PerSampleLoss, check_per_sample_loss
-from lightning_influence.gradients.noise import NoiseStream, fixed_noise
+from lightning_influence.gradients.noise import NoiseStream, fixed_noise, global_rng_error
 from lightning_influence.gradients.parameters import module_state
 
 __all__ = ["VmapEngine", "per_sample_gradients"]
@@ -97,12 +97,7 @@ def per_sample_gradients(
         return grad_fn(dict(params), batch, ids)
     except RuntimeError as err:
         if "randomness" in str(err):
-            raise ValueError(
-                f"`{argname}` draws random numbers with torch's global RNG (e.g. torch.randn_like), which per-sample"
-                " gradients cannot key by sample. Draw reparameterisation noise with"
-                " lightning_influence.standard_normal(shape, like=...) so each sample gets the same noise at every"
-                " checkpoint; put dropout layers in eval mode."
-            ) from err
+            raise global_rng_error(argname) from err
         one = LossCall(module, loss_fn, slice_batch(batch, 0, 1), {**base, **params}, ids[:1], noise_seed, noise_stream)
         try:
             one.evaluate()

@@ -11,10 +11,12 @@ from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_influence import GradientStore, InfluenceAnalysis
+from lightning_influence.errors import EngineUnsupportedError
 from lightning_influence.gradients import (
     GradientFeaturizer,
     GradientPrecision,
     LayerFactors,
+    LoopEngine,
     NoiseStream,
     ProjectionSpec,
     RandomProjection,
@@ -910,3 +912,180 @@ def test_draw_major_reparameterisation_draws_keep_their_rule():
         fact, ref = _both(net, torch.randn(5, 6, generator=torch.Generator().manual_seed(1)), lambda m, b: m(b))
     _assert_same(fact, ref, factored=["enc.weight", "dec.weight"])
     assert fact["dec.weight"].output_grads.shape[1] == 3  # the draws are the decoder's positions
+
+
+class _EvenOdd(nn.Module):
+    """A Linear on the rows regrouped (even samples first, as grouping by a routing key would), then put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):  # [B, 3]
+        b = x.shape[0]
+        perm = torch.cat([torch.arange(0, b, 2), torch.arange(1, b, 2)])  # samples 0 and B - 1 keep their rows
+        return self.head(torch.tanh(self.lin(x[perm])[torch.argsort(perm)]))
+
+
+def _weighted_square(m, b):  # a per-sample weight; 0 leaves a sample out
+    x, weight = b
+    return weight * m(x).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("case", ["sequence_first_with_zero_loss_at_the_ends", "middle_rows_permuted"])
+def test_layouts_the_first_and_last_samples_do_not_show_fall_back_and_match_vmap(case):
+    # Only samples 0 and B - 1 were differentiated: with zero loss there, or rows permuted in between,
+    # the layer kept its rule and gave silently wrong rows, and the engine kept that verdict for later batches.
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if case == "middle_rows_permuted":
+        net, shape, first_weights = _EvenOdd(), (6, 3), torch.ones(6)
+    else:
+        net, shape, first_weights = _TokensFirst(), (4, 4, 4), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    engine = FactoredEngine()
+    for i, weights in enumerate([first_weights, torch.rand(shape[0], generator=gen) + 0.5]):
+        batch = (torch.randn(shape, generator=gen), weights)
+        kw = dict(state=params, sample_ids=torch.arange(shape[0]), noise_seed=0, noise_stream=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fact = engine.gradients(net, _weighted_square, batch, params, **kw)  # the same engine: its kept plan
+        ref = VmapEngine().gradients(net, _weighted_square, batch, params, **kw)
+        if i == 0:
+            assert any("one sample's loss reaches rows of another" in str(w.message) for w in caught)
+        _assert_same(fact, ref)
+        tracked = ["lin.weight", "lin.bias"] if case == "middle_rows_permuted" else ["embed.weight", "head.weight"]
+        assert not any(isinstance(fact[n], LayerFactors) for n in tracked)
+
+
+class _KeywordCalls(nn.Module):
+    """Every tracked layer called with its input as a keyword (``lin(input=x)``), which forward hooks get apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.group = nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4)
+        # No bias: the instance norm after it leaves a bias no gradient.
+        self.up, self.inst = nn.ConvTranspose1d(4, 4, 3, 2, 1, bias=False), nn.InstanceNorm1d(4, affine=True)
+        self.layer, self.lin = nn.LayerNorm(4), nn.Linear(4, 2)
+        for norm in (self.group, self.inst, self.layer):
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+
+    def forward(self, x):  # [B, 3, L]
+        h = torch.tanh(self.group(input=self.conv(input=x)))
+        h = torch.tanh(self.inst(input=self.up(input=h, output_size=[2 * x.shape[-1]])))
+        return self.lin(input=torch.tanh(self.layer(input=h.transpose(1, 2))))
+
+
+def test_layers_called_with_a_keyword_input_match_vmap():
+    # The capture hook read inputs[0] of the positional arguments: an IndexError.
+    torch.manual_seed(5)
+    net = _KeywordCalls()
+    fact, ref = _both(net, torch.randn(4, 3, 6))
+    _assert_same(fact, ref, factored=["conv.weight", "up.weight", "lin.weight"])
+    assert set(plan_engine(net, list(ref)).rules().values()) == {"conv", "conv_transpose", "norm", "linear"}
+
+
+class _SharedTensors(nn.Module):
+    """Tracked layers applied to learned tensors without a batch axis, their result broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.proj = nn.Parameter(torch.randn(4)), nn.Linear(4, 4)
+        self.map, self.conv = nn.Parameter(torch.randn(2, 6)), nn.Conv1d(2, 4, 3)  # an unbatched [C, L] map
+        self.norm, self.lin = nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x):  # [B, 4]
+        shared = self.norm(self.proj(self.query)) * self.conv(self.map).sum(1)  # [4]
+        return self.lin(x) * shared
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layers_called_without_a_batch_axis_fall_back_and_match_vmap(batch):
+    # At B = 1 (no layout check) the rules crashed: a Linear's [d] input read as [d, -1, d], a conv's [C, L]
+    # as [N, C, L]; at B = 3 the layers fell back, but as "mixed" rows.
+    torch.manual_seed(6)
+    with pytest.warns(UserWarning, match=r"\['proj', 'conv', 'norm'\] are called on a tensor without a batch axis"):
+        fact, ref = _both(_SharedTensors(), torch.randn(batch, 4))
+    _assert_same(fact, ref, factored=["lin.weight"])
+    assert not any(isinstance(fact[n], LayerFactors) for n in ("proj.weight", "conv.weight", "norm.weight"))
+
+
+class _OneSampleUnbatched(nn.Module):
+    """Calls its Linear on the sample itself, without a batch axis, when the batch has one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # [B, 4]
+        h = self.lin(x[0]).unsqueeze(0) if x.shape[0] == 1 else self.lin(x)
+        return self.out(torch.tanh(h))
+
+
+def test_a_layer_unbatched_only_in_a_later_batch_is_checked_again():
+    # The plan kept from a batch where the layer had a batch axis must not send it a call without one.
+    torch.manual_seed(7)
+    net = _OneSampleUnbatched()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    engine = FactoredEngine()
+    for bsz, factored in ((4, True), (1, False), (4, True)):
+        x = torch.randn(bsz, 4)
+        kw = dict(state=params, sample_ids=torch.arange(bsz), noise_seed=0, noise_stream=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fact = engine.gradients(net, _square_loss, x, params, **kw)
+        _assert_same(fact, VmapEngine().gradients(net, _square_loss, x, params, **kw))
+        assert isinstance(fact["lin.weight"], LayerFactors) == factored and isinstance(fact["out.weight"], LayerFactors)
+
+
+def _randn_like_noise(m, b):
+    h = m(b)
+    return (h + torch.randn_like(h)).pow(2).sum(1)
+
+
+def _functional_dropout(m, b):
+    return nn.functional.dropout(m(b), 0.5, training=True).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("loss", [_randn_like_noise, _functional_dropout])
+def test_a_loss_drawing_from_the_global_rng_is_refused_like_vmap(loss):
+    # The factored and loop engines returned rows of unkeyed noise (two identical calls differed) where vmap refuses.
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    kw = dict(state=params, sample_ids=torch.arange(3), noise_seed=0, noise_stream=0, argname="train_loss")
+    x = torch.randn(3, 4)
+    for engine in (VmapEngine(), FactoredEngine(), LoopEngine()):
+        rng = torch.get_rng_state()
+        with pytest.raises(ValueError, match=r"`train_loss` draws random numbers with torch's global RNG.*standard_n"):
+            engine.gradients(net, loss, x, params, **kw)
+        assert torch.equal(torch.get_rng_state(), rng), engine  # what the refused loss drew is undone
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("engine", ["factored", "factored_with_loop_fallback", "loop", "vmap"])
+def test_no_engine_changes_the_models_buffers(engine, norm):
+    # A train-mode norm with running statistics updates them in place at every forward, and the state
+    # (module_state) holds the module's own buffer tensors: one call changed the model between training steps.
+    torch.manual_seed(8)
+    layer = nn.InstanceNorm1d(4, affine=True, track_running_stats=True) if norm == "instance" else nn.BatchNorm1d(4)
+    net = nn.Sequential(nn.Conv1d(3, 4, 2), layer, nn.Tanh(), nn.Conv1d(4, 2, 2)).train()
+    engines = {
+        "factored": FactoredEngine(),
+        "factored_with_loop_fallback": FactoredEngine(fallback=LoopEngine()),
+        "loop": LoopEngine(),
+        "vmap": VmapEngine(),
+    }
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    state = module_state(net, upcast=False)
+    before = {k: v.clone() for k, v in state.items()}
+    kw = dict(state=state, sample_ids=torch.arange(3), noise_seed=0, noise_stream=0)
+    x = torch.randn(3, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            engines[engine].gradients(net, _square_loss, x, params, **kw)
+        except EngineUnsupportedError as err:  # vmap cannot batch in-place updates of running statistics
+            assert engine == "vmap" or (engine == "factored" and norm == "batch"), err
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in state.items())  # kept for the next batch: unchanged too

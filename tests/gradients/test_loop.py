@@ -125,7 +125,9 @@ def test_activation_checkpointing_needs_the_loop_engine_and_says_so():
         assert _rel(got[name], ref[name]) < 1e-5, name
     with pytest.raises(RuntimeError, match=r"activation checkpointing .*engine='loop'"):
         _run(FactoredEngine(), net, x)
-    with pytest.raises(RuntimeError, match=r"activation checkpointing\); vmap's error: .*saved tensor hooks.*[^.]\. Pass engine='loop'"):
+    with pytest.raises(
+        RuntimeError, match=r"activation checkpointing\); vmap's error: .*saved tensor hooks.*[^.]\. Pass engine='loop'"
+    ):
         _run(VmapEngine(), net, x)
 
 

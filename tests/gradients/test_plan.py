@@ -127,3 +127,23 @@ def test_draw_major_rows_are_told_apart_from_sample_major_ones():
     # One draw: both layouts are the same rows.
     y = lin(x)
     assert row_layouts(y.pow(2).sum(1), [y], ["lin"]) == {"lin": "sample-major"}
+
+
+def test_every_sample_is_probed_whichever_samples_have_zero_loss():
+    # Only samples 0 and B - 1 were differentiated: a layout those two did not show passed as sample-major.
+    torch.manual_seed(0)
+    zero_ends = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    loss, outputs, owners = _outputs(_SequenceFirst(), torch.randn(4, 4, 4), lambda m, b: zero_ends * m(b) ** 2)
+    assert row_layouts(loss, outputs, owners) == {"embed": "mixed", "head": "mixed", "last": "sample-major"}
+    lin = nn.Linear(3, 2)
+    perm = torch.tensor([0, 2, 4, 1, 3, 5])  # samples 0 and B - 1 keep their rows, the others swap
+    y = lin(torch.randn(6, 3)[perm])
+    assert row_layouts(y[torch.argsort(perm)].pow(2).sum(1), [y], ["lin"]) == {"lin": "mixed"}
+    # Draws stacked draw-major with the middle samples' draws swapped: neither layout.
+    x = torch.randn(4, 3)
+    y = lin(x[[0, 2, 1, 3]].repeat(3, 1))
+    assert row_layouts(y.pow(2).reshape(3, 4, 2)[:, [0, 2, 1, 3]].sum((0, 2)), [y], ["lin"]) == {"lin": "mixed"}
+    # A sample whose gradient overflows shows nothing, and does not send a sample-major layer to the fallback.
+    x[2] = 1e30
+    y = lin(x)
+    assert row_layouts(y.pow(2).sum(1) * 1e30, [y], ["lin"]) == {"lin": "sample-major"}

@@ -170,6 +170,9 @@ def test_mismatched_names_and_numels():
         ({"dim": 8, "nnz": 0}, "`nnz`"),
         ({"dim": 8, "nnz": 9}, "`nnz`"),
         ({"dim": 8, "block_elements": 0}, "`block_elements`"),
+        # Accepted before, then refused by numpy's SeedSequence during recording, naming no argument.
+        ({"dim": 8, "seed": -1}, "`seed` must be a non-negative integer, got -1"),
+        ({"dim": 8, "seed": 1.5}, "`seed`"),
     ],
 )
 def test_spec_validation(kwargs, match):
