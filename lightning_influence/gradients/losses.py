@@ -146,7 +146,12 @@ def resolve_loss(loss: Any, model: nn.Module, argname: str = "train_loss") -> Pe
 
 
 def check_per_sample_loss(
-    loss: Any, batch_size: int, argname: str = "loss_fn", what: str = "loss", per: str = "sample"
+    loss: Any,
+    batch_size: int,
+    argname: str = "loss_fn",
+    what: str = "loss",
+    per: str = "sample",
+    batch: str = "this batch",
 ) -> Tensor:
     """``loss`` if it is a ``Tensor[batch_size]``; otherwise a ``TypeError``/``ValueError`` naming ``argname``.
 
@@ -155,6 +160,7 @@ def check_per_sample_loss(
         batch_size: the number of samples it was given.
         argname: the function's argument name, for the message.
         what, per: the message says "one {what} per {per}".
+        batch: what ``batch_size`` counts, for the message.
 
     Example:
         >>> import torch
@@ -167,7 +173,7 @@ def check_per_sample_loss(
         )
     if loss.dim() != 1 or loss.shape[0] != batch_size:
         raise ValueError(
-            f"`{argname}` must return one {what} per {per}, a Tensor of shape [B] = [{batch_size}] for this batch;"
+            f"`{argname}` must return one {what} per {per}, a Tensor of shape [B] = [{batch_size}] for {batch};"
             f" it returned shape {tuple(loss.shape)}. Did it reduce the batch with .mean() or .sum(), or keep a"
             " feature dimension?"
         )

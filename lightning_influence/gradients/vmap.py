@@ -89,7 +89,7 @@ def per_sample_gradients(
         full = {**frozen, **{"m." + k: v for k, v in p.items()}}
         with fixed_noise(sid.unsqueeze(0), noise_seed, noise_stream):
             loss = functional_call(wrapper, full, (batch1,), strict=False)
-        loss = check_per_sample_loss(loss, 1, argname)
+        loss = check_per_sample_loss(loss, 1, argname, batch="each sample, which vmap evaluates on its own")
         return loss[0] * loss_scale
 
     grad_fn = vmap(grad(one_sample), in_dims=(None, 0, 0), chunk_size=chunk_size)

@@ -77,7 +77,9 @@ class InfluenceAnalysis:
         block_bytes: at most this many bytes of training rows (as fp32) are in memory at once;
             together with ``train_block`` it sets the block (one checkpoint's rows at a time).
         cache_bytes: test-side rows kept across calls for the same queries (per checkpoint);
-            ``0`` disables the cache.
+            ``0`` disables the cache. Queries are "the same" when they are the same object holding
+            the same tensors, unmodified (in-place changes are seen through the tensors' versions);
+            a Dataset is taken as fixed: pass a new one, or ``cache_bytes=0``, if you change its data.
 
     Raises:
         ValueError: if ``model``'s parameters do not match the store's.
