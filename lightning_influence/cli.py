@@ -43,13 +43,14 @@ from lightning_influence.trajectory.analysis import InfluenceAnalysis, Influence
 from lightning_influence.trajectory.posthoc import record_from_checkpoints
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
 from lightning_influence.trajectory.store import GradientStore
+from lightning_influence.trajectory.store.layout import CLI_CONFIG
 
 __all__ = ["InfluenceCLI", "analyze", "main", "record", "run"]
 
 PROG = "lightning-influence"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-#: The LightningCLI config saved next to a store recorded by ``lightning-influence fit``.
-STORE_CONFIG = "lightning_config.yaml"
+#: The LightningCLI config saved next to a store recorded by ``lightning-influence fit`` (part of the store's layout).
+STORE_CONFIG = CLI_CONFIG
 
 
 class InfluenceCLI(LightningCLI):

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_influence import GradientStore
 from lightning_influence.cli import STORE_CONFIG, main, run
+from lightning_influence.errors import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
@@ -271,3 +272,44 @@ def test_the_console_entry_point_exits_with_status_zero(small_store, tmp_path):
         sys.exit(main(args))
     assert exit_info.value.code == 0
     assert (tmp_path / "out" / "topk.csv").is_file()
+
+
+def test_a_store_the_command_line_wrote_can_be_overwritten_resumed_and_recorded_again(tmp_path, monkeypatch):
+    """The config saved beside the manifest belongs to the store: it neither blocks the store nor outlives it."""
+    monkeypatch.chdir(tmp_path)
+    base = [
+        "fit",
+        "--model",
+        "lightning_influence.models.MLPVAE",
+        "--model.hidden_dim",
+        "16",
+        "--data",
+        "lightning_influence.data.DigitsDataModule",
+        "--config",
+        str(ROOT / "callbacks" / "influence_recorder.yaml"),
+        "--trainer.logger=false",
+        *TINY,
+    ]
+    ckpts = [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath=ck",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
+    first = GradientStore(run([*base, *ckpts]).recorders()[0].store_path)
+    assert (first.path / STORE_CONFIG).is_file()
+    ckpt = sorted((tmp_path / "ck").glob("*.ckpt"))[-1]
+    resumed = GradientStore(run([*base, "--trainer.max_epochs=2", "--ckpt_path", str(ckpt)]).recorders()[0].store_path)
+    assert resumed.run_id == first.run_id and len(resumed) == 2
+    again = GradientStore(run([*base, "--trainer.callbacks.overwrite=true"]).recorders()[0].store_path)
+    assert again.run_id != first.run_id and len(again) == 1 and (again.path / STORE_CONFIG).is_file()
+    record = ["record", "--ckpt", str(ckpt), "--model", "lightning_influence.models.MLPVAE"]
+    record += ["--data", "lightning_influence.data.DigitsDataModule", "--dirpath", "posthoc"]
+    run(record)
+    run([*record, "--overwrite", "true"])
+    assert len(GradientStore(tmp_path / "posthoc")) == 1
+    # Where there is no store, a file of that name is someone else's: refused, and kept.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / STORE_CONFIG).write_text("trainer: {}\n")
+    with pytest.raises(StoreError, match=r"did not write \(\['lightning_config.yaml'\]\)"):
+        run([*record[:-1], "theirs", "--overwrite", "true"])
+    assert (tmp_path / "theirs" / STORE_CONFIG).read_text() == "trainer: {}\n"

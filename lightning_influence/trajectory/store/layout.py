@@ -27,6 +27,7 @@ from lightning_influence.gradients.projection import ProjectionSpec
 __all__ = [
     "CKPT_DIR",
     "CKPT_FILE",
+    "CLI_CONFIG",
     "DEBRIS",
     "ENTRY_KEYS",
     "FACTORED_SCHEMA_VERSION",
@@ -69,8 +70,13 @@ STORAGE_DTYPES = {
     "bfloat16": (torch.bfloat16, np.uint16),
 }
 
+#: The LightningCLI config ``lightning-influence fit`` / ``record`` save beside a store's manifest (the store's
+#: companion: replaced with it, kept on resume; a user's file of that name where there is no store).
+CLI_CONFIG = "lightning_config.yaml"
 #: Directory entries a store writes; anything else in a store directory belongs to someone else.
-OWN_ENTRY = re.compile(r"^(manifest\.json|manifest\.json\.tmp-.+|ckpt-\d{5,}|\.tmp-ckpt-\d{5,})$")
+OWN_ENTRY = re.compile(
+    r"^(manifest\.json|manifest\.json\.tmp-.+|ckpt-\d{5,}|\.tmp-ckpt-\d{5,}|lightning_config\.yaml)$"
+)
 DEBRIS = re.compile(r"^(manifest\.json\.tmp-.+|\.tmp-ckpt-\d{5,})$")
 CKPT_DIR = re.compile(r"^ckpt-\d{5,}$")
 #: Files a checkpoint directory holds (``a.``/``g.`` factor files: schema version 2).

@@ -28,6 +28,7 @@ from lightning_influence.trajectory.store import durable
 from lightning_influence.trajectory.store.layout import (
     CKPT_DIR,
     CKPT_FILE,
+    CLI_CONFIG,
     DEBRIS,
     FORMAT,
     GRADS_FILE,
@@ -66,6 +67,9 @@ def _foreign_entries(path: Path, entries: Sequence[str]) -> list[str]:
         p = path / name
         if not OWN_ENTRY.match(name):
             foreign.append(name)
+        elif name == CLI_CONFIG:
+            if MANIFEST not in entries:  # the command line's config of a store; without a store, someone else's
+                foreign.append(name)
         elif name == MANIFEST:
             try:
                 m = json.loads(p.read_text())
