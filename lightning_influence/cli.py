@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.data.batches import batch_inputs, batch_labels, gather_samples, iterate_batches, num_samples
 from lightning_influence.gradients.factored import EngineName
+from lightning_influence.gradients.noise import NoiseStream, fixed_noise
 from lightning_influence.reporting.influence import log_embedding, log_influence
 from lightning_influence.trajectory.analysis import InfluenceAnalysis, InfluenceSummary
 from lightning_influence.trajectory.posthoc import record_from_checkpoints
@@ -124,6 +125,26 @@ def _instantiate(spec: Any, argname: str) -> Any:
     return spec
 
 
+_NO_DEFAULT = object()
+
+
+def _init_defaults(cls: type) -> dict[str, Any]:
+    # As the command line's parser fills them (it follows **kwargs into base classes, as a signature does not).
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init_args")
+    return parser.get_defaults().as_dict()["init_args"]
+
+
+def _same_class(class_path: Any, extra: dict[str, Any]) -> bool:
+    recorded = extra.get("model_class")
+    if not isinstance(class_path, str) or not recorded:
+        return False
+    try:
+        return _import(class_path, "--model") is _import(recorded, "the manifest's model_class")
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
 def _store_config(store: GradientStore) -> dict[str, Any]:
     path = store.path / STORE_CONFIG
     return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
@@ -131,12 +152,24 @@ def _store_config(store: GradientStore) -> dict[str, Any]:
 
 def rebuild_model(store: GradientStore, model: Any = None) -> pl.LightningModule:
     """The store's model: ``model`` if given, else the manifest's ``model_class`` with its ``hparams``, else the
-    config saved by ``lightning-influence fit``, else ``model_class`` with its defaults."""
+    config saved by ``lightning-influence fit``, else ``model_class`` with its defaults.
+
+    A ``model`` of the recorded class starts from the store's ``hparams``; its own ``init_args`` override them.
+    """
     if isinstance(model, torch.nn.Module):
         return model
-    if model is not None:
-        return _instantiate(model, "--model")
     extra = store.manifest.get("extra", {})
+    if model is not None:
+        spec = model.as_dict() if isinstance(model, Namespace) else model
+        spec = {"class_path": spec} if isinstance(spec, str) else spec
+        if isinstance(spec, dict) and extra.get("hparams") and _same_class(spec.get("class_path"), extra):
+            # The recorded class: the store's hyperparameters, with what --model.init_args.* changes on top
+            # (its defaults would silently score another model: another likelihood, another width). The
+            # parser fills every init arg with its default, so only values other than the default count as set.
+            defaults = _init_defaults(_import(spec["class_path"], "--model"))
+            given = {k: v for k, v in dict(spec.get("init_args") or {}).items() if defaults.get(k, _NO_DEFAULT) != v}
+            spec = {**spec, "init_args": {**extra["hparams"], **given}}
+        return _instantiate(spec, "--model")
     if extra.get("model_class") and extra.get("hparams") is not None:
         return _import(extra["model_class"], "the manifest's model_class")(**extra["hparams"])
     saved = _store_config(store).get("model")
@@ -196,8 +229,11 @@ def per_sample_losses(model: pl.LightningModule, store: GradientStore, data: Any
     model.eval()
     out = []
     with torch.no_grad():
-        for _, batch in iterate_batches(data, batch_size, name="train_data"):
-            out.append(model.per_sample_loss(move_data_to_device(batch, model.device)).detach().float().cpu())
+        for ids, batch in iterate_batches(data, batch_size, name="train_data"):
+            # The ELBO's noise keyed by sample, as in the recorded rows: the same losses on every run.
+            with fixed_noise(ids.to(model.device), store.noise_seed, NoiseStream.TRAIN):
+                loss = model.per_sample_loss(move_data_to_device(batch, model.device))
+            out.append(loss.detach().float().cpu())
     return torch.cat(out)
 
 
@@ -287,7 +323,12 @@ def analyze(
     Returns:
         Paths of ``logdir``, ``topk.csv`` and ``self_influence.csv``.
     """
+    for name, value in (("--k", k), ("--queries", queries), ("--n_self", n_self)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     gs = GradientStore(store)
+    if k > gs.n_samples:
+        raise ValueError(f"--k {k} exceeds the {gs.n_samples} training samples of the store at {store!r}.")
     net = rebuild_model(gs, model)
     dm = rebuild_data(gs, data)
     train = _split(dm, "fit")

@@ -45,6 +45,10 @@ def _pair(predicted: ArrayLike, actual: ArrayLike) -> tuple[Tensor, Tensor]:
 
 
 def _degenerate(p: Tensor, a: Tensor) -> bool:
+    # A non-finite value (a diverged retraining) makes the correlation undefined: NaN, as Pearson's arithmetic
+    # gives it, rather than a rank that places NaN somewhere.
+    if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(a).all())):
+        return True
     return p.numel() < 3 or bool(p.std() == 0) or bool(a.std() == 0)
 
 

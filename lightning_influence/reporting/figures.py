@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.textpath import TextPath
 from torch import Tensor
 
 __all__ = [
@@ -47,6 +48,7 @@ _TILE_IN = TILE_PX / DPI
 _TITLE_IN = 0.42  # two lines of 7-pt text above each tile
 _GAP_IN = 0.14
 _LABEL_IN = 0.3  # left margin for row labels
+_SUPTITLE_PT = 9
 
 
 def tile_array(img: Tensor) -> tuple[Any, str | None]:
@@ -76,15 +78,22 @@ def _draw_tile(fig: Figure, rect: Sequence[float], img: Tensor, title: str, colo
 
 
 class _Grid:
-    """Fixed tile geometry in inches, so every tile is exactly ``TILE_PX`` pixels wide and tall."""
+    """Fixed tile geometry in inches, so every tile is exactly ``TILE_PX`` pixels wide and tall.
 
-    def __init__(self, n_rows: int, n_cols: int, left: float, top: float) -> None:
-        self.n_rows, self.n_cols, self.left, self.top = n_rows, n_cols, left, top
-        self.width = left + n_cols * (_TILE_IN + _GAP_IN) + _GAP_IN
-        self.height = top + n_rows * (_TITLE_IN + _TILE_IN + _GAP_IN)
+    A ``suptitle`` wider than the tiles widens the figure (tiles centred) instead of being clipped.
+    """
+
+    def __init__(self, n_rows: int, n_cols: int, left: float, suptitle: str | None = None) -> None:
+        self.n_rows, self.n_cols, self.left, self.suptitle = n_rows, n_cols, left, suptitle
+        self.top = 0.35 if suptitle else 0.1
+        width = left + n_cols * (_TILE_IN + _GAP_IN) + _GAP_IN
+        needed = _text_width_in(suptitle, _SUPTITLE_PT) + 2 * _GAP_IN if suptitle else 0.0
+        self.pad = max(0.0, needed - width) / 2
+        self.width = width + 2 * self.pad
+        self.height = self.top + n_rows * (_TITLE_IN + _TILE_IN + _GAP_IN)
 
     def rect(self, row: int, col: int) -> list[float]:
-        x = self.left + _GAP_IN + col * (_TILE_IN + _GAP_IN)
+        x = self.pad + self.left + _GAP_IN + col * (_TILE_IN + _GAP_IN)
         y_top = self.top + row * (_TITLE_IN + _TILE_IN + _GAP_IN) + _TITLE_IN
         y = self.height - y_top - _TILE_IN
         return [x / self.width, y / self.height, _TILE_IN / self.width, _TILE_IN / self.height]
@@ -93,8 +102,20 @@ class _Grid:
         y_top = self.top + row * (_TITLE_IN + _TILE_IN + _GAP_IN) + _TITLE_IN
         return 1.0 - (y_top + _TILE_IN / 2) / self.height
 
+    def label_x(self) -> float:
+        """Where a row label's centre goes: the middle of the left margin."""
+        return (self.pad + 0.5 * self.left) / self.width
+
     def figure(self) -> Figure:
-        return Figure(figsize=(self.width, self.height), dpi=DPI)
+        fig = Figure(figsize=(self.width, self.height), dpi=DPI)
+        if self.suptitle:
+            fig.text(0.5, 1 - 0.08 / self.height, self.suptitle, ha="center", va="top", fontsize=_SUPTITLE_PT)
+        return fig
+
+
+def _text_width_in(text: str, fontsize: float) -> float:
+    # The rendered width with matplotlib's default font (points -> inches).
+    return float(TextPath((0, 0), text, size=fontsize).get_extents().width) / 72.0
 
 
 def query_figure(
@@ -119,10 +140,8 @@ def query_figure(
         suptitle: an optional line above everything.
     """
     k = max(len(proponents), len(opponents), 1)
-    grid = _Grid(2, k + 1, left=_LABEL_IN, top=0.35 if suptitle else 0.1)
+    grid = _Grid(2, k + 1, left=_LABEL_IN, suptitle=suptitle)
     fig = grid.figure()
-    if suptitle:
-        fig.text(0.5, 1 - 0.08 / grid.height, suptitle, ha="center", va="top", fontsize=9)
     # The query spans both rows' height at tile size, vertically centred.
     r0, r1 = grid.rect(0, 0), grid.rect(1, 0)
     mid = (r0[1] + r1[1]) / 2
@@ -131,7 +150,7 @@ def query_figure(
         (("proponents", proponents, proponent_titles, PROPONENT), ("opponents", opponents, opponent_titles, OPPONENT))
     ):
         fig.text(
-            0.5 * _LABEL_IN / grid.width,
+            grid.label_x(),
             grid.row_center(row),
             name,
             rotation=90,
@@ -153,10 +172,8 @@ def gallery_figure(
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, int(np.ceil(n / ncols)))
-    grid = _Grid(nrows, ncols, left=0.0, top=0.35 if suptitle else 0.1)
+    grid = _Grid(nrows, ncols, left=0.0, suptitle=suptitle)
     fig = grid.figure()
-    if suptitle:
-        fig.text(0.5, 1 - 0.08 / grid.height, suptitle, ha="center", va="top", fontsize=9)
     for i in range(n):
         _draw_tile(fig, grid.rect(i // ncols, i % ncols), images[i], titles[i], color)
     return fig
@@ -182,14 +199,12 @@ def grid_figure(
     n_rows, n_cols = int(tiles.shape[0]), int(tiles.shape[1])
     if len(column_titles) != n_cols:
         raise ValueError(f"`column_titles` has {len(column_titles)} entries for {n_cols} columns.")
-    grid = _Grid(n_rows, n_cols, left=_LABEL_IN if row_titles else 0.0, top=0.35 if suptitle else 0.1)
+    grid = _Grid(n_rows, n_cols, left=_LABEL_IN if row_titles else 0.0, suptitle=suptitle)
     fig = grid.figure()
-    if suptitle:
-        fig.text(0.5, 1 - 0.08 / grid.height, suptitle, ha="center", va="top", fontsize=9)
     for r in range(n_rows):
         if row_titles:
             fig.text(
-                0.5 * _LABEL_IN / grid.width,
+                grid.label_x(),
                 grid.row_center(r),
                 row_titles[r],
                 rotation=90,

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_influence.data.batches import batch_inputs, batch_labels, gather_samples, num_samples
+from lightning_influence.fragility.metrics import spearman
 from lightning_influence.reporting.figures import gallery_figure, query_figure
 from lightning_influence.reporting.tensorboard import as_images, get_summary_writer, writer_step
 from lightning_influence.trajectory.analysis import InfluenceSummary
@@ -149,7 +150,7 @@ def self_influence_figures(
             ax.scatter(loss[keep], si[keep], s=8, alpha=0.7)
         if positive:
             ax.set_yscale("log")
-        rank = np.corrcoef(np.argsort(np.argsort(loss[keep])), np.argsort(np.argsort(si[keep])))[0, 1]
+        rank = spearman(si[keep], loss[keep])  # ties share their average rank; NaN when either side is constant
         ax.set_xlabel("per-sample training loss (final weights)")
         ax.set_ylabel("self-influence")
         ax.set_title(f"Self-influence vs loss (Spearman {rank:.2f})")
@@ -203,7 +204,7 @@ def influence_table(
         in_top = train_labels[top]
         for c in torch.unique(train_labels).tolist():
             m = train_labels == c
-            med = float(torch.nan_to_num(self_inf[m], nan=0.0).median())
+            med = float(torch.nanmedian(self_inf[m]))  # flagged (NaN) samples have no value to count
             lines.append(f"| {c} | {int(m.sum())} | {med:.3g} | {int((in_top == c).sum())} |")
     return "\n".join(lines)
 

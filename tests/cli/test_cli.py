@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_influence import GradientStore
-from lightning_influence.cli import STORE_CONFIG, main, run
+from lightning_influence.cli import STORE_CONFIG, main, per_sample_losses, rebuild_data, rebuild_model, run
 from lightning_influence.errors import StoreError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -313,3 +314,41 @@ def test_a_store_the_command_line_wrote_can_be_overwritten_resumed_and_recorded_
     with pytest.raises(StoreError, match=r"did not write \(\['lightning_config.yaml'\]\)"):
         run([*record[:-1], "theirs", "--overwrite", "true"])
     assert (tmp_path / "theirs" / STORE_CONFIG).read_text() == "trainer: {}\n"
+
+
+def test_analyze_refuses_counts_by_their_flag(small_store, tmp_path):
+    for flag, value, message in (
+        ("--k", "0", "--k must be a positive integer, got 0"),
+        ("--k", "100000", r"--k 100000 exceeds the \d+ training samples"),
+        ("--queries", "0", "--queries must be a positive integer, got 0"),
+        ("--n_self", "-1", "--n_self must be a positive integer, got -1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(["analyze", str(small_store), flag, value, "--logdir", str(tmp_path / "x"), "--progress", "false"])
+        assert not (tmp_path / "x").exists(), "refused before anything was computed or written"
+
+
+def test_analyze_with_the_recorded_model_class_keeps_the_stores_hyperparameters(small_store, tmp_path):
+    """--model names the class; the store's hyperparameters (hidden_dim 16 here, 128 by default) still hold."""
+    common = ["--k", "2", "--queries", "2", "--progress", "false", "--embedding", "false"]
+    implied = run(["analyze", str(small_store), *common, "--logdir", str(tmp_path / "implied")])
+    named = run(
+        ["analyze", str(small_store), "--model", "lightning_influence.models.MLPVAE", *common]
+        + ["--logdir", str(tmp_path / "named")]
+    )
+    assert named["topk"].read_text() == implied["topk"].read_text()
+    with pytest.raises(ValueError, match="does not match the store"):  # an explicit init arg still wins
+        run(["analyze", str(small_store), "--model", "lightning_influence.models.MLPVAE", "--model.hidden_dim", "32"])
+
+
+def test_the_loss_column_is_the_same_on_every_run(small_store):
+    """The ELBO's noise is keyed by sample, as in the recorded rows, not drawn from the global RNG."""
+    store = GradientStore(small_store)
+    model = rebuild_model(store)
+    data = rebuild_data(store)
+    data.setup("fit")
+    first = per_sample_losses(model, store, data.train_dataloader().dataset, 64)
+    torch.manual_seed(123)
+    torch.testing.assert_close(
+        per_sample_losses(model, store, data.train_dataloader().dataset, 64), first, rtol=0, atol=0
+    )

@@ -46,6 +46,10 @@ def test_degenerate_inputs_give_nan_not_a_number():
     assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # constant prediction
     assert math.isnan(slope([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])[0])
     assert math.isnan(fraction_above_noise_floor([0.1, 0.2], float("nan")))
+    # A diverged retraining (a NaN actual change): undefined, never a rank that places the NaN somewhere.
+    nan_actual = [0.0, float("nan"), 0.1, 0.15]
+    assert math.isnan(spearman([0.0, 0.1, 0.2, 0.3], nan_actual))
+    assert math.isnan(pearson([0.0, 0.1, 0.2, 0.3], nan_actual))
 
 
 def test_length_mismatch_names_both_arguments():
