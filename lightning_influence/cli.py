@@ -45,6 +45,7 @@ from lightning_influence.trajectory.posthoc import record_from_checkpoints
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
 from lightning_influence.trajectory.store import GradientStore
 from lightning_influence.trajectory.store.layout import CLI_CONFIG
+from lightning_influence.utils.arguments import check_count
 
 __all__ = ["InfluenceCLI", "analyze", "main", "record", "run"]
 
@@ -302,7 +303,8 @@ def analyze(
 
     Args:
         store: the gradient store directory.
-        model: the LightningModule (class_path/init_args); default: from the store.
+        model: the LightningModule (class_path/init_args); default: from the store. The recorded class keeps the
+            store's hyperparameters; init args other than the class's defaults change them.
         data: the DataModule (class_path/init_args); default: from the store's saved config.
         k: proponents and opponents per query.
         queries: how many samples of the split to explain (its first ones).
@@ -324,8 +326,7 @@ def analyze(
         Paths of ``logdir``, ``topk.csv`` and ``self_influence.csv``.
     """
     for name, value in (("--k", k), ("--queries", queries), ("--n_self", n_self)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_count(name, value)
     gs = GradientStore(store)
     if k > gs.n_samples:
         raise ValueError(f"--k {k} exceeds the {gs.n_samples} training samples of the store at {store!r}.")

@@ -89,16 +89,19 @@ class LossCall:
     def evaluate(self) -> Any:
         """The loss's value, computed with gradients enabled and the batch's keyed noise.
 
-        Every buffer of the module is passed as a copy (of the state's value, or of the module's own
-        where the state has none). A forward that updates a buffer in place (the running statistics
-        of a train-mode norm, a step counter) then changes only the copy: per-sample gradients run
-        between training steps and must leave the model's buffers as training left them, and
-        ``state``, reused for the next batch, must give every evaluation the same values.
+        The buffers of modules in training mode are passed as copies (of the state's value, or of the
+        module's own where the state has none): a forward that updates one in place (the running
+        statistics of a train-mode norm, its step counter) then changes only the copy. Per-sample
+        gradients run between training steps and must leave the model's buffers as training left
+        them, and ``state``, reused for the next batch, must give every evaluation the same values.
+        Modules in eval mode (the recorder's and the analysis's) keep theirs uncopied.
         """
         weights = {"m." + k: v for k, v in self.state.items()}
-        for name, buf in self.module.named_buffers():
-            key = "m." + name
-            weights[key] = (weights[key] if key in weights else buf.detach()).clone()
+        for prefix, sub in self.module.named_modules():
+            if sub.training:
+                for name, buf in sub.named_buffers(prefix=prefix, recurse=False):
+                    key = "m." + name
+                    weights[key] = (weights[key] if key in weights else buf.detach()).clone()
         with torch.enable_grad(), fixed_noise(self.sample_ids, self.noise_seed, self.noise_stream):
             return functional_call(ModuleCall(self.module, self.loss_fn), weights, (self.batch,), strict=False)
 

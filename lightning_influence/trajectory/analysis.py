@@ -15,10 +15,9 @@ training block is the dense part plus the stored factors, scored exactly
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from lightning_influence.trajectory.tracin import (
     streaming_top_k,
     tracin_scores,
 )
+from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.modes import isolated, module_device
 
 __all__ = ["InfluenceAnalysis", "InfluenceSummary"]
@@ -113,8 +113,8 @@ class InfluenceAnalysis:
         self._check_model(model)
         self.train_loss = resolve_loss(train_loss, model, argname="train_loss")
         for name, value in (("batch_size", batch_size), ("train_block", train_block), ("block_bytes", block_bytes)):
-            _check_count(name, value)
-        _check_count("cache_bytes", cache_bytes, minimum=0)
+            check_count(f"`{name}`", value)
+        check_count("`cache_bytes`", cache_bytes, minimum=0)
         if train_data is not None and num_samples(train_data, "train_data") != self.store.n_samples:
             raise ValueError(
                 f"`train_data` has {num_samples(train_data, 'train_data')} samples but the store recorded"
@@ -324,17 +324,21 @@ class InfluenceAnalysis:
     def _train_rows(self, ckpt: StoredCheckpoint, start: int, stop: int) -> Tensor | SplitRows:
         # A fresh mapping per block, dropped with the block: pages of blocks already scored are
         # not kept resident by a long-lived mapping of every checkpoint.
-        rows: Tensor | SplitRows
+        # A flagged row may hold inf rather than NaN, which would score +-inf and lead the top-k: flagged samples
+        # score NaN, as documented, whatever their stored values (set on copies: blocks may be memory-mapped).
+        flagged = [i - start for i in ckpt.nonfinite if start <= i < stop]
+        idx = torch.tensor(flagged, dtype=torch.long, device=self.device)
+
+        def as_scored(t: Tensor) -> Tensor:
+            if not flagged:
+                return t.to(self.device, torch.float32)
+            return t.to(self.device, torch.float32, copy=True).index_fill_(0, idx, float("nan"))
+
         if self.store.factored:
             block = ckpt.block(start, stop)
             assert isinstance(block, SplitRows)
-            rows = block.to(self.device, torch.float32)
-        else:
-            rows = ckpt.gradients()[start:stop].to(self.device).float()
-        flagged = [i - start for i in ckpt.nonfinite if start <= i < stop]
-        # A flagged row may hold inf rather than NaN, which would score +-inf and lead the top-k: flagged samples
-        # score NaN, as documented, whatever their stored values.
-        return _nan_rows(rows, flagged) if flagged else rows
+            return block.map(as_scored)
+        return as_scored(ckpt.gradients()[start:stop])
 
     def tracin(self, test_data: Any, measurement: PerSampleLoss | None = None) -> Tensor:
         """TracIn scores of every (test, training) pair.
@@ -449,8 +453,8 @@ class InfluenceAnalysis:
             One :class:`~lightning_influence.trajectory.tracin.TopK` (each ``[n_test, k]``,
             strongest first) per ``largest`` entry.
         """
-        _check_count("k", k)
-        _check_count("query_block", query_block)
+        check_count("`k`", k)
+        check_count("`query_block`", query_block)
         n = self.store.n_samples
         if k > n:
             raise ValueError(f"`k`={k} exceeds the {n} recorded training samples.")
@@ -585,28 +589,6 @@ class _Leaves:
         )
 
 
-def _nan_rows(rows: Tensor | SplitRows, positions: list[int]) -> Tensor | SplitRows:
-    """``rows`` with the samples at ``positions`` set to NaN, on copies (stored blocks may be memory-mapped)."""
-    nan = float("nan")
-    if isinstance(rows, Tensor):
-        rows = rows.clone()
-        rows[positions] = nan
-        return rows
-    copies: dict[int, Tensor] = {}
-
-    def masked(t: Tensor) -> Tensor:
-        if id(t) not in copies:  # a bias shares its layer's g: one copy for both
-            copies[id(t)] = t.clone()
-            copies[id(t)][positions] = nan
-        return copies[id(t)]
-
-    factors: dict[str, Any] = {
-        n: masked(f) if isinstance(f, Tensor) else replace(f, output_grads=masked(f.output_grads))
-        for n, f in rows.factors.items()
-    }
-    return replace(rows, dense=masked(rows.dense), factors=factors)
-
-
 def _nbytes(rows: Tensor | SplitRows) -> int:
     return rows.nbytes if isinstance(rows, SplitRows) else rows.numel() * rows.element_size()
 
@@ -634,19 +616,12 @@ def _analysis_engine(
     return resolve_engine(engine, model, names, chunk_size)
 
 
-def _check_count(name: str, value: Any, minimum: int = 1) -> None:
-    # Any integer type (numpy's too), never a bool: `k=True` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
-
-
 def _is_shape_error(err: RuntimeError) -> bool:
     # torch reports mismatched inputs as RuntimeErrors about shapes or sizes (matmul, conv, reshape, broadcasting).
     if isinstance(err, EngineUnsupportedError):  # the loss ran; the engine cannot differentiate it
         return False
     msg = str(err)
-    keys = ("shape", "size of tensor", "sizes", "Expected input", "expected input", "same dtype", "dtype")
+    keys = ("shape", "size of tensor", "sizes", "Expected input", "expected input", "dtype")
     return any(key in msg for key in keys)
 
 

@@ -40,6 +40,7 @@ from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.trajectory.store import GradientStore, GradientStoreWriter, header_for
 from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
+from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.modes import module_device
 
 __all__ = ["checkpoint_learning_rates", "record_from_checkpoints"]
@@ -192,8 +193,7 @@ def record_from_checkpoints(
             f" `projection_dim`={projection_dim}. Use one of them."
         )
     for name, value in (("batch_size", batch_size), ("accumulate_grad_batches", accumulate_grad_batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_count(f"`{name}`", value)
     paths = [str(p) for p in checkpoints]
     if not paths:
         raise ValueError("`checkpoints` is empty: pass at least one Lightning .ckpt file.")
@@ -205,6 +205,16 @@ def record_from_checkpoints(
     if len(set(steps)) != len(steps):
         raise ValueError(f"`checkpoints` has several checkpoints at the same global_step: {steps}.")
     module = _model_from(model, loaded[0][1])
+    # Every checkpoint's learning rates and the parameters of each group, before anything is written: a refusal
+    # here leaves no store behind (one would block the retry).
+    all_lrs = [checkpoint_learning_rates(c, p) for c, p in loaded]
+    for (_, p), lrs in zip(loaded, all_lrs):
+        if len(lrs) != len(all_lrs[0]):
+            raise ValueError(
+                f"{p!r} has {len(lrs)} param groups but {loaded[0][1]!r} has {len(all_lrs[0])}; `checkpoints` must"
+                " come from one run."
+            )
+    group_names = _param_group_names(module, len(all_lrs[0]))
     dataset, collate, loader_len = _data_from(data)
     if steps_per_epoch is None:
         if loader_len is None:
@@ -274,13 +284,11 @@ def record_from_checkpoints(
     )
     # A new run: a store already at `dirpath` is refused (unless `overwrite`), never appended to.
     writer = GradientStoreWriter(dirpath, header, overwrite=overwrite, new_run=True)
-    group_names = _param_group_names(module, len(checkpoint_learning_rates(loaded[0][0], loaded[0][1])))
     previous = 0
     items = tqdm(loaded, desc="recording checkpoints", leave=False) if progress else loaded
-    for ckpt, path in items:
+    for (ckpt, path), lrs in zip(items, all_lrs):
         module.load_state_dict(ckpt["state_dict"])
         step = int(ckpt.get("global_step", 0))
-        lrs = checkpoint_learning_rates(ckpt, path)
         n_steps = step - previous
         if group_names is None:
             per_param = {n: lrs[0] * n_steps / steps_per_epoch for n in names}

@@ -44,6 +44,7 @@ from lightning_influence.trajectory.store import (
     shard_bounds,
 )
 from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
+from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.distributed import all_gather_objects
 
 __all__ = ["TrajectoryRecorder"]
@@ -178,8 +179,8 @@ class TrajectoryRecorder(pl.Callback):
                 "`every_n_epochs` and `every_n_steps` are mutually exclusive; set one of them."
             )
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
+            if value is not None:
+                check_count(f"`{name}`", value, error=MisconfigurationException)
         if every_n_epochs is None and every_n_steps is None:
             every_n_epochs = 1
         if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
@@ -196,8 +197,8 @@ class TrajectoryRecorder(pl.Callback):
             if value not in allowed:
                 raise MisconfigurationException(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}.")
+            if value is not None:
+                check_count(f"`{name}`", value, error=MisconfigurationException)
         if isinstance(engine, str):
             if engine not in ENGINE_NAMES:
                 raise MisconfigurationException(

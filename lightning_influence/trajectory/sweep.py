@@ -149,7 +149,7 @@ def _overflows(rows: Tensor | SplitRows, dtype: torch.dtype) -> Tensor:
     out = torch.zeros(len(rows), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
         if t.numel():
-            out |= (t.detach().abs().flatten(1) > limit).any(1)
+            out |= torch.linalg.vector_norm(t.detach().flatten(1), float("inf"), dim=1) > limit  # one reduction
     return out
 
 

@@ -81,6 +81,7 @@ def test_post_hoc_refuses_checkpoints_of_several_optimizers(run, tmp_path):
     torch.save(ckpt, tmp_path / "two.ckpt")
     with pytest.raises(ValueError, match=r"two\.ckpt' holds the state of 2 optimizers.*TrajectoryRecorder"):
         record_from_checkpoints([tmp_path / "two.ckpt"], tmp_path / "s", vae, loader, progress=False)
+    assert not (tmp_path / "s").exists(), "refused before the store was created: a retry is not blocked"
 
 
 def test_a_test_set_of_none_names_setup_test(run):

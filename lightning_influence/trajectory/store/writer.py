@@ -180,8 +180,8 @@ class GradientStoreWriter:
                 raise StoreError(
                     f"`dirpath` {str(self.path)!r} already holds a gradient store of run {existing.get('run_id')!r}"
                     f" ({len(steps)} checkpoint(s) at steps {steps[:8]}{'...' if len(steps) > 8 else ''}); recording a"
-                    " new run into it would mix two runs. Resume that run with trainer.fit(..., ckpt_path=...), pass"
-                    " overwrite=True to replace it, or use a new `dirpath`."
+                    " new run into it would mix two runs. Pass overwrite=True to replace it or use a new `dirpath` (a fit"
+                    " can also resume that run: trainer.fit(..., ckpt_path=...))."
                 )
             if run_id is not None and existing.get("run_id") != run_id:
                 raise StoreError(
