@@ -39,18 +39,41 @@ def tensor_leaves(batch: Any) -> list[Tensor]:
     return []
 
 
-def is_collated_batch(data: Any) -> bool:
-    """True for a tensor, or a tuple/list/dict whose leaves are tensors sharing a leading dimension."""
+def is_collated_batch(data: Any, name: str = "data") -> bool:
+    """True for a tensor, or a tuple/list/dict whose leaves are tensors sharing a leading dimension.
+
+    A list whose tensors differ in length is a list of samples (variable-length sequences behind a
+    DataLoader with a padding ``collate_fn``, say), so it is not a batch. A tuple with a tensor among
+    its elements, or a dict, holding only tensors can only be meant as a collated batch, so there a
+    disagreement is an error: read as samples, ``(X[20], y[10])`` would become a 2-sample dataset.
+
+    Args:
+        data: what the user passed.
+        name: the argument ``data`` came from, for the error message.
+
+    Raises:
+        ValueError: for a tuple or dict of tensors whose leading dimensions (batch sizes) differ,
+            naming ``name`` and two of the sizes.
+    """
     if isinstance(data, Tensor):
         return data.dim() >= 1
     if isinstance(data, (Dataset, DataLoader)):
         return False
     if isinstance(data, (tuple, list, Mapping)):
         leaves = tensor_leaves(data)
-        if not leaves or any(t.dim() == 0 for t in leaves):
+        if not leaves or any(t.dim() == 0 for t in leaves) or not _only_tensors(data):
             return False
         n = leaves[0].shape[0]
-        return all(t.shape[0] == n for t in leaves) and _only_tensors(data)
+        other = next((t.shape[0] for t in leaves if t.shape[0] != n), None)
+        if other is None:
+            return True
+        # A tuple of sample tuples ((x0, y0), (x1, y1)) has no tensor of its own: leave it to len().
+        if isinstance(data, Mapping) or (isinstance(data, tuple) and any(isinstance(v, Tensor) for v in data)):
+            raise ValueError(
+                f"`{name}` is a collated batch (a {type(data).__name__} of tensors) whose tensors disagree on the"
+                f" batch size (leading dimension): {n} and {other}. Every tensor must have one row per sample."
+            )
+        return False
     return False
 
 
@@ -118,7 +141,7 @@ def num_samples(data: Any, name: str = "data") -> int:
         )
     if isinstance(data, DataLoader):
         return num_samples(data.dataset, name)
-    if is_collated_batch(data):
+    if is_collated_batch(data, name):
         return batch_size_of(data)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         return len(data)
@@ -159,7 +182,7 @@ def iterate_batches(
             yield torch.arange(start, start + b), batch
             start += b
         return
-    if is_collated_batch(data):
+    if is_collated_batch(data, name):
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             yield torch.arange(start, stop), slice_batch(data, start, stop)
@@ -230,7 +253,7 @@ def subset(data: Any, start: int, stop: int, name: str = "test_data") -> Any:
         check_ordered_loader(data, name)
         sub = torch.utils.data.Subset(data.dataset, range(start, stop))
         return DataLoader(sub, batch_size=data.batch_size or 1, shuffle=False, collate_fn=data.collate_fn)
-    if is_collated_batch(data):
+    if is_collated_batch(data, name):
         return slice_batch(data, start, stop)
     return torch.utils.data.Subset(data, range(start, stop))
 

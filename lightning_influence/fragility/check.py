@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -119,6 +121,31 @@ def select_removals(
     return out
 
 
+def _seed_list(seeds: Any) -> list[int]:
+    """``0..seeds-1`` for a count, else the given seeds; refuses bools, non-integers and repeats by name."""
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigurationError(f"`seeds` must be >= 1 (or a list of seeds), got {seeds}.")
+        return list(range(int(seeds)))
+    expected = "a positive integer (the number of seeds) or a non-empty list of distinct integers"
+    if isinstance(seeds, (str, bytes, bool)) or not isinstance(seeds, Iterable):
+        raise ConfigurationError(f"`seeds` must be {expected}, got {seeds!r}.")
+    seed_list = []
+    for seed in seeds:
+        # operator.index takes any integer type (numpy's, a 0-d integer tensor) but no float: int(2.5)
+        # would silently retrain with seed 2.
+        try:
+            value = None if isinstance(seed, bool) else operator.index(seed)
+        except TypeError:
+            value = None
+        if value is None:
+            raise ConfigurationError(f"`seeds` must be {expected}, got {seeds!r}.")
+        seed_list.append(value)
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise ConfigurationError(f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}.")
+    return seed_list
+
+
 class FragilityCheck:
     """Checks per-training-sample scores against leave-one-out / leave-k-out retraining.
 
@@ -212,14 +239,7 @@ class FragilityCheck:
             raise ConfigurationError(f"`removal` must be 'single' or a group size >= 1, got {removal!r}.")
         if isinstance(n_removals, bool) or not isinstance(n_removals, int) or n_removals < 1:
             raise ConfigurationError(f"`n_removals` must be a positive integer, got {n_removals!r}.")
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
-            if seeds < 1:
-                raise ConfigurationError(f"`seeds` must be >= 1 (or a list of seeds), got {seeds}.")
-            seed_list = list(range(seeds))
-        else:
-            seed_list = [int(s) for s in seeds]
-            if not seed_list or len(set(seed_list)) != len(seed_list):
-                raise ConfigurationError(f"`seeds` must be a non-empty list of distinct integers, got {seeds!r}.")
+        seed_list = _seed_list(seeds)
         if selection not in _SELECTIONS:
             raise ConfigurationError(f"`selection` must be one of {_SELECTIONS}, got {selection!r}.")
         for name, fn in (("train_loss", train_loss), ("measurement", measurement)):

@@ -37,11 +37,16 @@ ArrayLike = Tensor | Sequence[float]
 
 
 def _pair(predicted: ArrayLike, actual: ArrayLike) -> tuple[Tensor, Tensor]:
-    p = torch.as_tensor(predicted, dtype=torch.float64).reshape(-1)
-    a = torch.as_tensor(actual, dtype=torch.float64).reshape(-1)
+    p = torch.as_tensor(predicted, dtype=torch.float64)
+    a = torch.as_tensor(actual, dtype=torch.float64)
+    # Flattening first would pair (3, 2) with (2, 3) element by element: entries of different removals.
     if p.shape != a.shape:
-        raise ValueError(f"`predicted` and `actual` must have the same length, got {p.numel()} and {a.numel()}.")
-    return p, a
+        if p.dim() == 1 and a.dim() == 1:
+            raise ValueError(f"`predicted` and `actual` must have the same length, got {p.numel()} and {a.numel()}.")
+        raise ValueError(
+            f"`predicted` and `actual` must have the same shape, got {tuple(p.shape)} and {tuple(a.shape)}."
+        )
+    return p.reshape(-1), a.reshape(-1)
 
 
 def _degenerate(p: Tensor, a: Tensor) -> bool:

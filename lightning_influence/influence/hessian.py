@@ -87,7 +87,7 @@ class BlockCurvature:
         self.loss_on_outputs = loss_on_outputs
         self.hvp_mode = hvp_mode
         self.eigen_iters = eigen_iters
-        self._data = move_data_to_device(data, self.device) if is_collated_batch(data) else data
+        self._data = move_data_to_device(data, self.device) if is_collated_batch(data, data_argname) else data
         self._data_argname = data_argname
         self._mean_loss: MeanLoss | None = None
         self._operator: FlatOperator | None = None
@@ -162,7 +162,23 @@ class BlockCurvature:
         return self._lanczos
 
     def sampled_hvp(self, seed: int) -> Callable[[Tensor, int], Tensor]:
-        """Unbiased one-batch estimates ``(n / |B|) H_B v`` of ``H v``, batches drawn uniformly (seeded)."""
+        """Unbiased one-batch estimates of ``H v`` (stochastic LiSSA), batches drawn at random (seeded).
+
+        The mean Hessian is the size-weighted mix of the batch-mean Hessians ``H_B``,
+
+        .. math:: H = \\frac{1}{n} \\sum_B \\sum_{i \\in B} \\nabla^2 l_i = \\sum_B \\frac{|B|}{n} H_B,
+
+        so drawing batch ``B`` with probability ``|B| / n`` and returning ``H_B v`` gives
+        ``E[H_B v] = H v`` for any batch sizes. Drawing batches uniformly would weight a short last
+        batch (``n`` not a multiple of the batch size) as much as a full one and bias the estimate.
+
+        Args:
+            seed: seed of the batch draws.
+
+        Returns:
+            ``(v [k, D], step) -> H_B v`` for a freshly drawn batch ``B`` (``step`` is unused: the
+            draws follow the seeded generator).
+        """
         loss = self.mean_loss
         if self.gauss_newton:
             ops = [
@@ -171,11 +187,13 @@ class BlockCurvature:
             ]
         else:
             ops = [flat_hvp(term, self.params, mode=self.hvp_mode) for term in loss.terms()]
+        # A term is (1/n) sum over its batch = (|B| / n) H_B, so n / |B| turns it into the batch mean H_B.
         weights = [loss.n / size for size in loss.batch_sizes]
+        probabilities = torch.tensor(loss.batch_sizes, dtype=torch.float64) / loss.n
         gen = torch.Generator().manual_seed(seed)
 
         def sampled(v: Tensor, step: int) -> Tensor:
-            i = int(torch.randint(len(ops), (1,), generator=gen))
+            i = int(torch.multinomial(probabilities, 1, generator=gen))
             return ops[i](v) * weights[i]
 
         return sampled

@@ -40,6 +40,7 @@ from lightning_influence.influence.diagnostics import InfluenceDiagnostics
 from lightning_influence.influence.hessian import BlockCurvature
 from lightning_influence.influence.inverse_hvp import SolverDiagnostics
 from lightning_influence.influence.solvers import OnFailure, Solver, SolverOptions, make_solver
+from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.modes import eval_mode
 
 __all__ = ["InfluenceFunction"]
@@ -74,7 +75,8 @@ class InfluenceFunction:
         damping: Tikhonov ``lambda >= 0`` added to the mean Hessian (for every solver, including LiSSA).
         gauss_newton: use the Gauss-Newton matrix ``J^T H_out J`` (positive semi-definite for convex
             output losses); needs ``train_outputs`` and ``train_loss_on_outputs``.
-        batch_size: samples per block of per-sample gradients and per batch of Hessian products.
+        batch_size: samples per block of per-sample gradients and per batch of Hessian products (a
+            positive integer).
         store: a recorded ``GradientStore`` with exact (unprojected) gradients: the training
             gradients of its last checkpoint are used instead of being recomputed (a store recorded
             with ``factored_storage=True`` has its factored blocks materialised, block by block).
@@ -87,7 +89,7 @@ class InfluenceFunction:
             ``tol``, ``max_iter``; LiSSA: ``scale``, ``depth``, ``tol``, and ``stochastic=True`` with
             ``repeat``, ``seed``, ``residual_tol`` for mini-batch LiSSA over Hessian batches of
             ``hessian_batch_size``; Arnoldi: ``n_iter``, ``top_k``, ``seed``).
-        eigen_iters: Lanczos steps for the eigenvalue diagnostics. ``0`` skips the extra products: the
+        eigen_iters: Lanczos steps for the eigenvalue diagnostics (an integer ``>= 0``). ``0`` skips the extra products: the
             exact solver reads the eigenvalues off the explicit Hessian and Arnoldi off its Ritz values
             anyway; CG then reports no eigenvalues; LiSSA always needs them for its scale.
         noise_seed: seed of the keyed reparameterisation noise (use the recorder's seed).
@@ -97,7 +99,7 @@ class InfluenceFunction:
             instance, as for :class:`~lightning_influence.TrajectoryRecorder`.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` for a solver that does not converge.
         hessian_data: data for the Hessian if not ``train_data`` (e.g. a subsample); default ``train_data``.
-        hessian_batch_size: samples per Hessian-vector-product batch (default ``max(batch_size, 512)``:
+        hessian_batch_size: samples per Hessian-vector-product batch, a positive integer (default ``max(batch_size, 512)``:
             each batch costs a fixed ``torch.func`` overhead, so larger is faster until memory runs out).
         hvp_mode: ``"reverse-over-reverse"`` (double backward; measured 1.4-2.7x faster on CPU for the
             models tested) or ``"forward-over-reverse"``; see
@@ -145,10 +147,11 @@ class InfluenceFunction:
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
             raise ConfigurationError(f"`damping` must be a finite number >= 0, got {damping}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if eigen_iters < 0:
-            raise ConfigurationError(f"`eigen_iters` must be >= 0, got {eigen_iters}.")
+        # Counts of any integer type (numpy's too), never bools: batch_size=True is a mistake, not 1.
+        check_count("`batch_size`", batch_size, error=ConfigurationError)
+        check_count("`eigen_iters`", eigen_iters, minimum=0, error=ConfigurationError)
+        if hessian_batch_size is not None:
+            check_count("`hessian_batch_size`", hessian_batch_size, error=ConfigurationError)
         if on_failure not in ("warn", "raise", "ignore"):
             raise ConfigurationError(f"`on_failure` must be 'warn', 'raise' or 'ignore', got {on_failure!r}.")
         if gauss_newton and (train_outputs is None or train_loss_on_outputs is None):
@@ -160,14 +163,12 @@ class InfluenceFunction:
             raise ConfigurationError(
                 f"`hvp_mode` must be 'reverse-over-reverse' or 'forward-over-reverse', got {hvp_mode!r}."
             )
-        if hessian_batch_size is not None and hessian_batch_size < 1:
-            raise ConfigurationError(f"`hessian_batch_size` must be >= 1, got {hessian_batch_size}.")
         self.train_loss = resolve_loss(train_loss, model, argname="train_loss")
         self.model = model
         self.param_names = resolve_parameter_names(model, params, argname="params")
         self.damping = damping
         self.gauss_newton = bool(gauss_newton)
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.eigen_iters = int(eigen_iters)
         self.noise_seed = int(noise_seed)
         self.on_failure = on_failure
@@ -198,7 +199,7 @@ class InfluenceFunction:
             hessian_data,
             self.state,
             self.param_names,
-            batch_size=hessian_batch_size or max(batch_size, 512),
+            batch_size=max(self.batch_size, 512) if hessian_batch_size is None else int(hessian_batch_size),
             noise_seed=self.noise_seed,
             gauss_newton=self.gauss_newton,
             outputs_fn=train_outputs,

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.errors import SingularHessianError, SolverNotConvergedError
-from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues, random_unit_vector
+from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues
 
 __all__ = [
     "ArnoldiFactors",
@@ -75,12 +75,27 @@ class SolverDiagnostics:
 
 def _as_matrix(rhs: Tensor, argname: str = "rhs") -> tuple[Tensor, bool]:
     if rhs.dim() == 1:
-        return rhs.unsqueeze(0), True
-    if rhs.dim() == 2:
-        return rhs, False
-    raise ValueError(
-        f"`{argname}` must be a vector [D] or a matrix [k, D] of right-hand sides, got {tuple(rhs.shape)}."
-    )
+        rows, single = rhs.unsqueeze(0), True
+    elif rhs.dim() == 2:
+        rows, single = rhs, False
+    else:
+        raise ValueError(
+            f"`{argname}` must be a vector [D] or a matrix [k, D] of right-hand sides, got {tuple(rhs.shape)}."
+        )
+    _check_finite_rows(rows, argname)
+    return rows, single
+
+
+def _check_finite_rows(rows: Tensor, argname: str) -> None:
+    # A NaN right-hand side makes every residual NaN, and NaN compares False against any tolerance:
+    # CG would stop at once with zeros and the direct solvers would return NaN flagged as converged.
+    finite = torch.isfinite(rows).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"`{argname}` must be finite, but rows {bad[:10]}{'...' if len(bad) > 10 else ''} (of {rows.shape[0]})"
+            " contain inf/NaN; check the gradients they come from."
+        )
 
 
 def _check_damping(damping: float) -> float:
@@ -88,6 +103,17 @@ def _check_damping(damping: float) -> float:
     if not math.isfinite(damping) or damping < 0:
         raise ValueError(f"`damping` must be a finite number >= 0, got {damping}.")
     return damping
+
+
+def _check_positive(value: float, argname: str) -> float:
+    """``value`` as a float, refusing anything but a finite number ``> 0`` (NaN passes every ``<=`` test)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{argname}` must be a finite number > 0, got {value!r}.") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"`{argname}` must be a finite number > 0, got {value!r}.")
+    return number
 
 
 def relative_residual(hvp: HVP, x: Tensor, b: Tensor, damping: float) -> Tensor:
@@ -150,6 +176,8 @@ def exact_inverse_hvp(
         tensor([1., 1.], dtype=torch.float64)
     """
     damping = _check_damping(damping)
+    if rcond is not None and not (math.isfinite(float(rcond)) and float(rcond) >= 0):
+        raise ValueError(f"`rcond` must be a finite number >= 0 or None, got {rcond!r}.")
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"`hessian` must be a square matrix [D, D], got shape {tuple(hessian.shape)}.")
     b, single = _as_matrix(rhs)
@@ -212,6 +240,9 @@ def solve_with_eigh(
         (tensor([[0., 1.]], dtype=torch.float64), 1)
     """
     damping = _check_damping(damping)
+    if rcond is not None and not (math.isfinite(float(rcond)) and float(rcond) >= 0):
+        raise ValueError(f"`rcond` must be a finite number >= 0 or None, got {rcond!r}.")
+    _check_finite_rows(b, "b")
     shifted = eig.values + damping
     dim = eig.values.shape[0]
     eps = torch.finfo(eig.values.dtype).eps
@@ -259,12 +290,22 @@ def cg_inverse_hvp(
     max_iter: int | None = None,
     x0: Tensor | None = None,
     on_failure: OnFailure = "warn",
+    precision: torch.dtype | None = None,
 ) -> tuple[Tensor, SolverDiagnostics]:
     """Solve ``(H + lambda I) x = b`` by conjugate gradients, all right-hand sides at once.
 
     Every row of ``rhs`` runs its own CG recurrence (its own step sizes) but the products with ``H``
     of all active rows are taken together, ``hvp([k, D])``. A row stops when its recursive
-    residual is ``<= tol * ||b||``; the reported residual is recomputed from ``x`` at the end.
+    residual is ``<= tol_eff * ||b||``; the reported residual is recomputed from ``x`` at the end
+    and the row counts as converged if it is ``<= 10 tol_eff`` (the true residual drifts from the
+    recursive one). The target is floored at the working precision,
+
+    .. math:: \\mathrm{tol_{eff}} = \\max(\\mathrm{tol},\\; 4\\,\\varepsilon),
+
+    with ``eps`` the machine epsilon of the coarser of ``rhs``'s dtype and the dtype the products
+    are computed in: products of a float32 model carry relative errors of order ``1e-7``, so the
+    true residual of the best float32 solution stalls there and a smaller ``tol`` could only
+    report a false failure.
 
     CG needs ``H + lambda I`` positive definite: a direction with ``p^T (H + lambda I) p <= 0``
     stops that row and is reported as ``negative_curvature`` (raise ``damping`` or use the
@@ -279,9 +320,12 @@ def cg_inverse_hvp(
         x0: starting guess (default zeros).
         on_failure: what to do when a row does not converge: ``"warn"``, ``"raise"``
             (:class:`SolverNotConvergedError`) or ``"ignore"``; the message names the residual.
+        precision: the dtype ``hvp`` computes in (default: its ``dtype`` attribute, as a
+            :class:`~lightning_influence.influence.curvature.FlatOperator` has, else ``rhs``'s).
 
     Returns:
-        ``x`` shaped like ``rhs`` and :class:`SolverDiagnostics`.
+        ``x`` shaped like ``rhs`` and :class:`SolverDiagnostics` (``details``: ``tol`` as given and
+        the ``effective_tol`` used).
 
     Example:
         >>> import torch
@@ -298,8 +342,13 @@ def cg_inverse_hvp(
         max_iter = min(max(10 * dim, 100), 1000)
     if max_iter < 1:
         raise ValueError(f"`max_iter` must be >= 1, got {max_iter}.")
-    if tol <= 0:
-        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    tol = _check_positive(tol, "tol")
+    if precision is None:
+        precision = getattr(hvp, "dtype", None)
+    if not isinstance(precision, torch.dtype) or not precision.is_floating_point:
+        precision = b.dtype
+    eps = max(torch.finfo(b.dtype).eps, torch.finfo(precision).eps)
+    effective_tol = max(tol, 4 * eps)
 
     def A(v: Tensor) -> Tensor:
         return hvp(v) + damping * v
@@ -309,7 +358,7 @@ def cg_inverse_hvp(
     p = r.clone()
     rs = (r * r).sum(1)
     bnorm = b.norm(dim=1)
-    target = tol * bnorm
+    target = effective_tol * bnorm
     active = rs.sqrt() > target
     negative = torch.zeros(k, dtype=torch.bool, device=b.device)
     it = 0
@@ -339,7 +388,7 @@ def cg_inverse_hvp(
     _check_finite(x, "CG")
     residuals = relative_residual(hvp, x, b, damping)
     # The true residual can drift from the recursive one; allow a little slack before flagging.
-    converged_rows = (residuals <= 10 * tol) & ~negative
+    converged_rows = (residuals <= 10 * effective_tol) & ~negative
     diag = SolverDiagnostics(
         solver="cg",
         damping=damping,
@@ -347,7 +396,12 @@ def cg_inverse_hvp(
         iterations=it,
         converged=bool(converged_rows.all()),
         residuals=residuals,
-        details={"negative_curvature": bool(negative.any()), "max_iter": max_iter, "tol": tol},
+        details={
+            "negative_curvature": bool(negative.any()),
+            "max_iter": max_iter,
+            "tol": tol,
+            "effective_tol": effective_tol,
+        },
     )
     if negative.any():
         _report(
@@ -358,8 +412,10 @@ def cg_inverse_hvp(
         )
     elif not diag.converged:
         _report(
-            f"CG did not converge in {it} iterations: worst relative residual {diag.residual:.3e} > tol={tol:g}"
-            f" ({int((~converged_rows).sum())} of {k} right-hand sides). Increase `max_iter` or `damping`.",
+            f"CG did not converge in {it} iterations: worst relative residual {diag.residual:.3e} > 10 x tol ="
+            f" {10 * effective_tol:.3g} ({int((~converged_rows).sum())} of {k} right-hand sides"
+            + (f"; tol={tol:g} floored at 4 eps of {precision}" if effective_tol > tol else "")
+            + "). Increase `max_iter` or `damping`.",
             on_failure,
         )
     return (x[0] if single else x), diag
@@ -439,6 +495,10 @@ def lissa_inverse_hvp(
     k, dim = b.shape
     if depth < 1:
         raise ValueError(f"`depth` must be >= 1, got {depth}.")
+    tol = _check_positive(tol, "tol")
+    residual_tol = _check_positive(residual_tol, "residual_tol")
+    if scale is not None:
+        scale = _check_positive(scale, "scale")
     if repeat < 1:
         raise ValueError(f"`repeat` must be >= 1, got {repeat}.")
     if repeat > 1 and sampled_hvp is None:
@@ -588,9 +648,11 @@ class ArnoldiFactors:
     Attributes:
         values: the kept Ritz values ``[r]`` (largest magnitude first).
         vectors: orthonormal Ritz vectors ``[r, D]``.
-        n_iter: Arnoldi steps taken.
+        n_iter: Arnoldi steps taken (one HVP each).
         ritz_values: all Ritz values of the Krylov projection, ascending.
-        ritz_residuals: ``||H u_i - mu_i u_i||`` of the kept pairs.
+        ritz_residuals: bounds on ``||H u_i - mu_i u_i||`` of the kept pairs.
+        restarts: deflated restarts taken after the Krylov space became invariant.
+        exhausted: the basis spans the whole space (``n_iter == D``), so the pairs are exact eigenpairs.
     """
 
     values: Tensor
@@ -598,6 +660,8 @@ class ArnoldiFactors:
     n_iter: int
     ritz_values: Tensor
     ritz_residuals: Tensor = field(default_factory=lambda: torch.empty(0))
+    restarts: int = 0
+    exhausted: bool = False
 
     def converged(self, tol: float = 1e-4) -> bool:
         """Every kept Ritz pair has residual ``<= tol * max |value|``."""
@@ -631,23 +695,53 @@ def arnoldi_factors(
     functions", AAAI 2022). The top eigen-directions carry most of the influence; the rest of
     the spectrum is dropped (its inverse is not approximated at all).
 
+    A Krylov space ``span{q, Hq, H^2 q, ...}`` holds one direction per *distinct* eigenvalue, so
+    it becomes invariant (breaks down) early when eigenvalues repeat, e.g. ``I_out (x) Sigma_x`` of
+    a multi-output linear layer under squared error. The iteration then continues from a fresh
+    seeded random vector orthogonalised against the basis (a deflated restart), so a repeated
+    eigenvalue gets as many eigenvectors as its multiplicity (up to ``n_iter`` in all). It stops
+    early only when the basis spans all ``D`` dimensions. With the discarded breakdown remainders
+    ``w_b`` (``||w_b|| <= max(1e-10, 100 eps) max |T_ij|``), the Krylov relation is
+
+    .. math:: H V = V T + \\beta_m v_{m+1} e_m^\\top + \\sum_b w_b e_b^\\top,
+
+    so a Ritz pair ``(mu, V y)`` has ``||H V y - mu V y|| <= |beta_m y_m| + sum_b ||w_b|| |y_b|``,
+    which is the reported ``ritz_residuals``.
+
     Args:
         hvp: ``[D] -> H [D]``.
         dim: ``D``.
         n_iter: Krylov steps (``<= D``).
         top_k: Ritz pairs kept (``<= n_iter``).
-        seed: seed of the start vector.
+        seed: seed of the start vector and of the restart vectors.
         dtype: dtype of the basis (float32 halves the memory at scale).
         device: device of the basis (default: the operator's, else CPU).
+
+    Raises:
+        ValueError: if ``n_iter`` or ``top_k`` is below 1.
+        FloatingPointError: if a Hessian-vector product is not finite.
     """
     if n_iter < 1 or top_k < 1:
         raise ValueError(f"`n_iter` and `top_k` must be >= 1, got n_iter={n_iter}, top_k={top_k}.")
     if device is None:
         device = getattr(hvp, "device", "cpu")
+    eps = torch.finfo(dtype).eps
+    # Twice-reorthogonalised remainders of an invariant subspace are rounding noise of order eps ||H||.
+    breakdown_tol = max(1e-10, 100 * eps)
+    # Drawn on the CPU from one seeded stream (its first draw is the start vector), so the restarts are
+    # reproducible and identical on every device.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def draw() -> Tensor:
+        q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
+        return q / q.norm()
+
     m = min(n_iter, dim)
     basis = torch.empty(m + 1, dim, dtype=dtype, device=device)
-    basis[0] = random_unit_vector(dim, seed, dtype, device)
+    basis[0] = draw()
     hess = torch.zeros(m + 1, m, dtype=torch.float64)
+    discarded = torch.zeros(m, dtype=torch.float64)
+    restarts = 0
     steps = m
     for j in range(m):
         w = hvp(basis[j]).to(dtype)
@@ -658,11 +752,32 @@ def arnoldi_factors(
             w = w - coeff @ basis[: j + 1]
             hess[: j + 1, j] += coeff.to(torch.float64).cpu()
         norm = float(w.norm())
-        hess[j + 1, j] = norm
-        if norm <= 1e-10 * max(float(hess[: j + 2, : j + 1].abs().max()), 1e-300):
+        if norm > breakdown_tol * max(float(hess[: j + 1, : j + 1].abs().max()), norm, 1e-300):
+            hess[j + 1, j] = norm
+            basis[j + 1] = w / norm
+            continue
+        # The basis spans an invariant subspace: keep the remainder for the residual bound and go on
+        # in its orthogonal complement, unless that is empty or the step budget is spent.
+        discarded[j] = norm
+        if j + 1 == dim:
             steps = j + 1
             break
-        basis[j + 1] = w / norm
+        if j + 1 == m:
+            break
+        fresh = None
+        for _ in range(3):
+            q = draw()
+            for _ in range(2):
+                q = q - (basis[: j + 1] @ q) @ basis[: j + 1]
+            # A Gaussian vector keeps about sqrt((D - j - 1) / D) of its norm here; far less is rounding.
+            if float(q.norm()) > math.sqrt(eps):
+                fresh = q / q.norm()
+                break
+        if fresh is None:
+            steps = j + 1
+            break
+        basis[j + 1] = fresh
+        restarts += 1
     # H is symmetric, so the Hessenberg matrix is tridiagonal up to rounding: symmetrise it.
     h = hess[:steps, :steps]
     h = 0.5 * (h + h.T)
@@ -671,15 +786,17 @@ def arnoldi_factors(
     order = evals.abs().argsort(descending=True)[:keep]
     values = evals[order]
     vectors = (evecs[:, order].T.to(dtype).to(basis.device)) @ basis[:steps]
-    # Ritz residual ||H u - mu u|| = |h_{m+1,m}| |last component of the Ritz vector| (0 on breakdown).
-    tail = float(hess[steps, steps - 1]) if steps < dim and steps == m else 0.0
-    residuals = (tail * evecs[-1, order]).abs()
+    # The bound of the docstring: the last step's remainder plus the ones discarded at breakdowns.
+    tail = float(hess[steps, steps - 1]) if steps == m and steps < dim else 0.0
+    residuals = (tail * evecs[-1, order]).abs() + discarded[:steps] @ evecs[:, order].abs()
     return ArnoldiFactors(
         values=values.to(dtype).to(basis.device),
         vectors=vectors,
         n_iter=steps,
         ritz_values=evals,
         ritz_residuals=residuals,
+        restarts=restarts,
+        exhausted=steps == dim,
     )
 
 
@@ -745,6 +862,8 @@ def arnoldi_inverse_hvp(
             "kept_eigenvalues": factors.values.detach().cpu(),
             "captured_fraction_min": float(captured.min()),
             "max_ritz_residual": float(factors.ritz_residuals.max()) if factors.ritz_residuals.numel() else 0.0,
+            "restarts": factors.restarts,
+            "exhausted": factors.exhausted,
             "smallest": float(factors.ritz_values[0]),
             "largest": float(factors.ritz_values[-1]),
         },

@@ -39,6 +39,7 @@ from lightning_influence.influence.inverse_hvp import (
     relative_residual,
     solve_with_eigh,
 )
+from lightning_influence.utils.arguments import check_count
 
 __all__ = [
     "ArnoldiOptions",
@@ -76,7 +77,7 @@ class CGOptions:
     """Options of conjugate gradients.
 
     Args:
-        tol: relative residual to reach.
+        tol: relative residual to reach (floored at ``4 eps`` of the dtype the products are computed in).
         max_iter: iterations at most (default ``D``).
         on_failure: what a non-converged solve does (default: the facade's ``on_failure``).
     """
@@ -116,16 +117,26 @@ class ArnoldiOptions:
     """Options of the low-rank Arnoldi solver.
 
     Args:
-        n_iter: Arnoldi iterations (default ``min(100, D)``).
-        top_k: Ritz pairs kept (default ``min(50, n_iter)``).
-        seed: seed of the start vector.
+        n_iter: Arnoldi iterations, a positive integer (default ``min(100, D)``).
+        top_k: Ritz pairs kept, a positive integer (default ``min(50, n_iter)``).
+        seed: seed of the start vector and of the restart vectors.
         compute_residual: report the relative residual (one more product per solve).
+
+    Raises:
+        ConfigurationError: if ``n_iter`` or ``top_k`` is not a positive integer (a bool included).
     """
 
     n_iter: int | None = None
     top_k: int | None = None
     seed: int = 0
     compute_residual: bool = True
+
+    def __post_init__(self) -> None:
+        # None selects the default; 0 is refused rather than read as "unset".
+        for name in ("n_iter", "top_k"):
+            value = getattr(self, name)
+            if value is not None:
+                check_count(f"`{name}`", value, error=ConfigurationError)
 
 
 SolverOptions = Union[ExactOptions, CGOptions, LiSSAOptions, ArnoldiOptions]
@@ -253,8 +264,7 @@ class ArnoldiSolver:
     def factors(self, curvature: BlockCurvature) -> ArnoldiFactors:
         """The Ritz pairs of ``curvature`` (computed on first use)."""
         if self._factors is None or self._factors[0] is not curvature:
-            n_iter = self.options.n_iter or min(100, curvature.n_params)
-            top_k = self.options.top_k or min(50, n_iter)
+            n_iter, top_k = self._n_iter(curvature), self._top_k(curvature)
             with curvature.evaluating():
                 factors = arnoldi_factors(
                     curvature.operator,
@@ -286,7 +296,21 @@ class ArnoldiSolver:
                 f" {diag.details['max_ritz_residual']:.3e}, top eigenvalue {float(factors.values.abs().max()):.3e});"
                 " the low-rank inverse is approximate. Raise `n_iter` or lower `top_k` in the solver options."
             )
+        requested = min(self._top_k(curvature), self._n_iter(curvature), curvature.n_params)
+        if diag.details["top_k"] < requested and on_failure != "ignore":
+            # Only if no restart vector could be orthogonalised to the basis: the missing directions are lost.
+            rank_zero_warn(
+                f"Arnoldi kept {diag.details['top_k']} Ritz pairs of the {requested} requested (`top_k`): the Krylov"
+                f" space stopped growing after {factors.n_iter} of {curvature.n_params} dimensions, so the low-rank"
+                " inverse misses directions. Use the exact or CG solver."
+            )
         return x, diag
+
+    def _n_iter(self, curvature: BlockCurvature) -> int:
+        return min(100, curvature.n_params) if self.options.n_iter is None else int(self.options.n_iter)
+
+    def _top_k(self, curvature: BlockCurvature) -> int:
+        return min(50, self._n_iter(curvature)) if self.options.top_k is None else int(self.options.top_k)
 
     def eigenvalues(self, curvature: BlockCurvature) -> EigenEstimate | None:
         if curvature.eigen_iters > 0:

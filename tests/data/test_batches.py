@@ -162,11 +162,32 @@ def test_num_samples_and_type_error():
 def test_is_collated_batch():
     assert is_collated_batch(X)
     assert is_collated_batch((X, Y)) and is_collated_batch({"a": X, "b": [Y]})
-    assert not is_collated_batch((X, Y[:3]))  # leading dims differ
     assert not is_collated_batch((X, "label"))  # non-tensor leaf
     assert not is_collated_batch(torch.tensor(1.0))
     assert not is_collated_batch(TensorDataset(X))
     assert not is_collated_batch([])
+
+
+@pytest.mark.parametrize("batch", [(X, Y[:3]), {"x": X, "y": Y[:3]}, (X, [Y[:3]])], ids=["tuple", "dict", "nested"])
+def test_a_collated_batch_whose_tensors_disagree_on_the_batch_size_is_refused_by_name(batch):
+    """Read as samples, (X[11], Y[3]) would be a 2-sample dataset; it is a mistake in the batch."""
+    with pytest.raises(ValueError, match=r"`train_data` is a collated batch .* batch size .*: 11 and 3\."):
+        is_collated_batch(batch, "train_data")
+    with pytest.raises(ValueError, match=r"`train_data` .* 11 and 3"):
+        num_samples(batch, "train_data")
+    with pytest.raises(ValueError, match=r"`test_data` .* 11 and 3"):
+        list(iterate_batches(batch, 4, name="test_data"))
+
+
+def test_lists_of_samples_are_still_datasets():
+    """Samples of different shapes in a list (or a tuple of sample tuples) are samples, not a batch."""
+    sequences = [torch.zeros(5, 3), torch.zeros(7, 3)]  # variable length, padded by a collate_fn
+    assert not is_collated_batch(sequences) and num_samples(sequences) == 2
+    pairs = [(X[i], Y[i : i + 1].repeat(2)) for i in range(4)]  # x [3], y [2]
+    assert not is_collated_batch(pairs) and num_samples(pairs) == 4
+    assert not is_collated_batch(tuple(pairs)) and num_samples(tuple(pairs)) == 4
+    loader = DataLoader(sequences, batch_size=2, collate_fn=lambda b: torch.nn.utils.rnn.pad_sequence(b, True))
+    assert num_samples(loader) == 2
 
 
 def test_tensor_leaves_slice_and_batch_size():

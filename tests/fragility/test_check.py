@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -304,6 +305,22 @@ def test_eager_argument_validation(iris):
         FragilityCheck(make_convex, iris, dampings=[-1.0])
     with pytest.raises(MisconfigurationException, match="`finetune_params`"):
         FragilityCheck(make_convex, iris, retrain="scratch", finetune_params="lin_last")
+
+
+@pytest.mark.parametrize(
+    "seeds",
+    [2.5, True, [0, 1.5], [0, True], "01", None],
+    ids=["float", "bool", "float-entry", "bool-entry", "str", "none"],
+)
+def test_seeds_that_are_not_integers_are_refused_by_name(iris, seeds):
+    """seeds=2.5 failed with "'float' object is not iterable"; [0, 1.5] retrained silently with seed 1."""
+    with pytest.raises(MisconfigurationException, match=r"`seeds` must be a positive integer \(the number of seeds\)"):
+        FragilityCheck(make_convex, iris, seeds=seeds)
+
+
+def test_seeds_of_any_integer_type(iris):
+    assert FragilityCheck(make_convex, iris, seeds=np.int64(2)).seeds == [0, 1]
+    assert FragilityCheck(make_convex, iris, seeds=np.array([3, 5])).seeds == [3, 5]
 
 
 def test_run_needs_the_model_for_warm_start(iris, convex):

@@ -57,6 +57,19 @@ def test_length_mismatch_names_both_arguments():
         pearson([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
+@pytest.mark.parametrize("fn", [pearson, spearman, sign_agreement, slope, agreement_metrics])
+def test_shape_mismatch_names_both_arguments_and_shapes(fn):
+    """(3, 2) and (2, 3) have 6 entries each; flattened, they paired entries of different removals."""
+    p = torch.arange(6.0).reshape(3, 2)
+    with pytest.raises(
+        ValueError, match=r"`predicted` and `actual` must have the same shape, got \(3, 2\) and \(2, 3\)"
+    ):
+        fn(p, p.T)
+    with pytest.raises(ValueError, match=r"same shape, got \(4,\) and \(4, 1\)"):
+        fn(torch.arange(4.0), torch.arange(4.0)[:, None])
+    assert fn(p, 2.0 * p) == fn(p.flatten(), 2.0 * p.flatten())  # equal shapes still pair entry by entry
+
+
 def test_sign_slope_and_noise_fraction(pair):
     p, a = pair
     s, c = slope(p, 3.0 * p - 0.25)

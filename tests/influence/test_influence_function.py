@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -407,3 +408,66 @@ def test_submodules_keep_their_own_mode():
         inf.influence((x[:2], y[:2]))
         inf.self_influence()
         assert [m.training for m in net.modules()] == before, solver
+
+
+def test_float32_model_with_cg_converges_at_its_working_precision(problem):
+    """float32 products cannot push the residual below ~1e-7: the default tol=1e-8 must not report a failure."""
+    model = LogisticRegression(30)
+    model.load_state_dict(problem["model"].state_dict())
+    model = model.float()
+    train = tuple(t.float() for t in problem["train"])
+    test = tuple(t.float() for t in problem["test"])
+    inf = InfluenceFunction(model, train, solver="cg", damping=DAMPING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scores = inf.influence(test)
+    d = inf.diagnostics.solver
+    assert d.converged and d.details["tol"] == 1e-8 and d.details["effective_tol"] == 4 * torch.finfo(torch.float32).eps
+    closed = problem["closed"]
+    assert float((scores.double() - closed).abs().max() / closed.abs().max()) < 1e-6
+    # Too few iterations is still a failure, whatever the precision.
+    short = InfluenceFunction(model, train, solver="cg", damping=DAMPING, solver_options={"max_iter": 3})
+    with pytest.warns(UserWarning, match=r"CG did not converge in 3 iterations.*floored at 4 eps of torch.float32"):
+        short.influence(test)
+    assert not short.diagnostics.converged
+
+
+def test_arnoldi_covers_repeated_eigenvalues_of_a_multi_output_linear_layer():
+    """H = I_out (x) Sigma_x repeats every eigenvalue d_out times; one Krylov sequence sees d_in + 1 of 35.
+
+    The factorisation used to stop there, keep 7 pairs and report them converged (scores 77% off).
+    """
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 200, 6, 5
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    lin = nn.Linear(d_in, d_out, dtype=torch.float64)
+    loss = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    dim = d_out * (d_in + 1)
+    exact = InfluenceFunction(lin, (x, y), train_loss=loss, solver="exact", damping=1e-2).influence((x[:3], y[:3]))
+    inf = InfluenceFunction(
+        lin, (x, y), train_loss=loss, solver="arnoldi", damping=1e-2, solver_options={"n_iter": dim, "top_k": dim}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scores = inf.influence((x[:3], y[:3]))
+    d = inf.diagnostics.solver
+    assert d.iterations == dim and d.details["top_k"] == dim and d.details["restarts"] >= d_out - 1
+    assert d.converged and d.residual < 1e-10 and d.details["captured_fraction_min"] == pytest.approx(1.0)
+    torch.testing.assert_close(scores, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_count_arguments_are_positive_integers_and_never_bools(problem):
+    model, train = problem["model"], problem["train"]
+    for kwargs, message in (
+        ({"batch_size": True}, r"`batch_size` must be a positive integer, got True"),
+        ({"hessian_batch_size": True}, r"`hessian_batch_size` must be a positive integer, got True"),
+        ({"hessian_batch_size": 2.5}, r"`hessian_batch_size` must be a positive integer, got 2.5"),
+        ({"eigen_iters": 2.5}, r"`eigen_iters` must be an integer >= 0, got 2.5"),
+        ({"solver": "arnoldi", "solver_options": {"n_iter": 0}}, r"`n_iter` must be a positive integer, got 0"),
+        ({"solver": "arnoldi", "solver_options": {"top_k": 0}}, r"`top_k` must be a positive integer, got 0"),
+    ):
+        with pytest.raises(MisconfigurationException, match=message):
+            InfluenceFunction(model, train, **kwargs)
+    inf = InfluenceFunction(model, train, batch_size=np.int64(100), hessian_batch_size=np.int64(200), eigen_iters=0)
+    assert inf.batch_size == 100 and inf.curvature.batch_size == 200

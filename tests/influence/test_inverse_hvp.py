@@ -1,3 +1,6 @@
+import math
+import warnings
+
 import pytest
 import torch
 
@@ -8,6 +11,8 @@ from lightning_influence.influence.inverse_hvp import (
     cg_inverse_hvp,
     exact_inverse_hvp,
     lissa_inverse_hvp,
+    solve_with_eigh,
+    symmetric_eigh,
 )
 
 D = 40
@@ -154,3 +159,88 @@ def test_stochastic_lissa_with_minibatch_hessians(spd):
         lissa_inverse_hvp(lambda v: v @ spd, b, damping=1.0, repeat=2)
     with pytest.raises(FloatingPointError, match="diverged"):
         lissa_inverse_hvp(lambda v: v @ spd, b, damping=1.0, sampled_hvp=lambda v, t: 40.0 * v @ spd, depth=500)
+
+
+def test_arnoldi_restarts_after_breakdown_so_repeated_eigenvalues_get_every_eigenvector():
+    """4 distinct eigenvalues, each 10 times: one Krylov sequence spans only 4 dimensions.
+
+    Without a restart the iteration stopped after 4 steps, kept 4 pairs and called them converged;
+    each restart from a fresh vector orthogonal to the basis adds one more copy of every eigenvalue.
+    """
+    distinct = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)
+    H = _matrix(distinct.repeat_interleave(10), seed=2)
+    f = arnoldi_factors(lambda v: v @ H, D, n_iter=20, top_k=20, dtype=torch.float64)
+    assert f.n_iter == 20 and f.restarts == 4 and not f.exhausted
+    torch.testing.assert_close(f.values.sort().values, distinct.repeat(5).sort().values)
+    assert f.converged() and float(f.ritz_residuals.max()) < 1e-9
+    torch.testing.assert_close(f.vectors @ f.vectors.T, torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(f.vectors @ H, f.values[:, None] * f.vectors)
+
+    b = _rhs()
+    x, diag = arnoldi_inverse_hvp(lambda v: v @ H, b, damping=1e-2, n_iter=D, top_k=D)
+    torch.testing.assert_close(x, _reference(H, b, 1e-2))
+    assert diag.converged and diag.residual < 1e-10 and diag.iterations == D and diag.details["top_k"] == D
+    assert diag.details["exhausted"] and diag.details["restarts"] == 9
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_solver_refuses_a_non_finite_right_hand_side_by_name(spd, bad):
+    """A NaN rhs made CG stop at once with zeros and the direct solvers return NaN flagged converged."""
+    b = _rhs(3)
+    b[1, 4] = bad
+    hvp = lambda v: v @ spd  # noqa: E731
+    message = r"`rhs` must be finite, but rows \[1\] \(of 3\) contain inf/NaN"
+    for solve in (
+        lambda: exact_inverse_hvp(spd, b, damping=0.1),
+        lambda: cg_inverse_hvp(hvp, b, damping=0.1),
+        lambda: lissa_inverse_hvp(hvp, b, damping=0.1),
+        lambda: arnoldi_inverse_hvp(hvp, b, damping=0.1, n_iter=D, top_k=D),
+    ):
+        with pytest.raises(ValueError, match=message):
+            solve()
+    with pytest.raises(ValueError, match=r"`b` must be finite"):
+        solve_with_eigh(symmetric_eigh(spd), b, 0.1)
+    with pytest.raises(ValueError, match=r"`x0` must be finite"):
+        cg_inverse_hvp(hvp, _rhs(3), damping=0.1, x0=b)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -1.0])
+def test_tolerances_and_scale_must_be_finite_and_positive(spd, bad):
+    b = _rhs(2)
+    hvp = lambda v: v @ spd  # noqa: E731
+    for name, solve in (
+        ("tol", lambda: cg_inverse_hvp(hvp, b, damping=0.1, tol=bad)),
+        ("tol", lambda: lissa_inverse_hvp(hvp, b, damping=0.1, tol=bad)),
+        ("scale", lambda: lissa_inverse_hvp(hvp, b, damping=0.1, scale=bad)),
+        ("residual_tol", lambda: lissa_inverse_hvp(hvp, b, damping=0.1, residual_tol=bad)),
+    ):
+        with pytest.raises(ValueError, match=rf"`{name}` must be a finite number > 0, got {bad}"):
+            solve()
+    with pytest.raises(ValueError, match=r"`rcond` must be a finite number >= 0"):
+        exact_inverse_hvp(spd, b, damping=0.1, rcond=-1.0 if bad == 0.0 else bad)
+
+
+def test_cg_tolerance_is_floored_at_the_precision_of_the_products():
+    """float32 products stall the true residual near 1e-7: tol=1e-8 is unreachable, not a failure."""
+    H = _matrix(torch.linspace(0.5, 2.0, D, dtype=torch.float64))
+    H32 = H.float()
+    b = _rhs(4)
+
+    def hvp(v):
+        return (v.float() @ H32).to(v.dtype)  # a float64 solve over a float32 model, as FlatOperator does
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        x, diag = cg_inverse_hvp(hvp, b, damping=0.0, tol=1e-8, precision=torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    assert diag.converged and diag.details["effective_tol"] == 4 * eps and diag.residual <= 40 * eps
+    assert float((x - _reference(H, b, 0.0)).norm() / _reference(H, b, 0.0).norm()) < 1e-5
+    # float32 right-hand sides set the precision on their own; an unconverged solve still fails.
+    _, diag = cg_inverse_hvp(lambda v: v @ H32, b.float(), damping=0.0, tol=1e-8, on_failure="ignore")
+    assert diag.converged and diag.details["effective_tol"] == 4 * eps
+    with pytest.warns(UserWarning, match=r"CG did not converge in 2 iterations.*floored at 4 eps of torch.float32"):
+        _, diag = cg_inverse_hvp(hvp, b, damping=0.0, max_iter=2, precision=torch.float32)
+    assert not diag.converged
+    # float64 products keep the requested tolerance.
+    _, diag = cg_inverse_hvp(lambda v: v @ H, b, damping=0.0, tol=1e-12)
+    assert diag.details["effective_tol"] == 1e-12 and diag.residual <= 1e-11
