@@ -7,7 +7,7 @@ measured change of the test loss after retraining without them. Correlations com
 intervals) are small closed forms.
 
 All functions take 1-D tensors (or sequences) of equal length and return Python floats, with
-``nan`` where a statistic is undefined (fewer than 3 pairs, or a constant input).
+``nan`` where a statistic is undefined (fewer than 3 pairs, a constant input, or a non-finite value).
 """
 
 from __future__ import annotations
