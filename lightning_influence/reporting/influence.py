@@ -106,7 +106,11 @@ def influence_figures(
     figs["highest_self_influence"] = gallery_figure(
         images,
         _tile_titles(top_self, [float(self_inf[i]) for i in top_self], labels),
-        suptitle=f"The {len(top_self)} training samples with the highest self-influence (index, label, score)",
+        suptitle=(
+            "The training sample with the highest self-influence (index, label, score)"
+            if len(top_self) == 1
+            else f"The {len(top_self)} training samples with the highest self-influence (index, label, score)"
+        ),
     )
     return figs
 
