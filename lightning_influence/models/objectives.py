@@ -55,7 +55,8 @@ def negative_elbo(
 
     The Bernoulli term is binary cross-entropy with logits summed over pixels (targets in
     ``[0, 1]``); the Gaussian term is ``||x - x_hat||^2 / (2 sigma^2)`` summed over pixels (the
-    constant ``D log sigma`` is dropped: it has no gradient).
+    constant ``D log sigma + (D / 2) log 2 pi`` is dropped: it has no gradient, so the value is not a
+    proper negative log-density).
 
     Args:
         vae: a module with ``encode`` and ``decode``.
