@@ -32,6 +32,17 @@ TINY = [
     "--trainer.enable_model_summary=false",
 ]
 
+#: A small digits VAE fitted by the command line (the tests add the trainer flags they need).
+SMALL_FIT = [
+    "fit",
+    "--model",
+    "lightning_influence.models.MLPVAE",
+    "--model.hidden_dim",
+    "16",
+    "--data",
+    "lightning_influence.data.DigitsDataModule",
+]
+
 
 @pytest.fixture(autouse=True)
 def _no_pytest_argv(monkeypatch):
@@ -145,20 +156,7 @@ def small_store(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        run(
-            [
-                "fit",
-                "--model",
-                "lightning_influence.models.MLPVAE",
-                "--model.hidden_dim",
-                "16",
-                "--data",
-                "lightning_influence.data.DigitsDataModule",
-                "--trainer.logger=false",
-                *TINY,
-                "--trainer.max_epochs=2",
-            ]
-        )
+        run([*SMALL_FIT, "--trainer.logger=false", *TINY, "--trainer.max_epochs=2"])
     finally:
         os.chdir(cwd)
     return root / "influence_store"
@@ -279,13 +277,7 @@ def test_a_store_the_command_line_wrote_can_be_overwritten_resumed_and_recorded_
     """The config saved beside the manifest belongs to the store: it neither blocks the store nor outlives it."""
     monkeypatch.chdir(tmp_path)
     base = [
-        "fit",
-        "--model",
-        "lightning_influence.models.MLPVAE",
-        "--model.hidden_dim",
-        "16",
-        "--data",
-        "lightning_influence.data.DigitsDataModule",
+        *SMALL_FIT,
         "--config",
         str(ROOT / "callbacks" / "influence_recorder.yaml"),
         "--trainer.logger=false",
