@@ -42,6 +42,24 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def disk_full_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The store's ``call``-th file allocation (counted from 1) fails as a full disk does (``ENOSPC``)."""
+    import errno
+    import os
+
+    from lightning_influence.trajectory.store import durable
+
+    real, calls = durable.preallocate, [0]
+
+    def fill_up(fd: int, size: int) -> None:
+        calls[0] += 1
+        if calls[0] == call:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, size)
+
+    monkeypatch.setattr(durable, "preallocate", fill_up)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """MLPVAE trained 30 epochs on the digits; four recorders on the same trajectory."""

@@ -11,6 +11,7 @@ import enum
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from lightning_influence.trajectory.store import (
     shard_bounds,
 )
 from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
+from lightning_influence.trajectory.write_behind import WriteThread
 from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.distributed import all_gather_objects
 
@@ -133,6 +135,13 @@ class TrajectoryRecorder(pl.Callback):
             holding other files is always refused.
         verbose: log a line per checkpoint. A progress bar over each checkpoint's batches shows on rank zero
             unless the Trainer has `enable_progress_bar=False`.
+        commit_in_background: once a checkpoint's rows are computed, make it durable (wait for its
+            writes, fsync) and list it in the manifest on a background thread while training goes on
+            (default; one process only: under DDP the ranks commit together). The recorder waits
+            for it before the next recording, before Lightning saves its state, and at the end of
+            ``fit``, and raises its error there; a checkpoint is listed only once durable either
+            way. Turn it off, or call :meth:`wait_for_commit`, when code reads the store during
+            ``fit`` right after a recording.
 
     Raises:
         MisconfigurationException: on invalid arguments (eagerly); in ``setup`` for a sharded
@@ -170,6 +179,7 @@ class TrajectoryRecorder(pl.Callback):
         overwrite: bool = False,
         verbose: bool = False,
         factored_storage: bool = False,
+        commit_in_background: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(dirpath, (str, Path)) or not str(dirpath):
@@ -219,8 +229,9 @@ class TrajectoryRecorder(pl.Callback):
             )
         if dataset is not None and not hasattr(dataset, "__len__"):
             raise MisconfigurationException("`dataset` must be a map-style Dataset with __len__ (ids are positions).")
-        if not isinstance(factored_storage, bool):
-            raise MisconfigurationException(f"`factored_storage` must be True or False, got {factored_storage!r}.")
+        for name, flag in (("factored_storage", factored_storage), ("commit_in_background", commit_in_background)):
+            if not isinstance(flag, bool):
+                raise MisconfigurationException(f"`{name}` must be True or False, got {flag!r}.")
         if factored_storage and projection_dim is not None:
             raise MisconfigurationException(
                 "`factored_storage=True` stores exact gradients as layer factors; it cannot be combined with"
@@ -246,6 +257,10 @@ class TrajectoryRecorder(pl.Callback):
         self.overwrite = overwrite
         self.verbose = verbose
         self.factored_storage = factored_storage
+        self.commit_in_background = commit_in_background
+        # The checkpoint being listed in the background: (writer, its commit, index, step).
+        self._commit: tuple[CheckpointWriter, Future[Any], int, int] | None = None
+        self._commit_thread = WriteThread()
         self._new_run()
         self._run_id: str | None = None
         # Resolved in setup / at fit start.
@@ -299,6 +314,7 @@ class TrajectoryRecorder(pl.Callback):
             return
         # A recorder used for a second fit must not carry the first one's step count and learning-rate credit
         # (its steps would count as already seen). Lightning restores a resumed fit's state after setup.
+        self.wait_for_commit()
         self._new_run()
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if names & set(_SHARDED):
@@ -551,6 +567,7 @@ class TrajectoryRecorder(pl.Callback):
         # The extra, final checkpoint: steps since the last checkpoint would otherwise earn no credit.
         if self._active and (self._steps or self._skipped):
             self._record(trainer, pl_module)
+        self.wait_for_commit()  # fit returns with every checkpoint listed
 
     def _steps_per_epoch(self, trainer: pl.Trainer) -> float:
         nb = trainer.num_training_batches
@@ -567,6 +584,8 @@ class TrajectoryRecorder(pl.Callback):
         if self._writer is None or self._featurizer is None:
             return
         t0 = time.perf_counter()
+        self.wait_for_commit()  # the previous checkpoint is listed (or its failure raised) before the next begins
+        behind = self.commit_in_background and self._world == 1
         eta, scales, per_param = self._etas(trainer)
         n = num_samples(self._data, "dataset")
         if n != self._n_samples:
@@ -614,8 +633,10 @@ class TrajectoryRecorder(pl.Callback):
                         storage_dtype=getattr(torch, self.grad_dtype),
                         progress=f"TrajectoryRecorder: checkpoint {index}" if self._progress(trainer) else None,
                     )
-                # Durable before the clock stops: the sweep's time includes the write-behind and fsync.
-                shard_info = rows_out.finish() if ckpt is None else ckpt.finish_rows()
+                # Durable before the clock stops: the sweep's time includes the write-behind and fsync
+                # (in the background commit's instead, when training does not wait for them).
+                if not behind:
+                    shard_info = rows_out.finish() if ckpt is None else ckpt.finish_rows()
             finally:
                 if ckpt is None:
                     rows_out.close()
@@ -667,11 +688,15 @@ class TrajectoryRecorder(pl.Callback):
                 "seconds": round(time.perf_counter() - t0, 4),
                 "shards": [{k: r[k] for k in ("rank", "start", "stop", "seconds")} for r in reports],
             }
-            try:
-                ckpt.commit(None, meta, shards=[r["segment"] for r in reports[1:]])
-            except BaseException as err:
-                ckpt.abort()
-                failure = err
+            if behind:
+                future = self._commit_thread.executor().submit(ckpt.commit, None, meta)
+                self._commit = (ckpt, future, index, int(trainer.global_step))
+            else:
+                try:
+                    ckpt.commit(None, meta, shards=[r["segment"] for r in reports[1:]])
+                except BaseException as err:
+                    ckpt.abort()
+                    failure = err
         _raise_together(trainer, failure, "list checkpoint", index)
         if self._rank != 0:
             self._writer.manifest["checkpoints"].append({"index": index, "step": int(trainer.global_step)})
@@ -690,12 +715,52 @@ class TrajectoryRecorder(pl.Callback):
         self._steps = 0
         self._skipped = 0
 
+    def wait_for_commit(self) -> None:
+        """Wait until the last recorded checkpoint is durable and listed (with ``commit_in_background``).
+
+        Raises:
+            OSError: the commit failed (a full disk: the message names the store and the space
+                needed); that checkpoint is dropped, the ones listed before it are intact.
+            StoreError: the checkpoint could not be listed for another reason.
+        """
+        pending, self._commit = self._commit, None
+        if pending is None:
+            return
+        ckpt, future, index, step = pending
+        err = future.exception()
+        if err is None:
+            return
+        ckpt.abort()
+        err.add_note(
+            f"TrajectoryRecorder: raised while checkpoint {index} (step {step}) was being listed in the background;"
+            " it was dropped, earlier checkpoints are intact."
+        )
+        raise err
+
+    def _settle_quietly(self) -> None:
+        # Fit is already failing: the pending checkpoint is listed if it can be, its own error only warned.
+        try:
+            self.wait_for_commit()
+        except BaseException as err:  # noqa: BLE001 - the fit's own exception is the one to raise
+            rank_zero_warn(f"TrajectoryRecorder: the last checkpoint could not be listed: {type(err).__name__}: {err}")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._settle_quietly()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._settle_quietly()
+        self._commit_thread.shutdown()
+
     def _progress(self, trainer: pl.Trainer) -> bool:
         # On rank zero only, and off with the trainer's `enable_progress_bar=False`.
         return bool(trainer.is_global_zero and trainer.progress_bar_callback is not None)
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # A Lightning checkpoint never counts a recorded checkpoint the store may still lose.
+        self.wait_for_commit()
         if self._writer is not None:
             n_checkpoints = self._writer.n_checkpoints
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -11,7 +10,7 @@ import shutil
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import quiet_trainer
+from conftest import disk_full_at, quiet_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -21,7 +20,6 @@ from lightning_influence import GradientStore, TrajectoryRecorder
 from lightning_influence.data import load_digits_tensors
 from lightning_influence.gradients.noise import fixed_noise
 from lightning_influence.models.vae import MLPVAE
-from lightning_influence.trajectory.store import durable
 
 X, Y = load_digits_tensors()
 
@@ -269,17 +267,8 @@ def test_a_dataset_that_grows_between_checkpoints_is_named(tmp_path):
 
 
 def test_disk_full_during_fit_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    real = durable.preallocate
-    calls = []
-
-    def fill_up(fd, size):
-        calls.append(size)
-        # 1: the new manifest; 2-4: checkpoint 0's rows, weights and manifest; 5: checkpoint 1's rows.
-        if len(calls) == 5:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, size)
-
-    monkeypatch.setattr(durable, "preallocate", fill_up)
+    # 1: the new manifest; 2-4: checkpoint 0's rows, weights and manifest; 5: checkpoint 1's rows.
+    disk_full_at(monkeypatch, 5)
     with pytest.raises(OSError, match=r"Not enough disk space for the gradient store at .*store.*checkpoint 1.*needs"):
         _fit(tmp_path / "store", max_epochs=3)
     store = GradientStore(tmp_path / "store")
