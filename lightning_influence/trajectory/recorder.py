@@ -723,11 +723,11 @@ class TrajectoryRecorder(pl.Callback):
                 needed); that checkpoint is dropped, the ones listed before it are intact.
             StoreError: the checkpoint could not be listed for another reason.
         """
-        pending, self._commit = self._commit, None
-        if pending is None:
+        if self._commit is None:
             return
-        ckpt, future, index, step = pending
-        err = future.exception()
+        ckpt, future, index, step = self._commit
+        err = future.exception()  # interrupted (Ctrl-C), the commit stays pending for on_exception's wait
+        self._commit = None
         if err is None:
             return
         ckpt.abort()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import pytorch_lightning as pl
@@ -133,3 +134,23 @@ def test_dataloader_workers_start_while_a_commit_is_in_flight(tmp_path, slow_lis
     store = GradientStore(rec.store_path)
     assert [c.step for c in store.checkpoints] == [4, 8, 12]
     store.verify()
+
+
+def test_an_interrupted_wait_leaves_the_commit_pending(tmp_path):
+    rec = TrajectoryRecorder(tmp_path / "s")
+    future: Future = Future()
+    calls = []
+
+    def interrupted_once(timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return None
+
+    future.exception = interrupted_once
+    rec._commit = (None, future, 0, 4)
+    with pytest.raises(KeyboardInterrupt):
+        rec.wait_for_commit()
+    assert rec._commit is not None  # on_exception's wait still sees it (and lets it finish)
+    rec.wait_for_commit()
+    assert rec._commit is None and len(calls) == 2
