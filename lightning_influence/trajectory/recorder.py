@@ -583,8 +583,8 @@ class TrajectoryRecorder(pl.Callback):
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._writer is None or self._featurizer is None:
             return
-        t0 = time.perf_counter()
         self.wait_for_commit()  # the previous checkpoint is listed (or its failure raised) before the next begins
+        t0 = time.perf_counter()
         behind = self.commit_in_background and self._world == 1
         eta, scales, per_param = self._etas(trainer)
         n = num_samples(self._data, "dataset")
@@ -741,7 +741,7 @@ class TrajectoryRecorder(pl.Callback):
         # Fit is already failing: the pending checkpoint is listed if it can be, its own error only warned.
         try:
             self.wait_for_commit()
-        except BaseException as err:  # noqa: BLE001 - the fit's own exception is the one to raise
+        except Exception as err:  # noqa: BLE001 - the fit's own exception is the one to raise (a Ctrl-C is not held)
             rank_zero_warn(f"TrajectoryRecorder: the last checkpoint could not be listed: {type(err).__name__}: {err}")
 
     @override

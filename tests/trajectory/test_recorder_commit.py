@@ -120,6 +120,23 @@ def test_a_fit_that_fails_after_a_recording_still_lists_it(tmp_path, slow_listin
     store.verify()
 
 
+def test_a_fit_failing_while_its_last_commit_fails_too_raises_its_own_error_and_warns(tmp_path, monkeypatch):
+    disk_full_at(monkeypatch, 7)  # checkpoint 1's listing
+    rec = TrajectoryRecorder(tmp_path / "s", batch_size=16)
+
+    class Crash(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("simulated crash")
+
+    with pytest.warns(UserWarning, match=r"the last checkpoint could not be listed: OSError: .*Not enough disk space"):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            quiet_trainer(max_epochs=3, callbacks=[rec, Crash()]).fit(_vae(), _loader())
+    store = GradientStore(rec.store_path)
+    assert [c.step for c in store.checkpoints] == [4]
+    store.verify()
+
+
 def test_commit_in_background_must_be_a_bool(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"`commit_in_background` must be True or False, got 'yes'"):
         TrajectoryRecorder(tmp_path / "s", commit_in_background="yes")
