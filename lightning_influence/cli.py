@@ -136,6 +136,19 @@ def _init_defaults(cls: type) -> dict[str, Any]:
     return parser.get_defaults().as_dict()["init_args"]
 
 
+def _set_init_args(spec: Any) -> Any:
+    """A parsed ``--model`` without the init args the parser filled with the class's defaults.
+
+    The parser fills every init arg, so only values other than the default can be told apart as set;
+    :func:`rebuild_model` puts those on top of the store's hyperparameters.
+    """
+    if not (isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and spec.get("init_args")):
+        return spec
+    defaults = _init_defaults(_import(spec["class_path"], "--model"))
+    given = {k: v for k, v in dict(spec["init_args"]).items() if defaults.get(k, _NO_DEFAULT) != v}
+    return {**spec, "init_args": given}
+
+
 def _same_class(class_path: Any, extra: dict[str, Any]) -> bool:
     recorded = extra.get("model_class")
     if not isinstance(class_path, str) or not recorded:
@@ -155,7 +168,9 @@ def rebuild_model(store: GradientStore, model: Any = None) -> pl.LightningModule
     """The store's model: ``model`` if given, else the manifest's ``model_class`` with its ``hparams``, else the
     config saved by ``lightning-influence fit``, else ``model_class`` with its defaults.
 
-    A ``model`` of the recorded class starts from the store's ``hparams``; its own ``init_args`` override them.
+    A ``model`` of the recorded class starts from the store's ``hparams``; every one of its own ``init_args``
+    overrides them (the command line passes only the values that differ from the class's defaults, see
+    :func:`run`).
     """
     if isinstance(model, torch.nn.Module):
         return model
@@ -164,12 +179,9 @@ def rebuild_model(store: GradientStore, model: Any = None) -> pl.LightningModule
         spec = model.as_dict() if isinstance(model, Namespace) else model
         spec = {"class_path": spec} if isinstance(spec, str) else spec
         if isinstance(spec, dict) and extra.get("hparams") and _same_class(spec.get("class_path"), extra):
-            # The recorded class: the store's hyperparameters, with what --model.init_args.* changes on top
-            # (its defaults would silently score another model: another likelihood, another width). The
-            # parser fills every init arg with its default, so only values other than the default count as set.
-            defaults = _init_defaults(_import(spec["class_path"], "--model"))
-            given = {k: v for k, v in dict(spec.get("init_args") or {}).items() if defaults.get(k, _NO_DEFAULT) != v}
-            spec = {**spec, "init_args": {**extra["hparams"], **given}}
+            # The recorded class: the store's hyperparameters, with the given init args on top (the class's
+            # defaults would silently score another model: another likelihood, another width).
+            spec = {**spec, "init_args": {**extra["hparams"], **dict(spec.get("init_args") or {})}}
         return _instantiate(spec, "--model")
     if extra.get("model_class") and extra.get("hparams") is not None:
         return _import(extra["model_class"], "the manifest's model_class")(**extra["hparams"])
@@ -489,6 +501,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
     sub.pop("config", None)
     sub.pop("__path__", None)
     if name == "analyze":
+        sub["model"] = _set_init_args(sub.get("model"))
         measurement = sub.pop("measurement", None)
         if isinstance(measurement, str):
             measurement = _import(measurement, "--measurement")

@@ -333,6 +333,16 @@ def test_analyze_with_the_recorded_model_class_keeps_the_stores_hyperparameters(
         run(["analyze", str(small_store), "--model", "lightning_influence.models.MLPVAE", "--model.hidden_dim", "32"])
 
 
+def test_from_python_every_init_arg_given_overrides_the_stores_hyperparameters(small_store):
+    store = GradientStore(small_store)  # recorded with hidden_dim=16 and the default likelihood, bernoulli
+    spec = {"class_path": "lightning_influence.models.MLPVAE", "init_args": {"likelihood": "gaussian"}}
+    assert rebuild_model(store, spec).hparams["likelihood"] == "gaussian"
+    assert rebuild_model(store, spec).hparams["hidden_dim"] == 16  # the store's, where nothing is given
+    # A value equal to the class's default is still a value given (the parser's fills are the CLI's concern).
+    spec = {"class_path": "lightning_influence.models.MLPVAE", "init_args": {"hidden_dim": 128}}
+    assert rebuild_model(store, spec).hparams["hidden_dim"] == 128
+
+
 def test_the_loss_column_is_the_same_on_every_run(small_store):
     """The ELBO's noise is keyed by sample, as in the recorded rows, not drawn from the global RNG."""
     store = GradientStore(small_store)
