@@ -143,14 +143,27 @@ def sweep_rows(
 
 
 def _overflows(rows: Tensor | SplitRows, dtype: torch.dtype) -> Tensor:
-    """``[B]``: whether a sample's rows (or factors) hold a value beyond ``dtype``'s range."""
-    limit = torch.finfo(dtype).max
+    """``[B]``: whether a sample's rows (or factors) hold a value that becomes ``inf`` in ``dtype``."""
+    limit = _overflow_bound(dtype)
     tensors = rows.tensors() if isinstance(rows, SplitRows) else [rows]
     out = torch.zeros(len(rows), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
         if t.numel():
-            out |= torch.linalg.vector_norm(t.detach().flatten(1), float("inf"), dim=1) > limit  # one reduction
+            out |= torch.linalg.vector_norm(t.detach().flatten(1), float("inf"), dim=1) >= limit  # one reduction
     return out
+
+
+def _overflow_bound(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to ``inf`` in the float ``dtype``: its largest value plus half a step there.
+
+    Example:
+        >>> _overflow_bound(torch.float16)  # 65504 + 16: 65510 is stored as 65504, 65520 as inf
+        65520.0
+        >>> torch.tensor([65519.0, 65520.0]).half().isinf().tolist()
+        [False, True]
+    """
+    info = torch.finfo(dtype)
+    return float(info.max) + 0.5 * float(info.eps) * 2.0 ** math.floor(math.log2(float(info.max)))
 
 
 def _first_batch(

@@ -11,7 +11,13 @@ from lightning_influence.gradients.precision import GradientPrecision
 from lightning_influence.gradients.projection import ProjectionSpec, RandomProjection
 from lightning_influence.gradients.split import SplitRows
 from lightning_influence.models import MLPVAE
-from lightning_influence.trajectory.sweep import factor_layout, learning_rate_scales, probe_rows, sweep_rows
+from lightning_influence.trajectory.sweep import (
+    _overflows,
+    factor_layout,
+    learning_rate_scales,
+    probe_rows,
+    sweep_rows,
+)
 
 
 class _Sink:
@@ -156,3 +162,10 @@ def test_probe_rows_runs_the_engines_checks_before_anything_is_recorded():
         rows = probe_rows(feat, net, TensorDataset(torch.rand(5, 6)))
     assert rows.shape == (2, feat.dim())
     assert describe_engine(feat.engine, net, names, loss)["engine_rules"]["enc.weight"] == "vmap"
+
+
+def test_only_values_that_become_inf_in_float16_count_as_overflowing():
+    # 65510 is stored as 65504 (finite): flagging it would stop a fit over a finite row.
+    rows = torch.tensor([[65510.0, 1.0], [-65520.0, 0.0], [1.0, 2.0]])
+    assert _overflows(rows, torch.float16).tolist() == [False, True, False]
+    assert rows.half().isinf().any(dim=1).tolist() == [False, True, False]
