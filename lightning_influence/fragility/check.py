@@ -41,6 +41,7 @@ from lightning_influence.fragility.retraining import (
     resolve_training_data,
 )
 from lightning_influence.gradients.losses import PerSampleLoss, resolve_loss
+from lightning_influence.utils.arguments import check_count
 
 __all__ = ["FragilityCheck", "select_removals"]
 
@@ -237,8 +238,7 @@ class FragilityCheck:
             raise ConfigurationError(f"`retrain` must be 'warm_start' or 'scratch', got {retrain!r}.")
         if removal != "single" and not (isinstance(removal, int) and not isinstance(removal, bool) and removal >= 1):
             raise ConfigurationError(f"`removal` must be 'single' or a group size >= 1, got {removal!r}.")
-        if isinstance(n_removals, bool) or not isinstance(n_removals, int) or n_removals < 1:
-            raise ConfigurationError(f"`n_removals` must be a positive integer, got {n_removals!r}.")
+        check_count("`n_removals`", n_removals, error=ConfigurationError)
         seed_list = _seed_list(seeds)
         if selection not in _SELECTIONS:
             raise ConfigurationError(f"`selection` must be one of {_SELECTIONS}, got {selection!r}.")
@@ -262,7 +262,7 @@ class FragilityCheck:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.retrain = retrain
         self.removal = removal
-        self.n_removals = n_removals
+        self.n_removals = int(n_removals)
         self.seeds = seed_list
         self.selection = selection
         self.train_loss = train_loss

@@ -517,12 +517,13 @@ class EigenEstimate:
         return self.largest / self.smallest if self.smallest > 0 else math.inf
 
 
-def random_unit_vector(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def random_unit_vector(dim: int, seed: int | torch.Generator, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """A seeded Gaussian direction of unit norm: the start vector of every Krylov method here.
 
-    Drawn on the CPU and moved, so the same seed gives the same start on every device.
+    Drawn on the CPU and moved, so the same seed gives the same start on every device. ``seed`` may
+    be a CPU generator instead, for a reproducible sequence of directions (restarts).
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
     return q / q.norm()
 

@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.errors import SingularHessianError, SolverNotConvergedError
-from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues
+from lightning_influence.influence.curvature import EigenEstimate, lanczos_extreme_eigenvalues, random_unit_vector
 
 __all__ = [
     "ArnoldiFactors",
@@ -116,6 +116,15 @@ def _check_positive(value: float, argname: str) -> float:
     return number
 
 
+def _check_rcond(rcond: float | None) -> None:
+    try:
+        ok = rcond is None or (math.isfinite(float(rcond)) and float(rcond) >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`rcond` must be a finite number >= 0 or None, got {rcond!r}.")
+
+
 def relative_residual(hvp: HVP, x: Tensor, b: Tensor, damping: float) -> Tensor:
     """Per-row ``||(H + lambda I) x - b|| / ||b||`` for ``x, b`` of shape ``[k, D]`` (0 where ``b = 0`` and ``x = 0``)."""
     r = hvp(x) + damping * x - b
@@ -176,8 +185,7 @@ def exact_inverse_hvp(
         tensor([1., 1.], dtype=torch.float64)
     """
     damping = _check_damping(damping)
-    if rcond is not None and not (math.isfinite(float(rcond)) and float(rcond) >= 0):
-        raise ValueError(f"`rcond` must be a finite number >= 0 or None, got {rcond!r}.")
+    _check_rcond(rcond)
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"`hessian` must be a square matrix [D, D], got shape {tuple(hessian.shape)}.")
     b, single = _as_matrix(rhs)
@@ -240,8 +248,7 @@ def solve_with_eigh(
         (tensor([[0., 1.]], dtype=torch.float64), 1)
     """
     damping = _check_damping(damping)
-    if rcond is not None and not (math.isfinite(float(rcond)) and float(rcond) >= 0):
-        raise ValueError(f"`rcond` must be a finite number >= 0 or None, got {rcond!r}.")
+    _check_rcond(rcond)
     _check_finite_rows(b, "b")
     shifted = eig.values + damping
     dim = eig.values.shape[0]
@@ -733,8 +740,7 @@ def arnoldi_factors(
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def draw() -> Tensor:
-        q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-        return q / q.norm()
+        return random_unit_vector(dim, gen, dtype, device)
 
     m = min(n_iter, dim)
     basis = torch.empty(m + 1, dim, dtype=dtype, device=device)

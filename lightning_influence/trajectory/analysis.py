@@ -327,10 +327,10 @@ class InfluenceAnalysis:
         # A flagged row may hold inf rather than NaN, which would score +-inf and lead the top-k: flagged samples
         # score NaN, as documented, whatever their stored values (set on copies: blocks may be memory-mapped).
         flagged = [i - start for i in ckpt.nonfinite if start <= i < stop]
-        idx = torch.tensor(flagged, dtype=torch.long, device=self.device)
+        idx = torch.tensor(flagged, dtype=torch.long, device=self.device) if flagged else None
 
         def as_scored(t: Tensor) -> Tensor:
-            if not flagged:
+            if idx is None:
                 return t.to(self.device, torch.float32)
             return t.to(self.device, torch.float32, copy=True).index_fill_(0, idx, float("nan"))
 

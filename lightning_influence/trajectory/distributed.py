@@ -38,6 +38,7 @@ from lightning_influence.trajectory.tracin import (
     self_influence_scores,
     tracin_scores,
 )
+from lightning_influence.utils.arguments import check_count
 from lightning_influence.utils.distributed import all_gather_objects
 
 __all__ = ["DistributedInfluence"]
@@ -146,8 +147,8 @@ class DistributedInfluence:
             raise ConfigurationError(f"`analysis` must be an InfluenceAnalysis, got {type(analysis).__name__}.")
         if not isinstance(trainer, pl.Trainer):
             raise ConfigurationError(f"`trainer` must be a pytorch_lightning.Trainer, got {type(trainer).__name__}.")
-        if train_block is not None and (not isinstance(train_block, int) or train_block < 1):
-            raise ConfigurationError(f"`train_block` must be a positive integer, got {train_block!r}.")
+        if train_block is not None:
+            check_count("`train_block`", train_block, error=ConfigurationError)
         self.analysis = analysis
         self.trainer = trainer
         self.train_block = train_block or analysis.train_block
@@ -197,8 +198,7 @@ class DistributedInfluence:
     ) -> list[TopK]:
         """Top-``k`` training samples per query for each ``largest`` entry, as :meth:`InfluenceAnalysis.ranked`."""
         n = self.analysis.store.n_samples
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigurationError(f"`k` must be a positive integer, got {k!r}.")
+        check_count("`k`", k, error=ConfigurationError)
         if k > n:
             raise ConfigurationError(f"`k`={k} exceeds the {n} recorded training samples.")
         if not largest:

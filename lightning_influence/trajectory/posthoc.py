@@ -222,8 +222,7 @@ def record_from_checkpoints(
                 "`steps_per_epoch` is unknown for a Dataset; pass it, or pass the DataLoader or DataModule."
             )
         steps_per_epoch = max(1, math.ceil(loader_len / accumulate_grad_batches))
-    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"`steps_per_epoch` must be a positive integer, got {steps_per_epoch!r}.")
+    check_count("`steps_per_epoch`", steps_per_epoch)
     loss_fn = resolve_loss(train_loss, module, argname="train_loss")
     names = resolve_parameter_names(module, params)
     named = dict(module.named_parameters())

@@ -703,7 +703,8 @@ class TrajectoryRecorder(pl.Callback):
         if all_bad:
             rank_zero_warn(
                 f"TrajectoryRecorder: {len(all_bad)} sample(s) with non-finite gradients at step {trainer.global_step}"
-                f" were stored as-is and listed in the manifest (ids {all_bad[:10]}); their scores will be NaN."
+                f" were stored as-is and are flagged in checkpoint {index}'s manifest entry (ids {all_bad[:10]});"
+                " their scores will be NaN."
             )
         if self.verbose:
             rank_zero_info(
@@ -750,7 +751,7 @@ class TrajectoryRecorder(pl.Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._settle_quietly()
+        # After a fit that ended well (on_train_end waited for the last commit; a failed fit waited in on_exception).
         self._commit_thread.shutdown()
 
     def _progress(self, trainer: pl.Trainer) -> bool:

@@ -320,6 +320,7 @@ def test_seeds_that_are_not_integers_are_refused_by_name(iris, seeds):
 
 def test_seeds_of_any_integer_type(iris):
     assert FragilityCheck(make_convex, iris, seeds=np.int64(2)).seeds == [0, 1]
+    assert FragilityCheck(make_convex, iris, n_removals=np.int64(3)).n_removals == 3  # as seeds
     assert FragilityCheck(make_convex, iris, seeds=np.array([3, 5])).seeds == [3, 5]
 
 

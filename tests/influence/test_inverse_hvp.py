@@ -218,6 +218,8 @@ def test_tolerances_and_scale_must_be_finite_and_positive(spd, bad):
             solve()
     with pytest.raises(ValueError, match=r"`rcond` must be a finite number >= 0"):
         exact_inverse_hvp(spd, b, damping=0.1, rcond=-1.0 if bad == 0.0 else bad)
+    with pytest.raises(ValueError, match=r"`rcond` must be a finite number >= 0 or None, got \[0.1\]"):
+        exact_inverse_hvp(spd, b, damping=0.1, rcond=[0.1])  # a TypeError from float() before
 
 
 def test_cg_tolerance_is_floored_at_the_precision_of_the_products():

@@ -63,6 +63,10 @@ def test_bad_inputs_are_named(recorded):
         scorer.top_k(X[:2], k=51)
     with pytest.raises(ConfigurationError, match="`k` must be a positive integer"):
         scorer.ranked(X[:2], k=0)
+    with pytest.raises(ConfigurationError, match="`k` must be a positive integer, got True"):  # as InfluenceAnalysis
+        scorer.ranked(X[:2], k=True)
+    with pytest.raises(ConfigurationError, match="`train_block` must be a positive integer, got True"):
+        DistributedInfluence(analysis, trainer, train_block=True)
     with pytest.raises(ConfigurationError, match="`measurement` must be callable"):
         scorer.tracin(X[:2], measurement="elbo")
     with pytest.raises(ConfigurationError, match="`test_data` must be a torch Dataset"):

@@ -87,10 +87,7 @@ class StoredCheckpoint:
         path = self.dir / fn
         info = self.entry["files"].get(fn)
         if info is None:
-            raise StoreError(
-                f"Checkpoint {self.index} of {str(self._store.path)!r}: its manifest entry lists no {fn}; the manifest"
-                " is incomplete or was edited."
-            )
+            raise self._unlisted(fn)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -127,6 +124,12 @@ class StoredCheckpoint:
             raise StoreError(f"Checkpoint {self.index}: cannot read {str(path)!r}: {err}") from err
         t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self._store.grad_dtype == torch.bfloat16 else t
+
+    def _unlisted(self, fn: str) -> StoreError:
+        return StoreError(
+            f"Checkpoint {self.index} of {str(self._store.path)!r}: its manifest entry lists no {fn}; the manifest"
+            " is incomplete or was edited."
+        )
 
     def expected_files(self) -> list[str]:
         """The files this checkpoint holds under the store's settings (weights, ``grads.npy``, factor files)."""
@@ -352,7 +355,7 @@ class GradientStore:
         for ckpt in self.checkpoints:
             for fn in ckpt.expected_files():
                 if fn not in ckpt.entry["files"]:
-                    ckpt._check(fn)  # raises: the entry lists no such file
+                    raise ckpt._unlisted(fn)
             for fn, info in ckpt.entry["files"].items():
                 p = ckpt.dir / fn
                 problem = "is missing" if not p.is_file() else _check_file(p, info, p.stat().st_size)
