@@ -77,3 +77,27 @@ def test_record_batch_must_be_positive(bench, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main()
     assert stop.value.code == 2 and "--record-batch must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_the_timed_recorder_counts_the_wait_for_the_last_commit(bench, tmp_path, monkeypatch):
+    """End to end must include the durable store: the last checkpoint is listed in the background, after fit's last
+    recording, and the recorder waits for it at the end of fit."""
+    import time
+
+    from lightning_influence.models import MLPVAE
+    from lightning_influence.trajectory.store import durable
+
+    real = durable.fsync_dir
+
+    def slow(path):
+        if path.name.startswith(".tmp-ckpt-"):
+            time.sleep(0.3)
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_dir", slow)
+    x = torch.rand(32, 64)
+    rec = bench.TimedRecorder(tmp_path / "s", train_loss=bench.deterministic_loss, every_n_epochs=1, batch_size=16)
+    vae = MLPVAE(input_dim=64, hidden_dim=8, latent_dim=2, likelihood="gaussian", sigma=0.2)
+    bench.bench_trainer("cpu", 1, [rec]).fit(vae, DataLoader(TensorDataset(x), batch_size=8))
+    assert len(GradientStore(rec.store_path)) == 1
+    assert sum(rec.walls) >= 0.3
