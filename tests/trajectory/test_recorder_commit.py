@@ -44,27 +44,41 @@ def slow_listing(monkeypatch):
 
 
 class Probe(pl.Callback):
-    """After the recorder, in the same hook: what a reader sees while the checkpoint may still be listed."""
+    """After the recorder, in the same hook: what a reader sees while the checkpoint is being listed.
 
-    def __init__(self, rec: TrajectoryRecorder, wait: bool) -> None:
-        self.rec, self.wait = rec, wait
+    A background commit is held at its directory fsync until the probe has looked (no timing assumption).
+    """
+
+    def __init__(self, rec: TrajectoryRecorder, gate: threading.Event, wait: bool) -> None:
+        self.rec, self.gate, self.wait = rec, gate, wait
         self.listed_before: list[int] = []
         self.listed_after_wait: list[int] = []
-        self.state_counts: list[tuple[int, int]] = []
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.listed_before.append(len(GradientStore(self.rec.store_path)))
+        self.gate.set()
         if self.wait:
             self.rec.wait_for_commit()
             self.listed_after_wait.append(len(GradientStore(self.rec.store_path)))
 
 
 @pytest.mark.parametrize("background", [True, False])
-def test_checkpoints_are_listed_on_a_background_thread_while_training_goes_on(tmp_path, slow_listing, background):
+def test_checkpoints_are_listed_on_a_background_thread_while_training_goes_on(tmp_path, monkeypatch, background):
+    real, threads, gate = durable.fsync_dir, [], threading.Event()
+
+    def held(path):
+        if path.name.startswith(".tmp-ckpt-"):
+            threads.append(threading.current_thread())
+            if threading.current_thread() is not threading.main_thread():
+                assert gate.wait(60)  # the probe has looked
+                gate.clear()
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_dir", held)
     rec = TrajectoryRecorder(tmp_path / "s", batch_size=16, commit_in_background=background)
-    probe = Probe(rec, wait=background)
+    probe = Probe(rec, gate, wait=background)
     quiet_trainer(max_epochs=3, callbacks=[rec, probe]).fit(_vae(), _loader())
-    on_main = [t is threading.main_thread() for t in slow_listing]
+    on_main = [t is threading.main_thread() for t in threads]
     if background:
         assert on_main == [False, False, False]
         # The hook returned before the listing; wait_for_commit lists it.
